@@ -1,0 +1,37 @@
+"""crew: task-worker RPC over RabbitMQ, with an asyncio/Tornado client.
+
+Workers register functions with ``@Task('name')`` (:mod:`crew.worker`); a :class:`Client`
+calls them from any asyncio program and awaits the reply. See README.md.
+"""
+
+from .client import Client, Parallel
+from .exceptions import (BrokerError, CallError, CodecError, ConnectionLostError, CrewError,
+                         DecodeError, EncodeError, ExpirationError, JobKilled,
+                         MessageTooLargeError, RemoteError, TimeoutError, UnknownTaskError)
+from .settings import BrokerSettings
+from .worker import Task, Worker, context
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerError",
+    "BrokerSettings",
+    "CallError",
+    "Client",
+    "CodecError",
+    "ConnectionLostError",
+    "CrewError",
+    "DecodeError",
+    "EncodeError",
+    "ExpirationError",
+    "JobKilled",
+    "MessageTooLargeError",
+    "Parallel",
+    "RemoteError",
+    "Task",
+    "TimeoutError",
+    "UnknownTaskError",
+    "Worker",
+    "__version__",
+    "context",
+]

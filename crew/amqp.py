@@ -1,0 +1,229 @@
+"""Awaitable operations over pika's callback-based ``AsyncioConnection`` (internal).
+
+pika calls back on the event loop's thread; this module turns each RPC (declare, bind,
+consume, ...) into an awaitable and, unlike bare pika, fails every pending one when the
+channel or connection closes, so nothing awaits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import pika
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.channel import Channel as PikaChannel
+from pika.spec import Basic, BasicProperties
+
+from .exceptions import BrokerError, ConnectionLostError
+from .settings import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+#: on_message(channel, method, properties, body), called on the loop's thread.
+MessageCallback = Callable[[PikaChannel, Basic.Deliver, BasicProperties, bytes], None]
+ReturnCallback = Callable[[PikaChannel, Basic.Return, BasicProperties, bytes], None]
+
+
+def describe_close(reason: BaseException | None) -> tuple[int, str]:
+    """``(reply code, reply text)`` of a pika close reason."""
+    if isinstance(reason, (pika.exceptions.ChannelClosed, pika.exceptions.ConnectionClosed)):
+        return reason.reply_code, reason.reply_text
+    return 0, repr(reason)
+
+
+class Channel:
+    """A pika channel whose RPCs are awaitable."""
+
+    def __init__(self, channel: PikaChannel) -> None:
+        self._channel = channel
+        self._pending: set[asyncio.Future[Any]] = set()
+        self.closed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        channel.add_on_close_callback(self._on_close)
+
+    @property
+    def is_open(self) -> bool:
+        return self._channel.is_open
+
+    @property
+    def number(self) -> int:
+        return self._channel.channel_number
+
+    def _on_close(self, _channel: PikaChannel, reason: BaseException) -> None:
+        code, text = describe_close(reason)
+        error: Exception
+        if code in (0, 200, 320) or isinstance(reason, pika.exceptions.ConnectionClosed):
+            error = ConnectionLostError(f"channel closed: {code} {text}")
+        else:
+            error = BrokerError(f"broker closed the channel: {code} {text}", code, text)
+        for fut in self._pending:
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
+        if not self.closed.done():
+            self.closed.set_result(reason)
+
+    def _start(self, method: Callable[..., Any], *args: Any,
+               **kwargs: Any) -> tuple[Any, asyncio.Future[Any]]:
+        """Send an RPC; return what pika returned and a future for the broker's reply."""
+        if not self._channel.is_open:
+            raise ConnectionLostError("channel is closed")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def done(frame: Any) -> None:
+            if not fut.done():
+                fut.set_result(frame)
+
+        returned = method(*args, callback=done, **kwargs)
+        self._pending.add(fut)
+        return returned, fut
+
+    async def _wait(self, fut: asyncio.Future[Any]) -> Any:
+        try:
+            return await fut
+        finally:
+            self._pending.discard(fut)
+
+    async def _rpc(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        _, fut = self._start(method, *args, **kwargs)
+        return await self._wait(fut)
+
+    async def declare_exchange(self, name: str, kind: str, durable: bool = True) -> None:
+        await self._rpc(self._channel.exchange_declare, exchange=name, exchange_type=kind,
+                        durable=durable)
+
+    async def declare_queue(self, name: str = "", *, durable: bool = False,
+                            exclusive: bool = False, auto_delete: bool = False,
+                            passive: bool = False,
+                            arguments: dict[str, Any] | None = None) -> str:
+        """Declare a queue and return its name (the broker's choice when ``name`` is empty)."""
+        frame = await self._rpc(self._channel.queue_declare, queue=name, durable=durable,
+                                exclusive=exclusive, auto_delete=auto_delete, passive=passive,
+                                arguments=arguments)
+        return frame.method.queue
+
+    async def delete_queue(self, name: str) -> None:
+        await self._rpc(self._channel.queue_delete, queue=name)
+
+    async def bind(self, queue: str, exchange: str, routing_key: str = "",
+                   arguments: dict[str, Any] | None = None) -> None:
+        await self._rpc(self._channel.queue_bind, queue=queue, exchange=exchange,
+                        routing_key=routing_key or None, arguments=arguments)
+
+    async def unbind(self, queue: str, exchange: str, routing_key: str = "",
+                     arguments: dict[str, Any] | None = None) -> None:
+        await self._rpc(self._channel.queue_unbind, queue=queue, exchange=exchange,
+                        routing_key=routing_key or None, arguments=arguments)
+
+    async def qos(self, prefetch_count: int, global_qos: bool = False) -> None:
+        await self._rpc(self._channel.basic_qos, prefetch_count=prefetch_count,
+                        global_qos=global_qos)
+
+    async def consume(self, queue: str, on_message: MessageCallback, *,
+                      auto_ack: bool = False, exclusive: bool = False) -> str:
+        """Start consuming ``queue``; return the consumer tag once the broker confirmed it."""
+        tag, fut = self._start(self._channel.basic_consume, queue, on_message,
+                               auto_ack=auto_ack, exclusive=exclusive)
+        await self._wait(fut)
+        return tag
+
+    async def cancel(self, consumer_tag: str) -> None:
+        await self._rpc(self._channel.basic_cancel, consumer_tag)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes,
+                properties: BasicProperties, mandatory: bool = False) -> None:
+        """Hand a message to the connection's write buffer (no broker round trip)."""
+        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory)
+
+    def ack(self, delivery_tag: int) -> None:
+        if self._channel.is_open:
+            self._channel.basic_ack(delivery_tag)
+
+    def reject(self, delivery_tag: int, requeue: bool) -> None:
+        if self._channel.is_open:
+            self._channel.basic_reject(delivery_tag, requeue=requeue)
+
+    def on_return(self, callback: ReturnCallback) -> None:
+        self._channel.add_on_return_callback(callback)
+
+    async def close(self) -> None:
+        if self._channel.is_open:
+            self._channel.close()
+        if not self._channel.is_closed:
+            await asyncio.shield(self.closed)
+
+
+class Connection:
+    """One open AMQP connection on the running event loop."""
+
+    def __init__(self, connection: AsyncioConnection, settings: BrokerSettings,
+                 closed: asyncio.Future[BaseException]) -> None:
+        self._connection = connection
+        self.settings = settings
+        #: Resolves with the close reason when the connection closes, for whatever cause.
+        self.closed = closed
+
+    @classmethod
+    async def open(cls, settings: BrokerSettings) -> "Connection":
+        """Connect and log in, or raise :class:`ConnectionLostError` saying why not."""
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[AsyncioConnection] = loop.create_future()
+        closed: asyncio.Future[BaseException] = loop.create_future()
+
+        def on_open(conn: AsyncioConnection) -> None:
+            if not opened.done():
+                opened.set_result(conn)
+
+        def on_open_error(_conn: AsyncioConnection, error: BaseException) -> None:
+            if not opened.done():
+                opened.set_exception(ConnectionLostError(
+                    f"cannot connect to {settings.safe_url}: {_describe(error)}"))
+
+        def on_close(_conn: AsyncioConnection, reason: BaseException) -> None:
+            if not closed.done():
+                closed.set_result(reason)
+
+        conn = AsyncioConnection(settings.pika_parameters(), on_open_callback=on_open,
+                                 on_open_error_callback=on_open_error,
+                                 on_close_callback=on_close, custom_ioloop=loop)
+        try:
+            await opened
+        except asyncio.CancelledError:
+            if not conn.is_closed and not conn.is_closing:
+                conn.close()
+            raise
+        return cls(conn, settings, closed)
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection.is_open
+
+    async def channel(self) -> Channel:
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[PikaChannel] = loop.create_future()
+
+        def on_open(ch: PikaChannel) -> None:
+            if not opened.done():
+                opened.set_result(ch)
+
+        if not self._connection.is_open:
+            raise ConnectionLostError("connection is closed")
+        self._connection.channel(on_open_callback=on_open)
+        done, _ = await asyncio.wait([opened, self.closed], return_when=asyncio.FIRST_COMPLETED)
+        if opened not in done:
+            opened.cancel()
+            raise ConnectionLostError("connection closed while opening a channel")
+        return Channel(opened.result())
+
+    async def close(self) -> None:
+        if not self._connection.is_closed and not self._connection.is_closing:
+            self._connection.close()
+        await asyncio.shield(self.closed)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    # pika's AMQPConnectorException texts can carry nested reprs; keep it one line.
+    return " ".join(text.split())[:500]

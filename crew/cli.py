@@ -1,0 +1,138 @@
+"""The worker's command line: ``python worker.py -H host`` (the only place that parses argv
+or configures logging)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any, Mapping, Sequence
+
+from . import protocol
+from .settings import BrokerSettings
+
+log = logging.getLogger("crew")
+
+#: Exit status of a worker that drained and exited because too many job threads were stuck;
+#: a supervisor (``--forks``, systemd) should start a fresh process.
+EXIT_STUCK = 3
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve crew tasks from RabbitMQ until SIGINT or SIGTERM.",
+        epilog="The password comes from the URL, $CREW_PASSWORD or $CREW_PASSWORD_FILE; "
+               "never pass it on the command line (every local user can read that).")
+    add_broker_arguments(parser)
+    parser.add_argument("-c", "--concurrency", type=int, default=1,
+                        help="jobs run at once in each process; the prefetch follows it "
+                             "(default 1)")
+    parser.add_argument("--forks", type=int, default=0,
+                        help="run N worker processes under a supervisor that restarts a dead "
+                             "one (default 0: this process is the worker)")
+    parser.add_argument("--max-priority", type=int, default=protocol.DEFAULT_QUEUE_MAX_PRIORITY,
+                        help="x-max-priority of the task queues; higher call priorities count "
+                             "as this (default %(default)s)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds running jobs get to finish on SIGTERM (default 30)")
+    parser.add_argument("--max-stuck", type=int, default=4,
+                        help="stuck job threads tolerated before the process drains and exits "
+                             "with status 3 for a restart (default 4)")
+    add_logging_arguments(parser)
+    return parser
+
+
+def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Broker options shared by the worker, the examples and the gateway."""
+    parser.add_argument("--url", default=None,
+                        help="amqp:// or amqps:// URL (default $CREW_URL, else "
+                             "amqp://guest:guest@localhost:5672/)")
+    parser.add_argument("-H", "--host", default=None, help="broker host (overrides the URL)")
+    parser.add_argument("-P", "--port", type=int, default=None, help="broker port")
+    parser.add_argument("--vhost", default=None, help="virtual host")
+    parser.add_argument("--user", default=None, help="user name")
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("--logging", default="INFO", metavar="LEVEL",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        type=str.upper, help="log level (default INFO)")
+
+
+def broker_from_options(options: argparse.Namespace, name: str) -> BrokerSettings:
+    return BrokerSettings.from_url(options.url, host=options.host, port=options.port,
+                                   vhost=options.vhost, user=options.user, name=name)
+
+
+def setup_logging(options: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if options.verbose else getattr(logging, options.logging),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def main(tasks: Mapping[str, Any], settings: Mapping[str, Any],
+         argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` and serve ``tasks``; exits the process with the worker's status."""
+    options = build_parser().parse_args(argv)
+    setup_logging(options)
+    if options.concurrency < 1:
+        sys.exit("--concurrency must be at least 1")
+    if options.forks > 0:
+        from .supervisor import supervise
+
+        sys.exit(supervise(options.forks, lambda: serve(tasks, settings, options)))
+    sys.exit(serve(tasks, settings, options))
+
+
+def serve(tasks: Mapping[str, Any], settings: Mapping[str, Any],
+          options: argparse.Namespace) -> int:
+    """Run one worker in this process until a signal stops it; return the exit status."""
+    from .worker import Worker
+
+    try:
+        worker = Worker(tasks, broker=broker_from_options(options, "crew-worker"),
+                        concurrency=options.concurrency, max_priority=options.max_priority,
+                        settings=settings, options=options, max_stuck=options.max_stuck,
+                        grace=options.grace)
+    except (TypeError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return asyncio.run(_serve_with_signals(worker))
+
+
+async def _serve_with_signals(worker: Any) -> int:
+    from .exceptions import CrewError
+
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: stopping after running jobs (send it again to stop at once)",
+                     signal.Signals(signum).name)
+            worker.request_stop()
+        else:
+            log.warning("%s again: stopping now; unfinished calls go back to their queues",
+                        signal.Signals(signum).name)
+            worker.request_stop(grace=0)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        reason = await worker.serve()
+    except CrewError as exc:
+        log.error("worker stopped: %s", exc)
+        return 1
+    return EXIT_STUCK if reason == "stuck" else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print("run a worker module instead: python -m worker_example", file=sys.stderr)
+    sys.exit(os.EX_USAGE)

@@ -1,0 +1,439 @@
+"""The client: calls tasks and awaits their replies, from Tornado or any asyncio program.
+
+::
+
+    client = Client()              # or Client('amqp://user:pass@host:5672/vhost')
+    await client.connect()
+    resp = await client.call('test', data, priority=100)
+    with client.parallel() as mc:
+        mc.call('test')
+        mc.call('stat')
+        test_result, stat_result = await mc.result()
+    await client.close()
+
+Every call ends with exactly one outcome: its result, or a :class:`~crew.CallError`.
+Replies arrive on the client's private, server-named reply queue and are matched by
+correlation id; a reply for no pending call (late, duplicate, forged) is dropped. The client
+is not thread-safe: use it from the thread that runs its event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from pika.spec import Basic, BasicProperties
+
+from . import codec, protocol
+from .amqp import Channel, Connection
+from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, DecodeError,
+                         ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
+from .settings import BrokerSettings
+
+__all__ = ["Client", "Parallel"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds the client waits past a call's deadline for the worker's or the broker's own
+#: answer (a kill notice or a dead letter) before it answers the caller by itself.
+DEFAULT_DEADLINE_GRACE = 1.0
+#: AMQP reply code of a mandatory message that no queue took.
+_NO_ROUTE = 312
+
+Callback = Callable[[Any], Any]
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    task: str
+    future: asyncio.Future[tuple[Any, dict[str, Any]]]
+    deadline_ms: int
+    timer: asyncio.TimerHandle | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def settle(self, outcome: tuple[Any, dict[str, Any]] | BaseException) -> None:
+        if self.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+class Client:
+    """A connection to the broker that calls tasks and carries pubsub.
+
+    ``url``: amqp:// or amqps:// (default ``$CREW_URL``, else guest on localhost); ``host``,
+    ``port``, ``vhost``, ``user``, ``password`` override parts of it. ``content_type``: how
+    calls are encoded (msgpack, or JSON). ``expiration``: the default deadline of a call in
+    seconds. ``deadline_grace``: how long past a deadline the client waits for the worker's
+    or broker's own answer before raising :class:`~crew.TimeoutError` itself.
+    """
+
+    def __init__(self, url: str | None = None, *, host: str | None = None,
+                 port: int | None = None, vhost: str | None = None, user: str | None = None,
+                 password: str | None = None, broker: BrokerSettings | None = None,
+                 content_type: str = protocol.MSGPACK,
+                 expiration: float = protocol.DEFAULT_EXPIRATION,
+                 deadline_grace: float = DEFAULT_DEADLINE_GRACE) -> None:
+        if broker is None:
+            broker = BrokerSettings.from_url(url, host=host, port=port, vhost=vhost, user=user,
+                                             password=password, name="crew-client")
+        if content_type not in (protocol.MSGPACK, protocol.JSON):
+            raise ValueError(f"content_type must be {protocol.MSGPACK!r} or {protocol.JSON!r}, "
+                             f"got {content_type!r}")
+        if not deadline_grace >= 0:
+            raise ValueError(f"deadline_grace must be >= 0 seconds, got {deadline_grace!r}")
+        self.broker = broker
+        self.content_type = content_type
+        self.expiration = protocol.validate_expiration(expiration)
+        self.deadline_grace = float(deadline_grace)
+        self._connection: Connection | None = None
+        self._channel: Channel | None = None
+        self._reply_queue = ""
+        self._pending: dict[str, _Call] = {}
+        self._subscriptions: dict[str, list[Callback]] = {}
+        self._closing = False
+
+    # --- connection --------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and self._channel.is_open
+
+    async def connect(self) -> None:
+        """Connect, declare the private reply queue and start receiving replies."""
+        if self.connected:
+            return
+        self._closing = False
+        connection = await Connection.open(self.broker)
+        try:
+            channel = await connection.channel()
+            await channel.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
+            await channel.declare_exchange(protocol.CONTROL_EXCHANGE, "fanout")
+            await channel.declare_exchange(protocol.PUBSUB_EXCHANGE, "topic")
+            # Server-named and exclusive: a fresh name per connection, so a reconnection never
+            # waits for the broker to release the old one (405 RESOURCE_LOCKED).
+            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await channel.bind(queue, protocol.EXPIRED_EXCHANGE,
+                               arguments=protocol.expired_binding(queue))
+            for name in self._subscriptions:
+                await channel.bind(queue, protocol.PUBSUB_EXCHANGE, name)
+            channel.on_return(self._on_return)
+            await channel.consume(queue, self._on_message, auto_ack=True, exclusive=True)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._channel, self._reply_queue = connection, channel, queue
+        connection.closed.add_done_callback(self._on_connection_closed)
+        log.info("client connected to %s, reply queue %s", self.broker.safe_url, queue)
+
+    async def close(self) -> None:
+        """Fail every pending call with :class:`~crew.ConnectionLostError` and disconnect."""
+        self._closing = True
+        self._fail_all(ConnectionLostError("the client was closed"))
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = None
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def _on_connection_closed(self, fut: asyncio.Future[BaseException]) -> None:
+        if not self._closing:
+            log.error("client lost its broker connection: %s", fut.result())
+        self._channel = None
+        self._fail_all(ConnectionLostError(
+            "the broker connection was lost; the reply to this call cannot arrive"))
+
+    def _fail_all(self, error: CrewError) -> None:
+        for call in list(self._pending.values()):
+            call.settle(error)
+
+    # --- calls -------------------------------------------------------------------------
+
+    async def call(self, task: str, data: Any = None, *, priority: int = 0,
+                   expiration: float | None = None, persistent: bool = True,
+                   gzip: bool | None = None, headers: dict[str, Any] | None = None,
+                   return_headers: bool = False) -> Any:
+        """Call ``task`` with ``data`` and return its result.
+
+        ``priority`` 0-255 (a queue's maximum caps it); ``expiration`` seconds from now until
+        the call must be answered, queue time included; ``persistent`` survives a broker
+        restart while queued; ``gzip`` None compresses large bodies when it pays;
+        ``headers`` reach the task as ``context.headers``. With ``return_headers`` the result
+        is ``(value, headers)``, the headers being the task's ``context.headers``.
+
+        Raises :class:`~crew.RemoteError`, :class:`~crew.TimeoutError`,
+        :class:`~crew.ExpirationError`, :class:`~crew.UnknownTaskError` or
+        :class:`~crew.ConnectionLostError`. Cancelling the awaiting coroutine cancels the
+        call: a running job is interrupted, a queued one never starts.
+        """
+        protocol.validate_task_name(task)
+        protocol.validate_priority(priority)
+        seconds = protocol.validate_expiration(self.expiration if expiration is None
+                                               else expiration)
+        user_headers = protocol.validate_user_headers(headers)
+        body, encoding = codec.encode(data, self.content_type, gzip)
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            raise ConnectionLostError("the client is not connected; call connect() first")
+        loop = asyncio.get_running_loop()
+        correlation_id = uuid.uuid4().hex
+        deadline_ms = protocol.now_ms() + protocol.seconds_to_ms(seconds)
+        call = _Call(task, loop.create_future(), deadline_ms)
+        user_headers[protocol.DEADLINE_HEADER] = deadline_ms
+        user_headers[protocol.CLIENT_HEADER] = self._reply_queue
+        user_headers[protocol.TASK_HEADER] = task
+        properties = BasicProperties(
+            content_type=self.content_type, content_encoding=encoding,
+            correlation_id=correlation_id, reply_to=self._reply_queue, priority=priority,
+            expiration=protocol.ttl_property(deadline_ms), headers=user_headers,
+            delivery_mode=2 if persistent else 1)
+        self._pending[correlation_id] = call
+        call.timer = loop.call_later(seconds + self.deadline_grace, self._on_deadline,
+                                     correlation_id)
+        try:
+            # mandatory: with no queue for the task the broker returns the call at once
+            # (312 NO_ROUTE), which _on_return turns into UnknownTaskError.
+            channel.publish("", protocol.task_queue(task), body, properties, mandatory=True)
+            value, reply_headers = await call.future
+        except asyncio.CancelledError:
+            if not call.future.done():
+                self._send_cancel(correlation_id, deadline_ms)
+            raise
+        finally:
+            call.timer.cancel()
+            self._pending.pop(correlation_id, None)
+        return (value, reply_headers) if return_headers else value
+
+    def parallel(self) -> "Parallel":
+        """Gather several calls: ``with client.parallel() as mc: ...; await mc.result()``."""
+        return Parallel(self)
+
+    def _send_cancel(self, correlation_id: str, deadline_ms: int) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return
+        channel.publish(protocol.CONTROL_EXCHANGE, "", b"", BasicProperties(
+            type=protocol.CANCEL_TYPE, correlation_id=correlation_id,
+            reply_to=self._reply_queue, headers={protocol.DEADLINE_HEADER: deadline_ms},
+            delivery_mode=1))
+        log.debug("call %s cancelled by its caller", correlation_id)
+
+    def _on_deadline(self, correlation_id: str) -> None:
+        call = self._pending.get(correlation_id)
+        if call is not None:
+            call.settle(TimeoutError(
+                f"no answer from task {call.task!r} by its deadline "
+                f"({time.monotonic() - call.started:.3f} s after the call); it may or may not "
+                "have run"))
+
+    def _on_return(self, _ch: Any, method: Basic.Return, props: BasicProperties,
+                   _body: bytes) -> None:
+        call = self._pending.get(props.correlation_id or "")
+        if call is None:
+            return
+        if method.reply_code == _NO_ROUTE:
+            call.settle(UnknownTaskError(call.task))
+        else:
+            call.settle(CallError(f"the broker returned the call to {call.task!r}: "
+                                  f"{method.reply_code} {method.reply_text}"))
+
+    def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties,
+                    body: bytes) -> None:
+        if method.exchange == protocol.PUBSUB_EXCHANGE:
+            self._on_event(method.routing_key, props, body)
+            return
+        call = self._pending.get(props.correlation_id or "")
+        if call is None:
+            log.debug("reply %s matches no pending call (late or duplicate); dropped",
+                      props.correlation_id)
+            return
+        if method.exchange == protocol.EXPIRED_EXCHANGE:
+            call.settle(ExpirationError(
+                f"no worker took the call to {call.task!r} before its deadline"))
+            return
+        call.settle(_outcome(props, body))
+
+    # --- pubsub ------------------------------------------------------------------------
+
+    def subscribe(self, channel: str, callback: Callback) -> Awaitable[None]:
+        """Call ``callback(data)`` (a function or coroutine function) for each message on
+        ``channel`` (``*`` and ``#`` are wildcards, as in AMQP topics).
+
+        Works before :meth:`connect` (the binding is made on connect) and after; await the
+        result to learn whether the binding succeeded.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        callbacks = self._subscriptions.setdefault(channel, [])
+        first = not callbacks
+        callbacks.append(callback)
+        if first and self.connected:
+            return self._spawn(self._channel.bind(  # type: ignore[union-attr]
+                self._reply_queue, protocol.PUBSUB_EXCHANGE, channel))
+        return _done()
+
+    def unsubscribe(self, channel: str, callback: Callback | None = None) -> Awaitable[None]:
+        """Remove ``callback`` (or every callback) from ``channel``."""
+        callbacks = self._subscriptions.get(channel, [])
+        if callback is None:
+            callbacks.clear()
+        elif callback in callbacks:
+            callbacks.remove(callback)
+        if callbacks:
+            return _done()
+        self._subscriptions.pop(channel, None)
+        if self.connected:
+            return self._spawn(self._channel.unbind(  # type: ignore[union-attr]
+                self._reply_queue, protocol.PUBSUB_EXCHANGE, channel))
+        return _done()
+
+    def publish(self, channel: str, data: Any = None) -> Awaitable[None]:
+        """Send ``data`` to every subscriber of ``channel``; awaiting it reports failures."""
+        try:
+            body, encoding = codec.encode(data)
+            if self._channel is None or not self._channel.is_open:
+                raise ConnectionLostError("the client is not connected")
+            self._channel.publish(protocol.PUBSUB_EXCHANGE, channel, body, BasicProperties(
+                content_type=protocol.MSGPACK, content_encoding=encoding, delivery_mode=1))
+        except CrewError as exc:
+            log.warning("publish on %r failed: %s", channel, exc)
+            return _failed(exc)
+        return _done()
+
+    def _spawn(self, coro: Awaitable[None]) -> "asyncio.Task[None]":
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_failure)
+        return task
+
+    def _on_event(self, channel: str, props: BasicProperties, body: bytes) -> None:
+        try:
+            data = codec.decode(body, props.content_type, props.content_encoding)
+        except CodecError as exc:
+            log.warning("pubsub message on %r dropped: %s", channel, exc)
+            return
+        for pattern, callbacks in list(self._subscriptions.items()):
+            if not _topic_matches(pattern, channel):
+                continue
+            for callback in list(callbacks):
+                try:
+                    result = callback(data)
+                    if inspect.isawaitable(result):
+                        self._spawn(result)
+                except Exception:
+                    log.exception("pubsub callback %r on %r failed", callback, channel)
+
+
+def _outcome(props: BasicProperties, body: bytes) -> tuple[Any, dict[str, Any]] | CrewError:
+    """The result or the error a reply carries."""
+    headers = props.headers or {}
+    status = headers.get(protocol.STATUS_HEADER)
+    try:
+        value = codec.decode(body, props.content_type, props.content_encoding)
+    except CodecError as exc:
+        return exc
+    if status == protocol.STATUS_OK:
+        return value, protocol.user_headers(headers)
+    kind, message, traceback = codec.parse_error_envelope(value)
+    if status == protocol.STATUS_ERROR:
+        return RemoteError(kind, message, traceback)
+    if status == protocol.STATUS_TIMEOUT:
+        return TimeoutError(message or "the job ran past its deadline and was interrupted")
+    if status == protocol.STATUS_EXPIRED:
+        return ExpirationError(message or "no worker started the call before its deadline")
+    return DecodeError(f"reply with unknown status {status!r}")
+
+
+def _topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: words split on '.', ``*`` is one word, ``#`` zero or more."""
+    if pattern == key:
+        return True
+    if "*" not in pattern and "#" not in pattern:
+        return False
+    return _match_words(pattern.split("."), key.split("."))
+
+
+def _match_words(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match_words(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head == "*" or head == words[0]) and _match_words(rest, words[1:])
+
+
+class _Settled:
+    """An already settled awaitable; usable with or without a running event loop."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self._error = error
+
+    def __await__(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return None
+        yield  # makes this a generator, as __await__ must be
+
+
+def _done() -> _Settled:
+    return _Settled()
+
+
+def _failed(exc: BaseException) -> _Settled:
+    return _Settled(exc)
+
+
+def _log_failure(task: "asyncio.Future[None]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("pubsub operation failed: %s", task.exception())
+
+
+class Parallel:
+    """Several calls made at once; :meth:`result` returns their outcomes in call order.
+
+    A failed call puts its exception object in its slot instead of raising. Leaving the
+    ``with`` block cancels calls whose results were not awaited, so none leaks.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def call(self, task: str, data: Any = None, **kwargs: Any) -> "asyncio.Task[Any]":
+        """Start a call at once (same arguments as :meth:`Client.call`)."""
+        started = asyncio.ensure_future(self._client.call(task, data, **kwargs))
+        self._tasks.append(started)
+        return started
+
+    async def result(self) -> list[Any]:
+        """Every call's result or exception, in call order."""
+        return list(await asyncio.gather(*self._tasks, return_exceptions=True))
+
+    def __enter__(self) -> "Parallel":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+
+    async def __aenter__(self) -> "Parallel":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.__exit__(*exc_info)

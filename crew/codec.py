@@ -1,0 +1,134 @@
+"""Bodies on the wire: msgpack or JSON, optionally gzip, with hard size limits.
+
+msgpack is the default; JSON is understood both ways so that programs in other languages can
+call tasks. Nothing here can run code from a message: msgpack extension types are refused and
+pickle is not supported. gzip is real gzip (RFC 1952), labelled ``content_encoding: gzip``.
+Decompression stops at :data:`~crew.protocol.MAX_DECOMPRESSED_BYTES`, so a gzip bomb costs
+at most that much memory.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback as _traceback
+import zlib
+from typing import Any, NoReturn
+
+import msgpack
+
+from . import protocol
+from .exceptions import DecodeError, EncodeError, MessageTooLargeError
+
+__all__ = ["decode", "encode", "error_envelope", "parse_error_envelope"]
+
+#: zlib level for gzip: level 1 compresses text almost as well as 6 at several times the speed.
+GZIP_LEVEL = 1
+#: Bytes of a large body compressed on trial to see whether gzip pays.
+_SAMPLE_BYTES = 8 * 1024
+#: A sample must shrink below this ratio for the whole body to be compressed.
+_WORTHWHILE_RATIO = 0.9
+#: wbits for zlib that mean "gzip container".
+_GZIP_WBITS = 31
+
+
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
+    raise DecodeError(f"msgpack extension type {code} is not accepted")
+
+
+def _serialize(value: Any, content_type: str) -> bytes:
+    try:
+        if content_type == protocol.MSGPACK:
+            return msgpack.packb(value, use_bin_type=True)
+        if content_type == protocol.JSON:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False).encode()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode {type(value).__name__} as {content_type}: {exc}") from None
+    raise EncodeError(f"unknown content type {content_type!r}")
+
+
+def _worth_compressing(data: bytes) -> bool:
+    """Compress two small samples; random or already compressed data does not shrink."""
+    middle = len(data) // 2
+    for start in (0, middle):
+        sample = data[start:start + _SAMPLE_BYTES]
+        if len(zlib.compress(sample, GZIP_LEVEL)) > _WORTHWHILE_RATIO * len(sample):
+            return False
+    return True
+
+
+def gzip_compress(data: bytes) -> bytes:
+    """Real gzip (RFC 1952) at :data:`GZIP_LEVEL`."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+def gzip_decompress(data: bytes, limit: int = protocol.MAX_DECOMPRESSED_BYTES) -> bytes:
+    """Decompress gzip, refusing output beyond ``limit`` bytes and truncated or corrupt input."""
+    decompressor = zlib.decompressobj(_GZIP_WBITS)
+    try:
+        out = decompressor.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise DecodeError(f"corrupt gzip body: {exc}") from None
+    if len(out) > limit:
+        raise MessageTooLargeError(f"gzip body decompresses to more than {limit} bytes")
+    if not decompressor.eof:
+        raise DecodeError("truncated gzip body")
+    return out
+
+
+def encode(value: Any, content_type: str = protocol.MSGPACK, gzip: bool | None = None,
+           threshold: int = protocol.GZIP_THRESHOLD) -> tuple[bytes, str | None]:
+    """Serialize ``value``; return the body and its content encoding (``"gzip"`` or None).
+
+    ``gzip=None`` compresses bodies of at least ``threshold`` bytes when a sample shows that
+    it pays; True and False force it on or off.
+    """
+    body = _serialize(value, content_type)
+    encoding = None
+    if gzip or (gzip is None and len(body) >= threshold and _worth_compressing(body)):
+        body, encoding = gzip_compress(body), protocol.GZIP
+    if len(body) > protocol.MAX_BODY_BYTES:
+        raise MessageTooLargeError(
+            f"encoded body is {len(body)} bytes, more than the limit of {protocol.MAX_BODY_BYTES}"
+        )
+    return body, encoding
+
+
+def decode(body: bytes, content_type: str | None, content_encoding: str | None = None) -> Any:
+    """Turn a received body back into a value, or raise a :class:`~crew.CodecError`."""
+    if len(body) > protocol.MAX_BODY_BYTES:
+        raise MessageTooLargeError(
+            f"body is {len(body)} bytes, more than the limit of {protocol.MAX_BODY_BYTES}"
+        )
+    kind = protocol.CONTENT_TYPES.get(content_type or "")
+    if kind is None:
+        raise DecodeError(f"unsupported content type {content_type!r}")
+    if content_encoding == protocol.GZIP:
+        body = gzip_decompress(body)
+    elif content_encoding not in (None, "", "identity"):
+        raise DecodeError(f"unsupported content encoding {content_encoding!r}")
+    try:
+        if kind == protocol.MSGPACK:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+        return json.loads(body)
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, RecursionError) as exc:
+        # msgpack raises ExtraData, FormatError, StackError (all ValueError), UnicodeDecodeError
+        # and TypeError (unhashable map keys); json raises ValueError and RecursionError.
+        raise DecodeError(f"malformed {kind} body: {type(exc).__name__}: {exc}") from None
+
+
+def error_envelope(exc: BaseException, with_traceback: bool = True) -> dict[str, str]:
+    """The error envelope for ``exc``: its class name, message and formatted traceback."""
+    tb = "".join(_traceback.format_exception(exc)) if with_traceback else ""
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+
+
+def parse_error_envelope(value: Any) -> tuple[str, str, str]:
+    """``(type, message, traceback)`` from a received envelope, tolerating missing fields."""
+    if not isinstance(value, dict):
+        return "Error", repr(value)[:1000], ""
+    return (str(value.get("type") or "Error"), str(value.get("message") or ""),
+            str(value.get("traceback") or ""))

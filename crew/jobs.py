@@ -1,0 +1,213 @@
+"""Jobs and the threads that run them (internal to the worker).
+
+Every job of a sync task runs in a *job thread* of a :class:`JobThreads` pool sized to the
+worker's concurrency; the event loop that owns the AMQP connection never runs task code, so
+heartbeats keep flowing however long a job takes. A thread hands the outcome back to the
+loop, which publishes the reply and acknowledges the call.
+
+When the loop gives up on a running job (deadline, cancellation), it raises
+:class:`~crew.JobKilled` in the job's thread and at once gives the slot a fresh thread: a job
+blocked in C (``time.sleep(3600)``) cannot be interrupted and must not hold the slot. The
+abandoned thread retires as soon as its job returns; while it has not, it counts as *stuck*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import codec, protocol
+from .context import current_job
+from .exceptions import CodecError, JobKilled
+from .threads import Interruptible
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Reply:
+    """What a finished job sends back: a status, a body and its content encoding."""
+
+    status: str
+    body: bytes
+    encoding: str | None = None
+
+
+class Job:
+    """One call being served by a worker."""
+
+    __slots__ = ("worker", "task", "func", "delivery_tag", "correlation_id", "reply_to",
+                 "content_type", "content_encoding", "body", "headers", "deadline",
+                 "watch", "answered", "timer", "coroutine", "thread")
+
+    def __init__(self, worker: "Worker", task: str, func: Callable[[Any], Any],
+                 delivery_tag: int, correlation_id: str, reply_to: str, content_type: str,
+                 content_encoding: str | None, body: bytes, headers: dict[str, Any],
+                 deadline: float) -> None:
+        self.worker = worker
+        self.task = task
+        self.func = func
+        self.delivery_tag = delivery_tag
+        self.correlation_id = correlation_id
+        self.reply_to = reply_to
+        self.content_type = content_type
+        self.content_encoding = content_encoding
+        self.body = body
+        #: The call's user headers; the task may change them and they go back with the reply.
+        self.headers = headers
+        #: When the job must be over, on the ``time.monotonic()`` clock.
+        self.deadline = deadline
+        self.watch = Interruptible()
+        #: Set by the loop once a reply went out (or the call was dropped); never twice.
+        self.answered = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.coroutine: asyncio.Task[Any] | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.reply_to, self.correlation_id
+
+    def error_reply(self, exc: BaseException, *, status: str = protocol.STATUS_ERROR,
+                    with_traceback: bool = True) -> Reply:
+        return self.encode_reply(status, codec.error_envelope(exc, with_traceback))
+
+    def encode_reply(self, status: str, value: Any) -> Reply:
+        """Encode ``value`` in the call's content type; an unencodable result becomes an error."""
+        try:
+            body, encoding = codec.encode(value, self.content_type)
+        except CodecError as exc:
+            if status != protocol.STATUS_OK:
+                raise
+            return self.error_reply(exc, with_traceback=False)
+        return Reply(status, body, encoding)
+
+    def decode_argument(self) -> Any:
+        return codec.decode(self.body, self.content_type, self.content_encoding)
+
+    def run_sync(self) -> Reply:
+        """Decode, call the task and encode its result, in the current (job) thread."""
+        token = current_job.set(self)
+        try:
+            try:
+                argument = self.decode_argument()
+            except CodecError as exc:
+                return self.error_reply(exc, with_traceback=False)
+            try:
+                result = self.func(argument)
+            except JobKilled:
+                raise
+            except BaseException as exc:  # the task's own failure, SystemExit included
+                return self.error_reply(exc)
+            return self.encode_reply(protocol.STATUS_OK, result)
+        finally:
+            current_job.reset(token)
+
+    async def run_async(self) -> Reply:
+        """Decode, await the coroutine task and encode its result, on the loop."""
+        current_job.set(self)  # this asyncio task runs in a context of its own
+        try:
+            argument = self.decode_argument()
+        except CodecError as exc:
+            return self.error_reply(exc, with_traceback=False)
+        try:
+            result = await self.func(argument)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            return self.error_reply(exc)
+        return self.encode_reply(protocol.STATUS_OK, result)
+
+
+class JobThreads:
+    """A pool of job threads, one per concurrency slot, refilled when a thread is abandoned."""
+
+    def __init__(self, size: int, name: str,
+                 on_done: Callable[[Job, Reply], None]) -> None:
+        self._size = size
+        self._name = name
+        self._on_done = on_done
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        #: Threads whose job was abandoned and has not returned yet.
+        self.stuck: set[threading.Thread] = set()
+        self._serial = 0
+        self._closed = False
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if len(self._threads) < self._size:
+                self._spawn()
+        self._queue.put(job)
+
+    def replace(self, thread: threading.Thread) -> None:
+        """``thread``'s job was abandoned: count it as stuck and give its slot a new thread."""
+        with self._lock:
+            if thread in self._threads:
+                self._threads.discard(thread)
+                self.stuck.add(thread)
+                if not self._closed:
+                    self._spawn()
+
+    def _spawn(self) -> None:
+        self._serial += 1
+        thread = threading.Thread(target=self._serve, name=f"{self._name}-{self._serial}",
+                                  daemon=True)  # a stuck job must not keep the process alive
+        self._threads.add(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            job.thread = me  # before begin(): the loop reads it once the job is running
+            if not job.watch.begin():
+                continue  # abandoned (cancelled or expired) before it started
+            try:
+                reply = job.run_sync()
+            except JobKilled as exc:  # landed after the task's code, or raised by the task
+                reply = job.error_reply(exc, with_traceback=False)
+            except Exception as exc:  # a bug in crew itself: tell the caller, keep serving
+                log.exception("job %s of task %s failed inside crew", job.correlation_id, job.task)
+                reply = job.error_reply(exc, with_traceback=False)
+            if job.watch.end(JobKilled):
+                break  # the loop answered already and gave this slot another thread
+            self._on_done(job, reply)
+        with self._lock:
+            self._threads.discard(me)
+            self.stuck.discard(me)
+
+    def close(self) -> None:
+        """Let idle threads exit; stuck ones are daemons and die with the process."""
+        with self._lock:
+            self._closed = True
+            count = len(self._threads)
+        for _ in range(count):
+            self._queue.put(None)
+
+    def drain_pending(self) -> list[Job]:
+        """Remove and return the jobs that no thread has started yet."""
+        jobs = []
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
+
+
+def monotonic_deadline(deadline_ms: int) -> float:
+    """An epoch-milliseconds deadline on this process's monotonic clock."""
+    return time.monotonic() + (deadline_ms - protocol.now_ms()) / 1000

@@ -1,0 +1,191 @@
+"""Every name, argument and unit conversion of crew's wire protocol, in one place.
+
+``docs/PROTOCOL.md`` describes the same facts for programs in other languages; when a value
+here changes, that document changes with it. No other module spells a queue, exchange or
+header name.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+# --- Exchanges and queues -------------------------------------------------------------
+
+#: Task queues are ``crew.tasks.<task name>``, durable, one per task.
+TASK_QUEUE_PREFIX: Final = "crew.tasks."
+
+#: Headers exchange that every task queue dead-letters into. Each client binds its own reply
+#: queue with ``{"x-match": "all", "crew-client": <reply queue>}``, so an expired call comes
+#: back to the client that made it and to no other (the 2016 crew shared one dead-letter
+#: queue between all gateways and lost the notices).
+EXPIRED_EXCHANGE: Final = "crew.expired"
+
+#: Fanout exchange for control messages to every worker (cancellation).
+CONTROL_EXCHANGE: Final = "crew.control"
+
+#: Topic exchange for pubsub; the channel name is the routing key.
+PUBSUB_EXCHANGE: Final = "crew.pubsub"
+
+# --- Headers ----------------------------------------------------------------------------
+
+#: Prefix of every header crew itself sets; user headers must not use it.
+HEADER_PREFIX: Final = "crew-"
+#: Absolute deadline of a call, integer milliseconds since the Unix epoch.
+DEADLINE_HEADER: Final = "crew-deadline"
+#: The caller's reply queue again, as a header: dead-lettering keeps headers, and the
+#: headers exchange ``crew.expired`` can only route on headers, not on ``reply_to``.
+CLIENT_HEADER: Final = "crew-client"
+#: The task name, so a worker can refuse a call that reached the wrong queue.
+TASK_HEADER: Final = "crew-task"
+#: On replies: how the call ended, one of the ``STATUS_*`` values.
+STATUS_HEADER: Final = "crew-status"
+
+STATUS_OK: Final = "ok"
+STATUS_ERROR: Final = "error"  # the task raised, or the call was malformed
+STATUS_TIMEOUT: Final = "timeout"  # the job ran past its deadline and was interrupted
+STATUS_EXPIRED: Final = "expired"  # the deadline passed before a worker started the job
+STATUSES: Final = frozenset({STATUS_OK, STATUS_ERROR, STATUS_TIMEOUT, STATUS_EXPIRED})
+
+#: AMQP ``type`` property of control messages.
+CANCEL_TYPE: Final = "crew.cancel"
+
+# --- Content ----------------------------------------------------------------------------
+
+MSGPACK: Final = "application/msgpack"
+JSON: Final = "application/json"
+#: Content types understood on receipt, mapped to the canonical name.
+CONTENT_TYPES: Final = {
+    MSGPACK: MSGPACK,
+    "application/x-msgpack": MSGPACK,
+    JSON: JSON,
+}
+GZIP: Final = "gzip"
+
+#: Largest body crew sends or accepts, compressed or not (RabbitMQ 4.x refuses more than
+#: 16 MiB by default and closes the channel; 3.x allows 128 MiB).
+MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+#: Largest body after gzip decompression; a gzip bomb stops here.
+MAX_DECOMPRESSED_BYTES: Final = 64 * 1024 * 1024
+#: Bodies at least this large are gzipped automatically when a sample shows it pays.
+GZIP_THRESHOLD: Final = 64 * 1024
+
+# --- Priorities and deadlines -----------------------------------------------------------
+
+MIN_PRIORITY: Final = 0
+MAX_PRIORITY: Final = 255
+#: ``x-max-priority`` of task queues unless the worker is told otherwise. RabbitMQ
+#: recommends at most 10 levels (each costs memory and CPU); a call's priority above the
+#: queue's maximum counts as the maximum.
+DEFAULT_QUEUE_MAX_PRIORITY: Final = 10
+
+#: Seconds a call may take, queue time included, when the caller does not say.
+DEFAULT_EXPIRATION: Final = 60.0
+#: The longest expiration accepted: RabbitMQ's default ``consumer_timeout`` (30 minutes)
+#: closes the channel of a worker that holds a delivery unacknowledged longer than that.
+MAX_EXPIRATION: Final = 25 * 60.0
+
+
+def task_queue(task: str) -> str:
+    """The queue name of ``task``."""
+    return TASK_QUEUE_PREFIX + task
+
+
+def task_queue_arguments(max_priority: int) -> dict[str, Any]:
+    """Arguments every task queue is declared with.
+
+    ``x-max-priority`` makes the queue honour message priorities at all (without it the
+    priority property is ignored); ``x-dead-letter-exchange`` routes expired calls back to
+    their caller. Declaring an existing queue with other values fails with 406
+    PRECONDITION_FAILED, so every worker of a task must use the same maximum.
+    """
+    return {
+        "x-max-priority": max_priority,
+        "x-dead-letter-exchange": EXPIRED_EXCHANGE,
+        "x-queue-type": "classic",  # quorum queues refuse x-max-priority on RabbitMQ 3.x
+    }
+
+
+def expired_binding(reply_queue: str) -> dict[str, Any]:
+    """Binding arguments that bring a client's dead letters to its own reply queue."""
+    return {"x-match": "all", CLIENT_HEADER: reply_queue}
+
+
+def now_ms() -> int:
+    """Wall-clock time as integer epoch milliseconds, the unit of ``crew-deadline``."""
+    return time.time_ns() // 1_000_000
+
+
+def seconds_to_ms(seconds: float) -> int:
+    """Seconds (the API's unit) to whole milliseconds (AMQP's), never below 1."""
+    return max(1, int(seconds * 1000))
+
+
+def ttl_property(deadline_ms: int) -> str:
+    """The AMQP ``expiration`` property for a call due at ``deadline_ms``: the time left."""
+    return str(max(1, deadline_ms - now_ms()))
+
+
+def validate_task_name(name: object) -> str:
+    """Return ``name`` if it can name a task, else raise ``ValueError``/``TypeError``."""
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a str, not {type(name).__name__}")
+    if not name or len(name.encode()) > 200:
+        raise ValueError(f"task name must be 1 to 200 bytes long, got {name!r}")
+    if any(ch.isspace() or not ch.isprintable() for ch in name):
+        raise ValueError(f"task name must not contain spaces or control characters: {name!r}")
+    return name
+
+
+def validate_priority(priority: object) -> int:
+    """Return ``priority`` if it is an int in 0..255, else raise."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be in {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}")
+    return priority
+
+
+def validate_expiration(expiration: object) -> float:
+    """Return ``expiration`` in seconds if it is in (0, MAX_EXPIRATION], else raise."""
+    if not isinstance(expiration, (int, float)) or isinstance(expiration, bool):
+        raise TypeError(f"expiration must be a number of seconds, not {type(expiration).__name__}")
+    if not 0 < expiration <= MAX_EXPIRATION:
+        raise ValueError(
+            f"expiration must be more than 0 and at most {MAX_EXPIRATION:g} seconds, "
+            f"got {expiration!r}"
+        )
+    return float(expiration)
+
+
+def validate_max_priority(value: object) -> int:
+    """Return ``value`` if it can be a queue's ``x-max-priority`` (1..255), else raise."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"max_priority must be an int, not {type(value).__name__}")
+    if not 1 <= value <= MAX_PRIORITY:
+        raise ValueError(f"max_priority must be in 1..{MAX_PRIORITY}, got {value}")
+    return value
+
+
+def user_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
+    """The headers of a message without crew's own and the broker's ``x-`` ones."""
+    if not headers:
+        return {}
+    return {
+        k: v for k, v in headers.items()
+        if not k.startswith(HEADER_PREFIX) and not k.startswith("x-")
+    }
+
+
+def validate_user_headers(headers: object) -> dict[str, Any]:
+    """Return a copy of caller-supplied headers, refusing crew's reserved names."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, dict):
+        raise TypeError(f"headers must be a dict, not {type(headers).__name__}")
+    for key in headers:
+        if not isinstance(key, str):
+            raise TypeError(f"header names must be str, got {key!r}")
+        if key.startswith(HEADER_PREFIX) or key.startswith("x-"):
+            raise ValueError(f"header name {key!r} is reserved (crew-* and x-* are not for users)")
+    return dict(headers)

@@ -1,0 +1,24 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="crew",
+    version="0.1.0",
+    description="Task-worker RPC over RabbitMQ with an asyncio/Tornado client and gateway",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["crew", "crew.*"]),
+    package_data={"crew": ["py.typed"]},
+    install_requires=["tornado>=6,<7", "pika>=1.3,<2", "msgpack>=1.0,<2"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Tornado",
+        "Framework :: AsyncIO",
+        "Topic :: System :: Distributed Computing",
+    ],
+)

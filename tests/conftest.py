@@ -1,0 +1,126 @@
+"""Fixtures: a private vhost on the real RabbitMQ for each test run, workers and clients.
+
+Every run gets a vhost of its own (``crew-test-<random>``), deleted at the end, so no
+message or queue can leak between runs; inside a run, tests use task names with a per-test
+suffix. Set ``CREW_TEST_URL`` to test against another broker (then the vhost in that URL is
+used as it is and nothing is created).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+import pytest
+
+from crew import Client
+from crew.worker import Worker, serve_in_thread
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """amqp:// URL of a vhost that exists only for this test run."""
+    if os.environ.get("CREW_TEST_URL"):
+        yield os.environ["CREW_TEST_URL"]
+        return
+    if not _broker_answers():
+        pytest.exit("RabbitMQ does not answer on 127.0.0.1:5672: start it with "
+                    "`rabbitmq-server -detached` (scripts/test does)", returncode=3)
+    if shutil.which("rabbitmqctl") is None:
+        pytest.exit("rabbitmqctl is needed to make the test vhost (or set CREW_TEST_URL)",
+                    returncode=3)
+    vhost = f"crew-test-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}"
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def uid(request: pytest.FixtureRequest) -> str:
+    """A suffix unique to this test, for task and channel names."""
+    return f"{request.node.name[:40]}.{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_worker(broker_url: str) -> Iterator[Callable[..., Worker]]:
+    """Start in-process workers (each on its own loop and thread); stopped after the test."""
+    running: list[tuple[Worker, threading.Thread]] = []
+
+    def start(tasks: dict[str, Callable[[Any], Any]], **kwargs: Any) -> Worker:
+        kwargs.setdefault("broker", broker_url)
+        kwargs.setdefault("grace", 5.0)
+        worker = Worker(tasks, **kwargs)
+        running.append((worker, serve_in_thread(worker)))
+        return worker
+
+    yield start
+    for worker, thread in running:
+        if thread.is_alive():
+            worker.request_stop(grace=0)
+        thread.join(30)
+        assert not thread.is_alive(), "a worker did not stop"
+
+
+@pytest.fixture
+def client(io_loop: Any, broker_url: str) -> Iterator[Client]:
+    """A connected client on the test's Tornado IOLoop."""
+    c = Client(broker_url)
+    io_loop.run_sync(c.connect)
+    yield c
+    io_loop.run_sync(c.close)
+
+
+@pytest.fixture
+def make_client(io_loop: Any, broker_url: str) -> Iterator[Callable[..., Client]]:
+    """Make more connected clients on the test's IOLoop; closed after the test."""
+    made: list[Client] = []
+
+    def make(**kwargs: Any) -> Client:
+        c = Client(broker_url, **kwargs)
+        io_loop.run_sync(c.connect)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        io_loop.run_sync(c.close)
+
+
+def python_env(broker_url: str) -> dict[str, str]:
+    """Environment for a child Python process: this checkout importable, the test vhost."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["CREW_URL"] = broker_url
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_python(args: list[str], broker_url: str, **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``python ARGS`` with the test vhost in ``$CREW_URL`` (never on the command line)."""
+    return subprocess.Popen([sys.executable, *args], env=python_env(broker_url), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
