@@ -208,7 +208,9 @@ class Client:
             channel.publish("", protocol.task_queue(task), body, properties, mandatory=True)
             value, reply_headers = await call.future
         except asyncio.CancelledError:
-            if not call.future.done():
+            # Cancelling the awaiting task cancels call.future too; a future that holds an
+            # outcome means the call had ended already and there is nothing to stop.
+            if call.future.cancelled():
                 self._send_cancel(correlation_id, deadline_ms)
             raise
         finally:

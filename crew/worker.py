@@ -186,9 +186,13 @@ class Worker:
                     f"cannot declare {queue}: {exc.text}. It exists with other arguments; every "
                     f"worker of a task must use the same max_priority (this one: "
                     f"{self.max_priority}), or delete the queue", exc.code, exc.text) from None
-        control = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await channel.bind(control, protocol.CONTROL_EXCHANGE)
-        await channel.consume(control, self._on_control, auto_ack=True)
+        # Control messages get a channel of their own: the task channel's prefetch limit
+        # holds back every delivery on it, auto-acked ones included, while jobs run.
+        assert self._connection is not None
+        control_channel = await self._connection.channel()
+        control = await control_channel.declare_queue("", exclusive=True, auto_delete=True)
+        await control_channel.bind(control, protocol.CONTROL_EXCHANGE)
+        await control_channel.consume(control, self._on_control, auto_ack=True)
         for name, func in self.tasks.items():
             on_message = self._make_consumer(name, func)
             self._consumers.append(await channel.consume(protocol.task_queue(name), on_message))

@@ -95,13 +95,13 @@ def client(io_loop: Any, broker_url: str) -> Iterator[Client]:
 
 
 @pytest.fixture
-def make_client(io_loop: Any, broker_url: str) -> Iterator[Callable[..., Client]]:
-    """Make more connected clients on the test's IOLoop; closed after the test."""
+def make_client(io_loop: Any, broker_url: str) -> Iterator[Callable[..., Any]]:
+    """``await make_client(**kwargs)``: more connected clients, closed after the test."""
     made: list[Client] = []
 
-    def make(**kwargs: Any) -> Client:
+    async def make(**kwargs: Any) -> Client:
         c = Client(broker_url, **kwargs)
-        io_loop.run_sync(c.connect)
+        await c.connect()
         made.append(c)
         return c
 
