@@ -181,7 +181,7 @@ class JobThreads:
             except Exception as exc:  # a bug in crew itself: tell the caller, keep serving
                 log.exception("job %s of task %s failed inside crew", job.correlation_id, job.task)
                 reply = job.error_reply(exc, with_traceback=False)
-            if job.watch.end(JobKilled):
+            if _end(job):
                 break  # the loop answered already and gave this slot another thread
             self._on_done(job, reply)
         with self._lock:
@@ -206,6 +206,16 @@ class JobThreads:
                 return jobs
             if job is not None:
                 jobs.append(job)
+
+
+def _end(job: Job) -> bool:
+    """``job.watch.end()``, retried should the kill land on the call itself (it is sent at
+    most once per job, so one retry is all it can take)."""
+    while True:
+        try:
+            return job.watch.end(JobKilled)
+        except JobKilled:
+            continue
 
 
 def monotonic_deadline(deadline_ms: int) -> float:
