@@ -1,5 +1,6 @@
-"""The worker's command line: ``python worker.py -H host`` (the only place that parses argv
-or configures logging)."""
+"""Command lines: the worker's (``python worker.py -H host``) and the shared pieces of the HTTP
+servers' (``python -m crew.gateway``, ``python -m master_example``). The only place that
+parses argv or configures logging."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from . import protocol
 from .settings import BrokerSettings
+
+if TYPE_CHECKING:
+    from tornado.web import Application
+
+    from .client import Client
 
 log = logging.getLogger("crew")
 
@@ -45,13 +51,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Broker options shared by the worker, the examples and the gateway."""
+def add_broker_arguments(parser: argparse.ArgumentParser, *,
+                         port_flags: Sequence[str] = ("-P", "--port")) -> None:
+    """Broker options shared by the worker, the examples and the gateway.
+
+    HTTP servers pass ``port_flags=("--broker-port",)``: their ``--port`` is the HTTP port.
+    """
     parser.add_argument("--url", default=None,
                         help="amqp:// or amqps:// URL (default $CREW_URL, else "
                              "amqp://guest:guest@localhost:5672/)")
     parser.add_argument("-H", "--host", default=None, help="broker host (overrides the URL)")
-    parser.add_argument("-P", "--port", type=int, default=None, help="broker port")
+    parser.add_argument(*port_flags, dest="broker_port", type=int, default=None,
+                        help="broker port")
     parser.add_argument("--vhost", default=None, help="virtual host")
     parser.add_argument("--user", default=None, help="user name")
 
@@ -64,7 +75,7 @@ def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def broker_from_options(options: argparse.Namespace, name: str) -> BrokerSettings:
-    return BrokerSettings.from_url(options.url, host=options.host, port=options.port,
+    return BrokerSettings.from_url(options.url, host=options.host, port=options.broker_port,
                                    vhost=options.vhost, user=options.user, name=name)
 
 
@@ -76,9 +87,9 @@ def setup_logging(options: argparse.Namespace) -> None:
 
 
 def main(tasks: Mapping[str, Any], settings: Mapping[str, Any],
-         argv: Sequence[str] | None = None) -> None:
+         argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Parse ``argv`` and serve ``tasks``; exits the process with the worker's status."""
-    options = build_parser().parse_args(argv)
+    options = build_parser(prog).parse_args(argv)
     setup_logging(options)
     if options.concurrency < 1:
         sys.exit("--concurrency must be at least 1")
@@ -130,7 +141,85 @@ async def _serve_with_signals(worker: Any) -> int:
     except CrewError as exc:
         log.error("worker stopped: %s", exc)
         return 1
-    return EXIT_STUCK if reason == "stuck" else 0
+    return {"stopped": 0, "stuck": EXIT_STUCK}.get(reason, 1)
+
+
+# --- HTTP servers (the gateway, the master example) --------------------------------------
+
+
+def build_http_parser(prog: str, description: str,
+                      default_port: int) -> argparse.ArgumentParser:
+    """A parser with the broker, HTTP and logging options of an HTTP server."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog="The password comes from the URL, $CREW_URL, $CREW_PASSWORD or "
+               "$CREW_PASSWORD_FILE; never pass it on the command line.")
+    add_broker_arguments(parser, port_flags=("--broker-port",))
+    parser.add_argument("--port", type=int, default=default_port,
+                        help="HTTP port; 0 picks a free one, which is logged "
+                             "(default %(default)s)")
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 for every interface "
+                             "(default %(default)s)")
+    add_logging_arguments(parser)
+    return parser
+
+
+def run_http(app: "Application", client: "Client", options: argparse.Namespace) -> int:
+    """Serve ``app`` with ``client`` until SIGINT or SIGTERM; return the exit status."""
+    from .exceptions import CrewError
+
+    try:
+        asyncio.run(_serve_http(app, client, options.address, options.port))
+    except (CrewError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+async def _serve_http(app: "Application", client: "Client", address: str, port: int) -> None:
+    from tornado.httpserver import HTTPServer
+    from tornado.netutil import bind_sockets
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    sockets = bind_sockets(port, address)  # first: a port in use fails before connecting
+    await client.connect()
+    server = HTTPServer(app)
+    try:
+        server.add_sockets(sockets)
+        host, bound_port = sockets[0].getsockname()[:2]
+        log.info("listening on http://%s:%d/", host, bound_port)
+        await stop.wait()
+        log.info("stopping: open connections are closed, calls under way cancelled")
+        server.stop()
+        await server.close_all_connections()
+    finally:
+        await client.close()
+
+
+def gateway_main(argv: Sequence[str] | None = None) -> None:
+    """``python -m crew.gateway``: serve the gateway until SIGINT or SIGTERM."""
+    from . import gateway
+    from .client import Client
+
+    parser = build_http_parser("python -m crew.gateway", default_port=8080,
+                               description="Serve every crew task and pubsub channel over HTTP.")
+    parser.add_argument("--max-body", type=int, default=gateway.DEFAULT_MAX_BODY,
+                        help="largest request body in bytes (default %(default)s)")
+    parser.add_argument("--poll-timeout", type=float, default=gateway.DEFAULT_POLL_TIMEOUT,
+                        help="seconds /subscribe waits before 204 (default %(default)s)")
+    options = parser.parse_args(argv)
+    setup_logging(options)
+    client = Client(broker=broker_from_options(options, "crew-gateway"))
+    try:
+        app = gateway.make_app(client, max_body=options.max_body,
+                               poll_timeout=options.poll_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.exit(run_http(app, client, options))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,7 +25,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 from pika.spec import Basic, BasicProperties
 
@@ -98,6 +98,11 @@ class Client:
         self._reply_queue = ""
         self._pending: dict[str, _Call] = {}
         self._subscriptions: dict[str, list[Callback]] = {}
+        #: The bind under way (or done) for each channel subscribed since connect().
+        self._bindings: dict[str, asyncio.Task[None]] = {}
+        #: Binds, unbinds and coroutine callbacks under way: the loop keeps only weak
+        #: references to tasks, so a task nobody awaits must be referenced here.
+        self._background: set[asyncio.Task[Any]] = set()
         self._closing = False
 
     # --- connection --------------------------------------------------------------------
@@ -122,10 +127,11 @@ class Client:
             queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
             await channel.bind(queue, protocol.EXPIRED_EXCHANGE,
                                arguments=protocol.expired_binding(queue))
-            for name in self._subscriptions:
-                await channel.bind(queue, protocol.PUBSUB_EXCHANGE, name)
             channel.on_return(self._on_return)
             await channel.consume(queue, self._on_message, auto_ack=True, exclusive=True)
+            # Last, so that no await separates the final check of the subscriptions from
+            # the moment subscribe() sees the client as connected.
+            await self._bind_subscriptions(channel, queue)
         except BaseException:
             await connection.close()
             raise
@@ -271,53 +277,93 @@ class Client:
 
     def subscribe(self, channel: str, callback: Callback) -> Awaitable[None]:
         """Call ``callback(data)`` (a function or coroutine function) for each message on
-        ``channel`` (``*`` and ``#`` are wildcards, as in AMQP topics).
+        ``channel``; ``*`` (one word) and ``#`` (any words) are wildcards, as in AMQP topics.
 
-        Works before :meth:`connect` (the binding is made on connect) and after; await the
-        result to learn whether the binding succeeded.
+        Works before :meth:`connect` (which then makes the binding and reports its failure)
+        and after it; subscriptions survive a close and a new connect. The result may be
+        ignored; awaiting it waits until the broker delivers the channel to this client and
+        raises if it cannot.
         """
+        protocol.validate_channel(channel, pattern=True)
         if not callable(callback):
-            raise TypeError("callback must be callable")
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         callbacks = self._subscriptions.setdefault(channel, [])
-        first = not callbacks
         callbacks.append(callback)
-        if first and self.connected:
-            return self._spawn(self._channel.bind(  # type: ignore[union-attr]
-                self._reply_queue, protocol.PUBSUB_EXCHANGE, channel))
-        return _done()
+        if not self.connected:
+            return _done()
+        if len(callbacks) == 1:
+            bind = self._channel.bind(  # type: ignore[union-attr]
+                self._reply_queue, protocol.PUBSUB_EXCHANGE, channel)
+            self._bindings[channel] = self._spawn(bind, f"subscribing to {channel!r}")
+        binding = self._bindings.get(channel)
+        return _done() if binding is None else _Operation(binding)
 
     def unsubscribe(self, channel: str, callback: Callback | None = None) -> Awaitable[None]:
-        """Remove ``callback`` (or every callback) from ``channel``."""
-        callbacks = self._subscriptions.get(channel, [])
+        """Remove ``callback`` (or, when None, every callback) from ``channel``.
+
+        Once a channel has no callback left, its messages stop coming to this client;
+        awaiting the result waits for that.
+        """
+        callbacks = self._subscriptions.get(channel)
+        if callbacks is None:
+            return _done()
         if callback is None:
             callbacks.clear()
         elif callback in callbacks:
             callbacks.remove(callback)
         if callbacks:
             return _done()
-        self._subscriptions.pop(channel, None)
-        if self.connected:
-            return self._spawn(self._channel.unbind(  # type: ignore[union-attr]
-                self._reply_queue, protocol.PUBSUB_EXCHANGE, channel))
-        return _done()
+        del self._subscriptions[channel]
+        self._bindings.pop(channel, None)
+        if not self.connected:
+            return _done()
+        return _Operation(self._spawn(self._channel.unbind(  # type: ignore[union-attr]
+            self._reply_queue, protocol.PUBSUB_EXCHANGE, channel), f"unsubscribing {channel!r}"))
 
     def publish(self, channel: str, data: Any = None) -> Awaitable[None]:
-        """Send ``data`` to every subscriber of ``channel``; awaiting it reports failures."""
+        """Send ``data`` to every client subscribed to ``channel`` now (fire and forget).
+
+        The message is handed to the connection at once, awaited or not; awaiting the
+        result raises what went wrong (not connected, data that cannot be encoded), which
+        is also logged. Nothing is kept for subscribers that come later.
+        """
+        protocol.validate_channel(channel)
         try:
             body, encoding = codec.encode(data)
-            if self._channel is None or not self._channel.is_open:
+            amqp_channel = self._channel
+            if amqp_channel is None or not amqp_channel.is_open:
                 raise ConnectionLostError("the client is not connected")
-            self._channel.publish(protocol.PUBSUB_EXCHANGE, channel, body, BasicProperties(
+            amqp_channel.publish(protocol.PUBSUB_EXCHANGE, channel, body, BasicProperties(
                 content_type=protocol.MSGPACK, content_encoding=encoding, delivery_mode=1))
         except CrewError as exc:
             log.warning("publish on %r failed: %s", channel, exc)
             return _failed(exc)
         return _done()
 
-    def _spawn(self, coro: Awaitable[None]) -> "asyncio.Task[None]":
+    async def _bind_subscriptions(self, channel: Channel, queue: str) -> None:
+        """Bind ``queue`` to every subscribed channel, including those (un)subscribed
+        while the binds are under way."""
+        bound: set[str] = set()
+        while bound != self._subscriptions.keys():
+            for name in self._subscriptions.keys() - bound:
+                await channel.bind(queue, protocol.PUBSUB_EXCHANGE, name)
+                bound.add(name)
+            for name in bound - self._subscriptions.keys():
+                await channel.unbind(queue, protocol.PUBSUB_EXCHANGE, name)
+                bound.discard(name)
+        self._bindings.clear()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], describe: str) -> "asyncio.Task[Any]":
+        """Run ``coro`` as a task that is referenced until done and logs its failure."""
         task = asyncio.ensure_future(coro)
-        task.add_done_callback(_log_failure)
+        self._background.add(task)
+        task.add_done_callback(lambda done: self._background_done(done, describe))
         return task
+
+    def _background_done(self, task: "asyncio.Task[Any]", describe: str) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed", describe, exc_info=task.exception())
 
     def _on_event(self, channel: str, props: BasicProperties, body: bytes) -> None:
         try:
@@ -326,15 +372,21 @@ class Client:
             log.warning("pubsub message on %r dropped: %s", channel, exc)
             return
         for pattern, callbacks in list(self._subscriptions.items()):
-            if not _topic_matches(pattern, channel):
-                continue
-            for callback in list(callbacks):
-                try:
-                    result = callback(data)
-                    if inspect.isawaitable(result):
-                        self._spawn(result)
-                except Exception:
-                    log.exception("pubsub callback %r on %r failed", callback, channel)
+            if _topic_matches(pattern, channel):
+                for callback in list(callbacks):
+                    self._run_callback(callback, channel, data)
+
+    def _run_callback(self, callback: Callback, channel: str, data: Any) -> None:
+        """Call a subscriber; a coroutine it returns runs as a task of its own."""
+        try:
+            result = callback(data)
+        except Exception:
+            log.exception("pubsub callback %r on %r failed", callback, channel)
+            return
+        if inspect.iscoroutine(result):
+            self._spawn(result, f"pubsub callback {callback!r} on {channel!r}")
+        elif inspect.isawaitable(result):
+            self._spawn(_wait(result), f"pubsub callback {callback!r} on {channel!r}")
 
 
 def _outcome(props: BasicProperties, body: bytes) -> tuple[Any, dict[str, Any]] | CrewError:
@@ -400,9 +452,21 @@ def _failed(exc: BaseException) -> _Settled:
     return _Settled(exc)
 
 
-def _log_failure(task: "asyncio.Future[None]") -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("pubsub operation failed: %s", task.exception())
+class _Operation:
+    """An awaitable for a broker operation under way; cancelling an awaiter leaves the
+    operation alone, so several callers can await it."""
+
+    __slots__ = ("_task",)
+
+    def __init__(self, task: "asyncio.Task[None]") -> None:
+        self._task = task
+
+    def __await__(self) -> Any:
+        return asyncio.shield(self._task).__await__()
+
+
+async def _wait(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 class Parallel:

@@ -1,8 +1,11 @@
 """Bodies on the wire: msgpack or JSON, optionally gzip, with hard size limits.
 
 msgpack is the default; JSON is understood both ways so that programs in other languages can
-call tasks. Nothing here can run code from a message: msgpack extension types are refused and
-pickle is not supported. gzip is real gzip (RFC 1952), labelled ``content_encoding: gzip``.
+call tasks. Nothing here can run code from a message: msgpack extension types are refused
+(except msgpack's own timestamp, type -1, which msgpack decodes itself into an inert
+``msgpack.Timestamp``) and pickle is not supported. Map keys must be strings (or bytes):
+msgpack's ``strict_map_key`` keeps attacker-chosen integer keys, whose hashes collide at
+will, out of dictionaries. gzip is real gzip (RFC 1952), labelled ``content_encoding: gzip``.
 Decompression stops at :data:`~crew.protocol.MAX_DECOMPRESSED_BYTES`, so a gzip bomb costs
 at most that much memory.
 """
@@ -33,6 +36,10 @@ _GZIP_WBITS = 31
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
     raise DecodeError(f"msgpack extension type {code} is not accepted")
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise DecodeError(f"JSON constant {name} is not accepted (crew never sends it)")
 
 
 def _serialize(value: Any, content_type: str) -> bytes:
@@ -74,6 +81,8 @@ def gzip_decompress(data: bytes, limit: int = protocol.MAX_DECOMPRESSED_BYTES) -
         raise MessageTooLargeError(f"gzip body decompresses to more than {limit} bytes")
     if not decompressor.eof:
         raise DecodeError("truncated gzip body")
+    if decompressor.unused_data:
+        raise DecodeError("data after the end of the gzip body (one gzip member only)")
     return out
 
 
@@ -85,6 +94,11 @@ def encode(value: Any, content_type: str = protocol.MSGPACK, gzip: bool | None =
     it pays; True and False force it on or off.
     """
     body = _serialize(value, content_type)
+    if len(body) > protocol.MAX_DECOMPRESSED_BYTES:
+        # Compressed, it might fit on the wire, but the receiver would refuse to inflate it.
+        raise MessageTooLargeError(
+            f"encoded body is {len(body)} bytes, more than the limit of "
+            f"{protocol.MAX_DECOMPRESSED_BYTES} before compression")
     encoding = None
     if gzip or (gzip is None and len(body) >= threshold and _worth_compressing(body)):
         body, encoding = gzip_compress(body), protocol.GZIP
@@ -111,7 +125,7 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
     try:
         if kind == protocol.MSGPACK:
             return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-        return json.loads(body)
+        return json.loads(body, parse_constant=_refuse_constant)
     except DecodeError:
         raise
     except (ValueError, TypeError, RecursionError) as exc:

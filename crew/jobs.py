@@ -45,20 +45,23 @@ class Job:
     """One call being served by a worker."""
 
     __slots__ = ("worker", "task", "func", "delivery_tag", "correlation_id", "reply_to",
-                 "content_type", "content_encoding", "body", "headers", "deadline",
-                 "watch", "answered", "timer", "coroutine", "thread")
+                 "content_type", "reply_type", "content_encoding", "body", "headers",
+                 "deadline", "watch", "answered", "timer", "coroutine", "thread")
 
     def __init__(self, worker: "Worker", task: str, func: Callable[[Any], Any],
-                 delivery_tag: int, correlation_id: str, reply_to: str, content_type: str,
-                 content_encoding: str | None, body: bytes, headers: dict[str, Any],
-                 deadline: float) -> None:
+                 delivery_tag: int, correlation_id: str, reply_to: str,
+                 content_type: str | None, content_encoding: str | None, body: bytes,
+                 headers: dict[str, Any], deadline: float) -> None:
         self.worker = worker
         self.task = task
         self.func = func
         self.delivery_tag = delivery_tag
         self.correlation_id = correlation_id
         self.reply_to = reply_to
+        #: The call's content type as sent, which decoding checks.
         self.content_type = content_type
+        #: What the reply is written in: the call's type, or msgpack when crew cannot write it.
+        self.reply_type = protocol.CONTENT_TYPES.get(content_type or "", protocol.MSGPACK)
         self.content_encoding = content_encoding
         self.body = body
         #: The call's user headers; the task may change them and they go back with the reply.
@@ -83,7 +86,7 @@ class Job:
     def encode_reply(self, status: str, value: Any) -> Reply:
         """Encode ``value`` in the call's content type; an unencodable result becomes an error."""
         try:
-            body, encoding = codec.encode(value, self.content_type)
+            body, encoding = codec.encode(value, self.reply_type)
         except CodecError as exc:
             if status != protocol.STATUS_OK:
                 raise

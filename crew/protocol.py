@@ -137,6 +137,23 @@ def validate_task_name(name: object) -> str:
     return name
 
 
+def validate_channel(name: object, *, pattern: bool = False) -> str:
+    """Return ``name`` if it can name a pubsub channel (a routing key), else raise.
+
+    With ``pattern`` the words ``*`` (one word) and ``#`` (any number of words) are allowed,
+    as in AMQP topic bindings; a channel one publishes to must not contain them.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"channel must be a str, not {type(name).__name__}")
+    if not name or len(name.encode()) > 255:  # AMQP routing keys are short strings
+        raise ValueError(f"channel must be 1 to 255 bytes long, got {name!r}")
+    if any(ch.isspace() or not ch.isprintable() for ch in name):
+        raise ValueError(f"channel must not contain spaces or control characters: {name!r}")
+    if not pattern and any(word in ("*", "#") for word in name.split(".")):
+        raise ValueError(f"wildcards are for subscribing, not publishing: {name!r}")
+    return name
+
+
 def validate_priority(priority: object) -> int:
     """Return ``priority`` if it is an int in 0..255, else raise."""
     if not isinstance(priority, int) or isinstance(priority, bool):

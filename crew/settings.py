@@ -1,7 +1,7 @@
 """Where the broker is and how to log in: one frozen object, built once, passed down.
 
 Sources, strongest first: explicit arguments, the URL (argument, else ``$CREW_URL``, else
-``amqp://guest:guest@localhost:5672/``), ``$CREW_PASSWORD``, ``$CREW_PASSWORD_FILE``.
+guest on localhost:5672), ``$CREW_PASSWORD``, ``$CREW_PASSWORD_FILE``, then ``guest``.
 The password is never shown: :attr:`BrokerSettings.safe_url` and ``repr`` mask it.
 """
 
@@ -17,7 +17,9 @@ import pika
 
 __all__ = ["BrokerSettings", "DEFAULT_URL"]
 
-DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+#: Without a URL: guest on localhost (the password, "guest" unless the environment says
+#: otherwise, is deliberately not in it, so that $CREW_PASSWORD applies).
+DEFAULT_URL = "amqp://guest@localhost:5672/"
 _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 #: Seconds between heartbeats: a dead link is noticed after about two of them.
 DEFAULT_HEARTBEAT = 20
@@ -46,13 +48,14 @@ class BrokerSettings:
         """Build settings from an amqp:// or amqps:// URL plus overrides (None = not given)."""
         env = os.environ if environ is None else environ
         parsed = _parse_url(url or env.get("CREW_URL") or DEFAULT_URL)
+        port_given = parsed.pop("port_given")
         if "password" not in parsed:
             password = _password_from_env(env)
             if password is not None:
                 parsed["password"] = password
         parsed.update({k: v for k, v in overrides.items() if v is not None})
-        if overrides.get("tls") and "port" not in overrides and parsed.get("port") == 5672:
-            parsed["port"] = 5671
+        if overrides.get("tls") and overrides.get("port") is None and not port_given:
+            parsed["port"] = _DEFAULT_PORTS["amqps"]
         return cls(**parsed)
 
     @property
@@ -109,6 +112,7 @@ def _parse_url(url: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "host": parts.hostname or "localhost",
         "port": port or _DEFAULT_PORTS[parts.scheme],
+        "port_given": port is not None,
         "tls": parts.scheme == "amqps",
         # "amqp://host/" and "amqp://host" both mean the default vhost "/".
         "vhost": unquote(parts.path[1:]) if len(parts.path) > 1 else "/",

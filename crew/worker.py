@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid as _uuid
+from functools import partial
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
@@ -91,7 +92,15 @@ class Publisher:
         self._worker = worker
 
     def publish(self, channel: str, data: Any = None) -> None:
-        """Send ``data`` to every subscriber of ``channel`` (fire and forget)."""
+        """Send ``data`` to every client subscribed to ``channel`` (fire and forget).
+
+        Safe from job threads and ``async`` tasks alike: the message is encoded here and
+        handed to the worker's loop, which owns the connection, so it goes out before the
+        reply of the job that published it. Raises :class:`~crew.EncodeError` for data
+        that cannot be sent and :class:`~crew.ConnectionLostError` once the worker stopped;
+        a message published while the connection is down is dropped (and logged).
+        """
+        protocol.validate_channel(channel)
         body, encoding = codec.encode(data)
         self._worker._call_in_loop(self._worker._publish_event, channel, body, encoding)
 
@@ -145,7 +154,7 @@ class Worker:
         self._stop_requested: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
         self._stopping = False
-        #: Why :meth:`serve` returned: ``"stopped"`` or ``"stuck"``.
+        #: Why :meth:`serve` returned: ``"stopped"``, ``"stuck"`` or ``"connection lost"``.
         self.exit_reason = "stopped"
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -159,17 +168,21 @@ class Worker:
         self._hurry = asyncio.Event()
         self._connection = await Connection.open(self.broker)
         try:
-            await self._setup(await self._connection.channel())
+            await self._setup(self._connection)
         except BaseException:
             await self._connection.close()
             raise
         context._bind(self)
-        self._connection.closed.add_done_callback(self._on_connection_closed)
+        self._connection.closed.add_done_callback(partial(self._on_lost, "connection"))
+        if self._channel is not None:
+            # The broker closes the task channel alone on a consumer ack timeout or a bad
+            # publish (406); the connection stays up and the worker would serve nothing.
+            self._channel.closed.add_done_callback(partial(self._on_lost, "task channel"))
         log.info("worker %s serving %s on %s (concurrency %d)", self.uuid,
                  ", ".join(sorted(self.tasks)), self.broker.safe_url, self.concurrency)
 
-    async def _setup(self, channel: Channel) -> None:
-        self._channel = channel
+    async def _setup(self, connection: Connection) -> None:
+        channel = self._channel = await connection.channel()
         # Per-channel (global) prefetch: all task consumers share the concurrency slots.
         await channel.qos(self.concurrency, global_qos=True)
         await channel.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
@@ -188,8 +201,7 @@ class Worker:
                     f"{self.max_priority}), or delete the queue", exc.code, exc.text) from None
         # Control messages get a channel of their own: the task channel's prefetch limit
         # holds back every delivery on it, auto-acked ones included, while jobs run.
-        assert self._connection is not None
-        control_channel = await self._connection.channel()
+        control_channel = await connection.channel()
         control = await control_channel.declare_queue("", exclusive=True, auto_delete=True)
         await control_channel.bind(control, protocol.CONTROL_EXCHANGE)
         await control_channel.consume(control, self._on_control, auto_ack=True)
@@ -200,9 +212,8 @@ class Worker:
     async def serve(self) -> str:
         """Start, serve until :meth:`request_stop` (or too many stuck threads), then stop."""
         await self.start()
-        assert self._stop_requested is not None
         try:
-            await self._stop_requested.wait()
+            await self._stop_requested.wait()  # type: ignore[union-attr]  # set by start()
         finally:
             await self.stop()
         return self.exit_reason
@@ -257,15 +268,18 @@ class Worker:
         await self._connection.close()
         log.info("worker %s stopped", self.uuid)
 
-    def _on_connection_closed(self, fut: asyncio.Future[BaseException]) -> None:
-        if not self._stopping:
-            log.error("worker %s lost its broker connection: %s", self.uuid, fut.result())
-            # Unacknowledged calls go back to their queues by themselves; stop the jobs
-            # whose replies could no longer be sent.
-            for job in list(self._jobs.values()):
-                self._abandon(job)
-                self._forget(job)
-            self._request_stop()
+    def _on_lost(self, what: str, fut: asyncio.Future[BaseException]) -> None:
+        """The connection or the task channel closed under the worker: stop serving."""
+        if self._stopping or self.exit_reason != "stopped":
+            return
+        log.error("worker %s lost its broker %s: %s; stopping", self.uuid, what, fut.result())
+        self.exit_reason = "connection lost"
+        # Unacknowledged calls go back to their queues by themselves; stop the jobs whose
+        # replies could no longer be sent.
+        for job in list(self._jobs.values()):
+            self._abandon(job)
+            self._forget(job)
+        self._request_stop()
 
     # --- receiving calls ---------------------------------------------------------------
 
@@ -281,7 +295,11 @@ class Worker:
     def _on_call(self, name: str, func: TaskFunction, is_async: bool, method: Basic.Deliver,
                  props: BasicProperties, body: bytes) -> None:
         channel = self._channel
-        assert channel is not None
+        if channel is None:
+            return
+        if self._stopping:  # delivered before the consumer cancel took effect
+            channel.reject(method.delivery_tag, requeue=True)
+            return
         headers = props.headers or {}
         reply_to, correlation_id = props.reply_to, props.correlation_id
         if not reply_to or not correlation_id:
@@ -295,16 +313,10 @@ class Worker:
             self._cancelled.pop(key).cancel()
             channel.ack(method.delivery_tag)
             return
-        deadline_ms = headers.get(protocol.DEADLINE_HEADER)
-        if not isinstance(deadline_ms, int) or isinstance(deadline_ms, bool):
-            deadline_ms = protocol.now_ms() + protocol.seconds_to_ms(
-                _ttl_seconds(props.expiration))
         job = Job(self, name, func, method.delivery_tag, correlation_id, reply_to,
-                  props.content_type or protocol.MSGPACK, props.content_encoding, body,
-                  protocol.user_headers(headers), monotonic_deadline(deadline_ms))
-        if props.content_type not in protocol.CONTENT_TYPES:
-            # The reply goes back as msgpack: the caller's type is not one crew can write.
-            job.content_type = protocol.MSGPACK
+                  props.content_type, props.content_encoding, body,
+                  protocol.user_headers(headers),
+                  monotonic_deadline(_deadline_ms(headers, props.expiration)))
         task_header = headers.get(protocol.TASK_HEADER)
         if task_header is not None and task_header != name:
             self._answer(job, job.error_reply(CodecError(
@@ -410,25 +422,23 @@ class Worker:
         if channel is None or not channel.is_open:
             self._forget(job)
             return  # the call will be redelivered by the broker
-        headers = dict(job.headers)
-        headers[protocol.STATUS_HEADER] = reply.status
-        properties = BasicProperties(
-            correlation_id=job.correlation_id, content_type=job.content_type,
-            content_encoding=reply.encoding, headers=headers, delivery_mode=1)
         try:
-            # mandatory: if the caller's queue is gone, the broker returns the reply to us
-            # (logged in _on_reply_returned) instead of dropping it unseen.
-            channel.publish("", job.reply_to, reply.body, properties, mandatory=True)
-        except CrewError as exc:  # invalid header values the task put in context.headers
+            self._publish_reply(channel, job, reply, job.headers)
+        except Exception as exc:  # pika cannot encode a header value the task set
             log.warning("reply to call %s could not be sent: %s", job.correlation_id, exc)
-        except Exception as exc:
-            log.warning("reply to call %s could not be sent: %s", job.correlation_id, exc)
-            fallback = job.error_reply(exc, with_traceback=False)
-            properties.headers = {protocol.STATUS_HEADER: fallback.status}
-            properties.content_encoding = fallback.encoding
-            channel.publish("", job.reply_to, fallback.body, properties, mandatory=True)
+            self._publish_reply(channel, job, job.error_reply(exc, with_traceback=False), {})
         channel.ack(job.delivery_tag)
         self._forget(job)
+
+    def _publish_reply(self, channel: Channel, job: Job, reply: Reply,
+                       headers: dict[str, Any]) -> None:
+        properties = BasicProperties(
+            correlation_id=job.correlation_id, content_type=job.reply_type,
+            content_encoding=reply.encoding,
+            headers={**headers, protocol.STATUS_HEADER: reply.status}, delivery_mode=1)
+        # mandatory: if the caller's queue is gone, the broker returns the reply to us
+        # (logged in _on_reply_returned) instead of dropping it unseen.
+        channel.publish("", job.reply_to, reply.body, properties, mandatory=True)
 
     def _forget(self, job: Job) -> None:
         job.answered = True
@@ -479,11 +489,20 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _ttl_seconds(expiration: str | None) -> float:
-    try:
-        return max(0.001, int(expiration) / 1000) if expiration else protocol.DEFAULT_EXPIRATION
-    except ValueError:
-        return protocol.DEFAULT_EXPIRATION
+def _deadline_ms(headers: Mapping[str, Any], expiration: str | None) -> int:
+    """The call's deadline: its ``crew-deadline`` header, else now plus its TTL or the
+    default expiration; never further away than :data:`~crew.protocol.MAX_EXPIRATION`, so
+    no job outlives the broker's consumer timeout."""
+    now = protocol.now_ms()
+    deadline = headers.get(protocol.DEADLINE_HEADER)
+    if not isinstance(deadline, int) or isinstance(deadline, bool):
+        try:
+            ttl = int(expiration) if expiration else None
+        except ValueError:
+            ttl = None
+        deadline = now + (ttl if ttl is not None and ttl >= 0
+                          else protocol.seconds_to_ms(protocol.DEFAULT_EXPIRATION))
+    return min(deadline, now + protocol.seconds_to_ms(protocol.MAX_EXPIRATION))
 
 
 def run(**settings: Any) -> None:
@@ -513,9 +532,8 @@ def serve_in_thread(worker: Worker) -> threading.Thread:
             started.set()
             return
         started.set()
-        assert worker._stop_requested is not None
         try:
-            await worker._stop_requested.wait()
+            await worker._stop_requested.wait()  # type: ignore[union-attr]  # set by start()
         finally:
             await worker.stop()
 

@@ -250,3 +250,15 @@ def test_registering_a_task_name_twice_is_an_error_and_functions_stay_callable()
         crew.Task("twice", registry=registry)(lambda x: x)
     with pytest.raises(ValueError):
         crew.Task("has space")
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_header_value_amqp_cannot_carry_becomes_an_error_reply(make_worker, client, uid):
+    def bad_header(_):
+        context.headers["bad"] = {1, 2}  # a set: not an AMQP field type
+        return "unreachable"
+
+    make_worker({f"bad.{uid}": bad_header, f"echo.{uid}": lambda x: x})
+    with pytest.raises(RemoteError):
+        await client.call(f"bad.{uid}", expiration=10)
+    assert await client.call(f"echo.{uid}", "fine") == "fine"

@@ -100,7 +100,7 @@ def test_the_kill_never_lands_after_the_work_ended():
             taken.set()
             if work.begin():
                 try:
-                    for _ in range(random.randint(0, 3000)):
+                    for _ in range(random.randint(0, 20000)):
                         pass
                 except JobKilled:
                     pass
@@ -123,7 +123,7 @@ def test_the_kill_never_lands_after_the_work_ended():
             work, taken = Interruptible(), threading.Event()
             jobs.put((work, taken))
             taken.wait(5)
-            for _ in range(random.randint(0, 3000)):
+            for _ in range(random.randint(0, 20000)):
                 pass
             states.add(work.abandon(JobKilled))
         jobs.put((None, None))

@@ -1,0 +1,134 @@
+"""Tornado plumbing for crew's JSON-over-HTTP endpoints (internal; :mod:`crew.gateway` uses it).
+
+- Errors, crew's and Tornado's own, answer ``{"error": "<name>", "message": "..."}``.
+- A request body over the application's ``max_body`` setting gets 413 and is not read.
+- Each request logs one line (status, method, path, time, error name); never a body.
+- A handler learns that its HTTP client disconnected through :meth:`JSONHandler.wake`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Iterator
+
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["BodyHandler", "JSONHandler", "NotFound", "Refused", "bad_request", "dumps",
+           "log_request"]
+
+
+class Refused(HTTPError):
+    """Ends a request with a JSON error; ``extra`` adds fields to the body."""
+
+    def __init__(self, status: int, error: str, message: str, **extra: Any) -> None:
+        super().__init__(status)
+        self.error, self.message, self.extra = error, message, extra
+
+
+class JSONHandler(RequestHandler):
+    """Answers JSON, errors included; ``settings["crew"]`` is the application's client."""
+
+    error_name = ""  # for the request's log line
+    gone = False  # the HTTP client disconnected
+
+    @property
+    def client(self) -> "Client":
+        return self.settings["crew"]
+
+    def finish_json(self, value: Any) -> None:
+        try:
+            body = dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise Refused(502, "EncodeError", f"the result is not JSON: {exc}") from None
+        self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self.finish(body)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, Refused):
+            body = {"error": exc.error, "message": exc.message, **exc.extra}
+        else:  # Tornado's own errors: 405, or 500 for a bug (logged with its traceback)
+            body = {"error": self._reason.replace(" ", ""), "message": self._reason}
+        self.error_name = body["error"]
+        self.finish(body)
+
+    def on_connection_close(self) -> None:
+        self.gone = True
+        super().on_connection_close()
+        self.wake()
+
+    def wake(self) -> None:
+        """Called when the client disconnects: end whatever the request waits for."""
+
+
+class NotFound(JSONHandler):
+    """The application's ``default_handler_class``: 404 in JSON."""
+
+    def prepare(self) -> None:
+        raise Refused(404, "NotFound", f"no endpoint {self.request.path}")
+
+
+@stream_request_body
+class BodyHandler(JSONHandler):
+    """Reads the body itself, so that one over ``settings["max_body"]`` gets 413 unread."""
+
+    refused = False
+
+    def prepare(self) -> None:
+        self.body = bytearray()
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.settings["max_body"]:
+            # Tornado answers a body over its own limit with a bare 400: lift that limit for
+            # this request. Finishing before the body is read closes the connection.
+            self.request.connection.set_max_body_size(int(length))  # type: ignore[attr-defined]
+            self.refuse_body()
+
+    def data_received(self, chunk: bytes) -> None:
+        if not self.refused:
+            self.body += chunk
+            if len(self.body) > self.settings["max_body"]:  # chunked: no Content-Length
+                self.refuse_body()
+
+    def refuse_body(self) -> None:
+        self.refused = True
+        self.send_error(413, exc_info=(None, Refused(
+            413, "BodyTooLarge", f"the body is over {self.settings['max_body']} bytes"), None))
+
+    def json_body(self) -> Any:
+        """The body as JSON (an empty body is ``null``), or 400 BadJSON."""
+        try:
+            return json.loads(self.body) if self.body.strip() else None
+        except ValueError as exc:
+            raise Refused(400, "BadJSON", f"the body is not JSON: {exc}") from None
+
+
+@contextlib.contextmanager
+def bad_request() -> Iterator[None]:
+    """Turn the ``ValueError``/``TypeError`` of a validation into 400 BadRequest."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        raise Refused(400, "BadRequest", str(exc)) from None
+
+
+def dumps(value: Any) -> str:
+    """JSON on one line; bytes (msgpack's bin type) become text."""
+    def text(obj: Any) -> str:
+        if isinstance(obj, (bytes, bytearray)):
+            return obj.decode("utf-8", errors="replace")
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, default=text)
+
+
+def log_request(log: logging.Logger, handler: RequestHandler) -> None:
+    """One line on ``log`` per request; ``functools.partial`` it into ``log_function``."""
+    status = handler.get_status()
+    level = logging.ERROR if status == 500 else logging.WARNING if status >= 400 else logging.INFO
+    error = getattr(handler, "error_name", "")
+    log.log(level, "%d %s %s %.1f ms%s", status, handler.request.method, handler.request.path,
+            1000 * handler.request.request_time(), f" {error}" if error else "")
