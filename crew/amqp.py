@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+import random
+from typing import Any, Callable, Iterator
 
 import pika
 import pika.exceptions
@@ -164,6 +165,19 @@ class Connection:
         self.settings = settings
         #: Resolves with the close reason when the connection closes, for whatever cause.
         self.closed = closed
+        #: True while the broker blocks this connection's publishes (memory or disk alarm).
+        self.blocked = False
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+
+    def _on_blocked(self, _conn: Any, _frame: Any) -> None:
+        self.blocked = True
+        log.warning("the broker at %s blocks publishing (memory or disk alarm)",
+                    self.settings.safe_url)
+
+    def _on_unblocked(self, _conn: Any, _frame: Any) -> None:
+        self.blocked = False
+        log.warning("the broker at %s accepts publishing again", self.settings.safe_url)
 
     @classmethod
     async def open(cls, settings: BrokerSettings) -> "Connection":
@@ -221,6 +235,24 @@ class Connection:
         if not self._connection.is_closed and not self._connection.is_closing:
             self._connection.close()
         await asyncio.shield(self.closed)
+
+
+def backoff(first: float = 0.25, cap: float = 15.0) -> Iterator[float]:
+    """Delays before reconnection attempts: doubling from ``first`` up to ``cap``, each
+    jittered down by up to half, so that many clients do not reconnect in step."""
+    delay = first
+    while True:
+        yield delay * random.uniform(0.5, 1.0)
+        delay = min(cap, delay * 2)
+
+
+async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``event`` is set; True if it was set."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True
 
 
 def _describe(error: BaseException) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable, Coroutine
 from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
-from .amqp import Channel, Connection
+from .amqp import Channel, Connection, backoff
 from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, DecodeError,
                          ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
 from .settings import BrokerSettings
@@ -48,11 +48,17 @@ _NO_ROUTE = 312
 Callback = Callable[[Any], Any]
 
 
+class _Resend(Exception):
+    """Settles a ``retry=True`` call whose connection was lost: send it again."""
+
+
 @dataclass(slots=True, eq=False)
 class _Call:
     task: str
     future: asyncio.Future[tuple[Any, dict[str, Any]]]
     deadline_ms: int
+    retry: bool = False
+    reply_to: str = ""  # the reply queue it was last sent with
     timer: asyncio.TimerHandle | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -73,6 +79,8 @@ class Client:
     calls are encoded (msgpack, or JSON). ``expiration``: the default deadline of a call in
     seconds. ``deadline_grace``: how long past a deadline the client waits for the worker's
     or broker's own answer before raising :class:`~crew.TimeoutError` itself.
+    ``reconnect``: after a lost connection, connect again by itself (with capped, jittered
+    backoff) and declare its reply queue and subscriptions again.
     """
 
     def __init__(self, url: str | None = None, *, host: str | None = None,
@@ -80,7 +88,8 @@ class Client:
                  password: str | None = None, broker: BrokerSettings | None = None,
                  content_type: str = protocol.MSGPACK,
                  expiration: float = protocol.DEFAULT_EXPIRATION,
-                 deadline_grace: float = DEFAULT_DEADLINE_GRACE) -> None:
+                 deadline_grace: float = DEFAULT_DEADLINE_GRACE,
+                 reconnect: bool = True) -> None:
         if broker is None:
             broker = BrokerSettings.from_url(url, host=host, port=port, vhost=vhost, user=user,
                                              password=password, name="crew-client")
@@ -103,6 +112,11 @@ class Client:
         #: Binds, unbinds and coroutine callbacks under way: the loop keeps only weak
         #: references to tasks, so a task nobody awaits must be referenced here.
         self._background: set[asyncio.Task[Any]] = set()
+        self.reconnect = reconnect
+        #: Set while connected; calls made while reconnecting wait for it.
+        self._ready = asyncio.Event()
+        #: None before connect() and after close(); the task that (re)connects otherwise.
+        self._connector: asyncio.Task[None] | None = None
         self._closing = False
 
     # --- connection --------------------------------------------------------------------
@@ -111,11 +125,30 @@ class Client:
     def connected(self) -> bool:
         return self._channel is not None and self._channel.is_open
 
-    async def connect(self) -> None:
-        """Connect, declare the private reply queue and start receiving replies."""
+    async def connect(self, timeout: float | None = None) -> None:
+        """Connect, declare the private reply queue and start receiving replies.
+
+        While the broker does not answer, retries with capped, jittered backoff, logging
+        each attempt; ``timeout`` (seconds, None = no limit) bounds that, after which
+        :class:`~crew.ConnectionLostError` is raised.
+        """
         if self.connected:
             return
         self._closing = False
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        for attempt, delay in enumerate(backoff(), 1):
+            try:
+                await self._open()
+                return
+            except ConnectionLostError as exc:
+                if give_up is not None and loop.time() + delay > give_up:
+                    raise
+                log.warning("client cannot connect (attempt %d): %s; retrying in %.1f s",
+                            attempt, exc, delay)
+            await asyncio.sleep(delay)
+
+    async def _open(self) -> None:
         connection = await Connection.open(self.broker)
         try:
             channel = await connection.channel()
@@ -137,11 +170,16 @@ class Client:
             raise
         self._connection, self._channel, self._reply_queue = connection, channel, queue
         connection.closed.add_done_callback(self._on_connection_closed)
+        self._ready.set()
         log.info("client connected to %s, reply queue %s", self.broker.safe_url, queue)
 
     async def close(self) -> None:
         """Fail every pending call with :class:`~crew.ConnectionLostError` and disconnect."""
         self._closing = True
+        self._ready.clear()
+        if self._connector is not None:
+            self._connector.cancel()
+            self._connector = None
         self._fail_all(ConnectionLostError("the client was closed"))
         if self._connection is not None:
             await self._connection.close()
@@ -155,11 +193,18 @@ class Client:
         await self.close()
 
     def _on_connection_closed(self, fut: asyncio.Future[BaseException]) -> None:
-        if not self._closing:
-            log.error("client lost its broker connection: %s", fut.result())
+        if self._closing:
+            return
+        log.error("client lost its broker connection: %s", fut.result())
+        self._ready.clear()
         self._channel = None
-        self._fail_all(ConnectionLostError(
-            "the broker connection was lost; the reply to this call cannot arrive"))
+        # The replies to these calls were lost with the old reply queue.
+        for call in list(self._pending.values()):
+            call.settle(_Resend() if call.retry else ConnectionLostError(
+                f"the broker connection was lost while the call to {call.task!r} waited; "
+                "it may or may not have run"))
+        if self.reconnect:
+            self._connector = self._spawn(self.connect(), "reconnecting")
 
     def _fail_all(self, error: CrewError) -> None:
         for call in list(self._pending.values()):
@@ -170,7 +215,7 @@ class Client:
     async def call(self, task: str, data: Any = None, *, priority: int = 0,
                    expiration: float | None = None, persistent: bool = True,
                    gzip: bool | None = None, headers: dict[str, Any] | None = None,
-                   return_headers: bool = False) -> Any:
+                   return_headers: bool = False, retry: bool = False) -> Any:
         """Call ``task`` with ``data`` and return its result.
 
         ``priority`` 0-255 (a queue's maximum caps it); ``expiration`` seconds from now until
@@ -178,11 +223,15 @@ class Client:
         restart while queued; ``gzip`` None compresses large bodies when it pays;
         ``headers`` reach the task as ``context.headers``. With ``return_headers`` the result
         is ``(value, headers)``, the headers being the task's ``context.headers``.
+        ``retry``: the call is safe to run twice, so if the connection is lost while it
+        waits, it is sent again on the next connection under the same deadline. A call made
+        while the client reconnects waits for the connection, up to its deadline.
 
         Raises :class:`~crew.RemoteError`, :class:`~crew.TimeoutError`,
-        :class:`~crew.ExpirationError`, :class:`~crew.UnknownTaskError` or
-        :class:`~crew.ConnectionLostError`. Cancelling the awaiting coroutine cancels the
-        call: a running job is interrupted, a queued one never starts.
+        :class:`~crew.ExpirationError`, :class:`~crew.UnknownTaskError`,
+        :class:`~crew.ConnectionLostError`, or a :class:`~crew.CodecError` for data that
+        cannot be sent or a reply that cannot be read. Cancelling the awaiting coroutine
+        cancels the call: a running job is interrupted, a queued one never starts.
         """
         protocol.validate_task_name(task)
         protocol.validate_priority(priority)
@@ -190,61 +239,92 @@ class Client:
                                                else expiration)
         user_headers = protocol.validate_user_headers(headers)
         body, encoding = codec.encode(data, self.content_type, gzip)
-        channel = self._channel
-        if channel is None or not channel.is_open:
+        if self._connector is None and not self.connected:
             raise ConnectionLostError("the client is not connected; call connect() first")
         loop = asyncio.get_running_loop()
         correlation_id = uuid.uuid4().hex
         deadline_ms = protocol.now_ms() + protocol.seconds_to_ms(seconds)
-        call = _Call(task, loop.create_future(), deadline_ms)
+        call = _Call(task, loop.create_future(), deadline_ms, retry)
         user_headers[protocol.DEADLINE_HEADER] = deadline_ms
-        user_headers[protocol.CLIENT_HEADER] = self._reply_queue
         user_headers[protocol.TASK_HEADER] = task
         properties = BasicProperties(
             content_type=self.content_type, content_encoding=encoding,
-            correlation_id=correlation_id, reply_to=self._reply_queue, priority=priority,
-            expiration=protocol.ttl_property(deadline_ms), headers=user_headers,
+            correlation_id=correlation_id, priority=priority, headers=user_headers,
             delivery_mode=2 if persistent else 1)
         self._pending[correlation_id] = call
         call.timer = loop.call_later(seconds + self.deadline_grace, self._on_deadline,
                                      correlation_id)
         try:
-            # mandatory: with no queue for the task the broker returns the call at once
-            # (312 NO_ROUTE), which _on_return turns into UnknownTaskError.
-            channel.publish("", protocol.task_queue(task), body, properties, mandatory=True)
-            value, reply_headers = await call.future
+            while True:
+                await self._send(call, properties, body)
+                try:
+                    value, reply_headers = await call.future
+                    break
+                except _Resend:
+                    log.warning("call %s to %r is sent again after the connection was lost",
+                                correlation_id, task)
+                    call.future = loop.create_future()
         except asyncio.CancelledError:
             # Cancelling the awaiting task cancels call.future too; a future that holds an
             # outcome means the call had ended already and there is nothing to stop.
-            if call.future.cancelled():
-                self._send_cancel(correlation_id, deadline_ms)
+            if call.future.cancelled() and call.reply_to:
+                self._send_cancel(correlation_id, call)
             raise
         finally:
             call.timer.cancel()
             self._pending.pop(correlation_id, None)
         return (value, reply_headers) if return_headers else value
 
+    async def _send(self, call: _Call, properties: BasicProperties, body: bytes) -> None:
+        """Publish the call, first waiting for a connection up to its deadline."""
+        while not self.connected:
+            if self._connector is None:
+                raise ConnectionLostError("the client was closed")
+            remaining = (call.deadline_ms - protocol.now_ms()) / 1000
+            waiter = asyncio.ensure_future(self._ready.wait())
+            try:
+                await asyncio.wait({waiter, call.future}, timeout=max(0.0, remaining),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if call.future.done():
+                return  # settled meanwhile (cancelled); the caller reads the outcome
+            if not self.connected and protocol.now_ms() >= call.deadline_ms:
+                raise ConnectionLostError(
+                    f"not connected to the broker by the deadline of the call to {call.task!r};"
+                    " it was not sent")
+        # A new connection has a new reply queue: address the replies to the current one.
+        call.reply_to = properties.reply_to = self._reply_queue
+        properties.headers[protocol.CLIENT_HEADER] = self._reply_queue
+        properties.expiration = protocol.ttl_property(call.deadline_ms)
+        # mandatory: with no queue for the task the broker returns the call at once
+        # (312 NO_ROUTE), which _on_return turns into UnknownTaskError.
+        self._channel.publish(  # type: ignore[union-attr]  # connected, checked above
+            "", protocol.task_queue(call.task), body, properties, mandatory=True)
+
     def parallel(self) -> "Parallel":
         """Gather several calls: ``with client.parallel() as mc: ...; await mc.result()``."""
         return Parallel(self)
 
-    def _send_cancel(self, correlation_id: str, deadline_ms: int) -> None:
+    def _send_cancel(self, correlation_id: str, call: _Call) -> None:
         channel = self._channel
         if channel is None or not channel.is_open:
             return
         channel.publish(protocol.CONTROL_EXCHANGE, "", b"", BasicProperties(
-            type=protocol.CANCEL_TYPE, correlation_id=correlation_id,
-            reply_to=self._reply_queue, headers={protocol.DEADLINE_HEADER: deadline_ms},
-            delivery_mode=1))
+            type=protocol.CANCEL_TYPE, correlation_id=correlation_id, reply_to=call.reply_to,
+            headers={protocol.DEADLINE_HEADER: call.deadline_ms}, delivery_mode=1))
         log.debug("call %s cancelled by its caller", correlation_id)
 
     def _on_deadline(self, correlation_id: str) -> None:
         call = self._pending.get(correlation_id)
-        if call is not None:
-            call.settle(TimeoutError(
-                f"no answer from task {call.task!r} by its deadline "
-                f"({time.monotonic() - call.started:.3f} s after the call); it may or may not "
-                "have run"))
+        if call is None:
+            return
+        blocked = self._connection is not None and self._connection.blocked
+        why = ("; the broker is blocking publishers (memory or disk alarm)" if blocked
+               else "; it may or may not have run")
+        call.settle(TimeoutError(
+            f"no answer from task {call.task!r} by its deadline "
+            f"({time.monotonic() - call.started:.3f} s after the call){why}"))
 
     def _on_return(self, _ch: Any, method: Basic.Return, props: BasicProperties,
                    _body: bytes) -> None:

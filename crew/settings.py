@@ -21,8 +21,9 @@ __all__ = ["BrokerSettings", "DEFAULT_URL"]
 #: otherwise, is deliberately not in it, so that $CREW_PASSWORD applies).
 DEFAULT_URL = "amqp://guest@localhost:5672/"
 _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
-#: Seconds between heartbeats: a dead link is noticed after about two of them.
-DEFAULT_HEARTBEAT = 20
+#: Seconds between heartbeats: a dead link is noticed after two or three of them. A job that
+#: holds the GIL in C code longer than about two intervals can starve them (see README).
+DEFAULT_HEARTBEAT = 10
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
-from .amqp import Channel, Connection
+from .amqp import Channel, Connection, backoff, sleep_unless
 from .context import context
 from .exceptions import BrokerError, CodecError, ConnectionLostError, CrewError, JobKilled
 from .jobs import Job, JobThreads, Reply, monotonic_deadline
@@ -153,31 +153,55 @@ class Worker:
         self._idle: asyncio.Event | None = None
         self._stop_requested: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
+        self._lost = asyncio.Event()
         self._stopping = False
-        #: Why :meth:`serve` returned: ``"stopped"``, ``"stuck"`` or ``"connection lost"``.
+        #: Why :meth:`serve` returned: ``"stopped"`` or ``"stuck"``.
         self.exit_reason = "stopped"
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect, declare every queue and exchange, and start consuming."""
+    async def start(self, timeout: float | None = None) -> None:
+        """Connect, declare every queue and exchange, and start consuming.
+
+        While the broker does not answer, retries with capped, jittered backoff, logging
+        each attempt, for up to ``timeout`` seconds (None: until it answers or a stop is
+        requested); then raises :class:`~crew.ConnectionLostError`.
+        """
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop_requested = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._connection = await Connection.open(self.broker)
-        try:
-            await self._setup(self._connection)
-        except BaseException:
-            await self._connection.close()
-            raise
+        self._lost = asyncio.Event()
         context._bind(self)
-        self._connection.closed.add_done_callback(partial(self._on_lost, "connection"))
-        if self._channel is not None:
-            # The broker closes the task channel alone on a consumer ack timeout or a bad
-            # publish (406); the connection stays up and the worker would serve nothing.
-            self._channel.closed.add_done_callback(partial(self._on_lost, "task channel"))
+        await self._connect(timeout)
+
+    async def _connect(self, timeout: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        for attempt, delay in enumerate(backoff(), 1):
+            try:
+                connection = await Connection.open(self.broker)
+            except ConnectionLostError as exc:
+                if give_up is not None and loop.time() + delay > give_up:
+                    raise
+                log.warning("worker cannot connect (attempt %d): %s; retrying in %.1f s",
+                            attempt, exc, delay)
+                if await sleep_unless(self._stop_requested, delay):  # type: ignore[arg-type]
+                    raise ConnectionLostError("stopped before the broker answered") from None
+                continue
+            try:
+                await self._setup(connection)
+            except BaseException:
+                await connection.close()
+                raise
+            break
+        self._connection = connection
+        connection.closed.add_done_callback(partial(self._on_lost, connection, "connection"))
+        # The broker closes the task channel alone on a consumer ack timeout or a bad publish
+        # (406); the connection stays up and the worker would otherwise serve nothing.
+        self._channel.closed.add_done_callback(  # type: ignore[union-attr]  # set by _setup
+            partial(self._on_lost, connection, "task channel"))
         log.info("worker %s serving %s on %s (concurrency %d)", self.uuid,
                  ", ".join(sorted(self.tasks)), self.broker.safe_url, self.concurrency)
 
@@ -210,10 +234,28 @@ class Worker:
             self._consumers.append(await channel.consume(protocol.task_queue(name), on_message))
 
     async def serve(self) -> str:
-        """Start, serve until :meth:`request_stop` (or too many stuck threads), then stop."""
+        """Start, serve until :meth:`request_stop` (or too many stuck threads), then stop.
+
+        A lost connection or task channel is connected again, with backoff, as often as it
+        takes. Returns :attr:`exit_reason`.
+        """
         await self.start()
+        return await self._serve_started()
+
+    async def _serve_started(self) -> str:
+        stop, lost = self._stop_requested, self._lost
         try:
-            await self._stop_requested.wait()  # type: ignore[union-attr]  # set by start()
+            while True:
+                await _first_set(stop, lost)  # type: ignore[arg-type]  # set by start()
+                if stop.is_set():  # type: ignore[union-attr]
+                    break
+                lost.clear()  # type: ignore[union-attr]
+                if self._connection is not None:
+                    await self._connection.close()
+                try:
+                    await self._connect()
+                except ConnectionLostError:
+                    break  # a stop was requested while reconnecting
         finally:
             await self.stop()
         return self.exit_reason
@@ -235,7 +277,7 @@ class Worker:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking calls, give running jobs ``grace`` seconds, requeue the rest, close."""
-        if self._stopping or self._connection is None:
+        if self._stopping:
             return
         self._stopping = True
         grace = self.grace if grace is None else grace
@@ -265,21 +307,28 @@ class Worker:
         for handle in self._cancelled.values():
             handle.cancel()
         self._cancelled.clear()
-        await self._connection.close()
+        if self._connection is not None:
+            await self._connection.close()
         log.info("worker %s stopped", self.uuid)
 
-    def _on_lost(self, what: str, fut: asyncio.Future[BaseException]) -> None:
-        """The connection or the task channel closed under the worker: stop serving."""
-        if self._stopping or self.exit_reason != "stopped":
+    def _on_lost(self, connection: Connection, what: str,
+                 fut: asyncio.Future[BaseException]) -> None:
+        """The connection or the task channel closed under the worker: reconnect."""
+        if self._stopping or connection is not self._connection or self._lost.is_set():
             return
-        log.error("worker %s lost its broker %s: %s; stopping", self.uuid, what, fut.result())
-        self.exit_reason = "connection lost"
-        # Unacknowledged calls go back to their queues by themselves; stop the jobs whose
-        # replies could no longer be sent.
+        log.error("worker %s lost its broker %s: %s; reconnecting", self.uuid, what,
+                  fut.result())
+        # The broker puts every unacknowledged call back in its queue; the jobs serving them
+        # are stopped, as their delivery tags die with the channel.
         for job in list(self._jobs.values()):
             self._abandon(job)
             self._forget(job)
-        self._request_stop()
+        for job in self._threads.drain_pending():
+            job.watch.abandon(JobKilled)
+            self._forget(job)
+        self._consumers.clear()
+        self._channel = None
+        self._lost.set()
 
     # --- receiving calls ---------------------------------------------------------------
 
@@ -482,6 +531,16 @@ class Worker:
             loop.call_soon_threadsafe(func, *args)
 
 
+async def _first_set(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -532,10 +591,7 @@ def serve_in_thread(worker: Worker) -> threading.Thread:
             started.set()
             return
         started.set()
-        try:
-            await worker._stop_requested.wait()  # type: ignore[union-attr]  # set by start()
-        finally:
-            await worker.stop()
+        await worker._serve_started()
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), name="crew-worker",
                               daemon=True)
