@@ -62,7 +62,7 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *,
                              "amqp://guest:guest@localhost:5672/)")
     parser.add_argument("-H", "--host", default=None, help="broker host (overrides the URL)")
     parser.add_argument(*port_flags, dest="broker_port", type=int, default=None,
-                        help="broker port")
+                        metavar="PORT", help="broker port")
     parser.add_argument("--vhost", default=None, help="virtual host")
     parser.add_argument("--user", default=None, help="user name")
 
@@ -83,7 +83,8 @@ def setup_logging(options: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.DEBUG if options.verbose else getattr(logging, options.logging),
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs several ERROR lines for every failed connection attempt; crew logs one.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 def main(tasks: Mapping[str, Any], settings: Mapping[str, Any],
@@ -186,7 +187,16 @@ async def _serve_http(app: "Application", client: "Client", address: str, port: 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     sockets = bind_sockets(port, address)  # first: a port in use fails before connecting
-    await client.connect()
+    # A signal must stop the server while the client still waits for the broker, too.
+    stopping = asyncio.ensure_future(stop.wait())
+    connecting = asyncio.ensure_future(client.connect())
+    await asyncio.wait({stopping, connecting}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        await client.close()
+        return
+    stopping.cancel()
+    connecting.result()  # raises why the client could not connect
     server = HTTPServer(app)
     try:
         server.add_sockets(sockets)

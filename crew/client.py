@@ -344,8 +344,8 @@ class Client:
             return
         call = self._pending.get(props.correlation_id or "")
         if call is None:
-            log.debug("reply %s matches no pending call (late or duplicate); dropped",
-                      props.correlation_id)
+            log.info("message %s on the reply queue matches no pending call (late, duplicate "
+                     "or forged); dropped", props.correlation_id)
             return
         if method.exchange == protocol.EXPIRED_EXCHANGE:
             call.settle(ExpirationError(
@@ -442,7 +442,12 @@ class Client:
 
     def _background_done(self, task: "asyncio.Task[Any]", describe: str) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or task.exception() is None:
+            return
+        if self._closing or isinstance(task.exception(), ConnectionLostError):
+            # Cut short by close() or a lost connection, which is logged once already.
+            log.info("%s stopped: %s", describe, task.exception())
+        else:
             log.error("%s failed", describe, exc_info=task.exception())
 
     def _on_event(self, channel: str, props: BasicProperties, body: bytes) -> None:

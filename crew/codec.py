@@ -6,13 +6,19 @@ call tasks. Nothing here can run code from a message: msgpack extension types ar
 ``msgpack.Timestamp``) and pickle is not supported. Map keys must be strings (or bytes):
 msgpack's ``strict_map_key`` keeps attacker-chosen integer keys, whose hashes collide at
 will, out of dictionaries. gzip is real gzip (RFC 1952), labelled ``content_encoding: gzip``.
-Decompression stops at :data:`~crew.protocol.MAX_DECOMPRESSED_BYTES`, so a gzip bomb costs
-at most that much memory.
+Decompression runs in steps and stops at :data:`~crew.protocol.MAX_DECOMPRESSED_BYTES`, so a
+gzip bomb costs little more memory than that. Every failure to read a body is a
+:class:`~crew.CodecError`, whatever the bytes.
+
+Not bounded here: the memory of the *decoded* value. Python objects are larger than their
+encoding (an empty msgpack array is one byte and a 72-byte list), so a body of many tiny
+containers can take up to about 75 times its size; see ``docs/SECURITY.md``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import traceback as _traceback
 import zlib
 from typing import Any, NoReturn
@@ -32,6 +38,10 @@ _SAMPLE_BYTES = 8 * 1024
 _WORTHWHILE_RATIO = 0.9
 #: wbits for zlib that mean "gzip container".
 _GZIP_WBITS = 31
+#: Most bytes inflated per step: what a gzip bomb can cost beyond the limit.
+_INFLATE_STEP = 1024 * 1024
+#: Longest message or traceback kept in an envelope that could not be encoded as it was.
+_MAX_ENVELOPE_TEXT = 64 * 1024
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
@@ -40,6 +50,14 @@ def _refuse_ext(code: int, data: bytes) -> NoReturn:
 
 def _refuse_constant(name: str) -> NoReturn:
     raise DecodeError(f"JSON constant {name} is not accepted (crew never sends it)")
+
+
+def _finite_float(text: str) -> float:
+    """JSON numbers such as ``1e400`` overflow to infinity, which crew refuses like NaN."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise DecodeError(f"JSON number {text[:40]} is out of the float64 range")
+    return value
 
 
 def _serialize(value: Any, content_type: str) -> bytes:
@@ -70,15 +88,28 @@ def gzip_compress(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-def gzip_decompress(data: bytes, limit: int = protocol.MAX_DECOMPRESSED_BYTES) -> bytes:
-    """Decompress gzip, refusing output beyond ``limit`` bytes and truncated or corrupt input."""
+def gzip_decompress(data: bytes, limit: int = protocol.MAX_DECOMPRESSED_BYTES) -> bytearray:
+    """Decompress gzip, refusing output beyond ``limit`` bytes and truncated or corrupt input.
+
+    Inflates at most :data:`_INFLATE_STEP` bytes at a time and stops as soon as the output
+    would pass ``limit``: a bomb costs at most ``limit``, the output buffer's growth reserve
+    (an eighth) and one step. (A single ``decompress(data, limit + 1)`` call is bounded too,
+    but CPython assembles its output from blocks and then copies it: twice the limit.)
+    """
     decompressor = zlib.decompressobj(_GZIP_WBITS)
+    out = bytearray()
+    pending = data
     try:
-        out = decompressor.decompress(data, limit + 1)
+        while not decompressor.eof:
+            step = decompressor.decompress(pending, _INFLATE_STEP)
+            if len(out) + len(step) > limit:
+                raise MessageTooLargeError(f"gzip body decompresses to more than {limit} bytes")
+            out += step
+            pending = decompressor.unconsumed_tail
+            if not step and not pending:
+                break  # input exhausted before the end of the gzip member
     except zlib.error as exc:
         raise DecodeError(f"corrupt gzip body: {exc}") from None
-    if len(out) > limit:
-        raise MessageTooLargeError(f"gzip body decompresses to more than {limit} bytes")
     if not decompressor.eof:
         raise DecodeError("truncated gzip body")
     if decompressor.unused_data:
@@ -110,7 +141,13 @@ def encode(value: Any, content_type: str = protocol.MSGPACK, gzip: bool | None =
 
 
 def decode(body: bytes, content_type: str | None, content_encoding: str | None = None) -> Any:
-    """Turn a received body back into a value, or raise a :class:`~crew.CodecError`."""
+    """Turn a received body back into a value, or raise a :class:`~crew.CodecError`.
+
+    ``content_type`` and ``content_encoding`` are taken as they arrived: pika hands over a
+    property that is not UTF-8 as ``bytes``, which is refused like any unknown name. The
+    value is made of ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes`` (msgpack
+    only), ``list``, ``dict`` and ``msgpack.Timestamp``: nothing the sender chose the class of.
+    """
     if len(body) > protocol.MAX_BODY_BYTES:
         raise MessageTooLargeError(
             f"body is {len(body)} bytes, more than the limit of {protocol.MAX_BODY_BYTES}"
@@ -125,7 +162,7 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
     try:
         if kind == protocol.MSGPACK:
             return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-        return json.loads(body, parse_constant=_refuse_constant)
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except DecodeError:
         raise
     except (ValueError, TypeError, RecursionError) as exc:
@@ -138,6 +175,19 @@ def error_envelope(exc: BaseException, with_traceback: bool = True) -> dict[str,
     """The error envelope for ``exc``: its class name, message and formatted traceback."""
     tb = "".join(_traceback.format_exception(exc)) if with_traceback else ""
     return {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+
+
+def encodable_envelope(envelope: dict[str, Any]) -> dict[str, str]:
+    """``envelope`` reduced to what any content type can carry: its three fields as text
+    without lone surrogates, message and traceback cut to :data:`_MAX_ENVELOPE_TEXT`
+    characters. For the rare envelope that cannot be sent as it is (an exception message
+    with a lone surrogate, or megabytes long)."""
+    def text(key: str, limit: int) -> str:
+        raw = str(envelope.get(key) or "")[:limit]
+        return raw.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return {"type": text("type", 200) or "Error", "message": text("message", _MAX_ENVELOPE_TEXT),
+            "traceback": text("traceback", _MAX_ENVELOPE_TEXT)}
 
 
 def parse_error_envelope(value: Any) -> tuple[str, str, str]:

@@ -84,17 +84,28 @@ class Job:
         return self.encode_reply(status, codec.error_envelope(exc, with_traceback))
 
     def encode_reply(self, status: str, value: Any) -> Reply:
-        """Encode ``value`` in the call's content type; an unencodable result becomes an error."""
+        """Encode ``value`` in the call's content type; never raises.
+
+        An unencodable result becomes an error reply. An error envelope that cannot be
+        encoded as it is (a message with a lone surrogate, or over the size limit) is cut
+        down to one that can: the caller gets an answer whatever the task raised.
+        """
         try:
             body, encoding = codec.encode(value, self.reply_type)
         except CodecError as exc:
-            if status != protocol.STATUS_OK:
-                raise
-            return self.error_reply(exc, with_traceback=False)
+            if status == protocol.STATUS_OK:
+                return self.error_reply(exc, with_traceback=False)
+            body, encoding = codec.encode(codec.encodable_envelope(value), self.reply_type)
         return Reply(status, body, encoding)
 
     def decode_argument(self) -> Any:
-        return codec.decode(self.body, self.content_type, self.content_encoding)
+        """The call's argument. A body that cannot be read is logged here, once, and the
+        :class:`~crew.CodecError` raised for the caller's error reply."""
+        try:
+            return codec.decode(self.body, self.content_type, self.content_encoding)
+        except CodecError as exc:
+            log.warning("call %r to %s refused: %s", self.correlation_id, self.task, exc)
+            raise
 
     def run_sync(self) -> Reply:
         """Decode, call the task and encode its result, in the current (job) thread."""
@@ -177,20 +188,31 @@ class JobThreads:
             job.thread = me  # before begin(): the loop reads it once the job is running
             if not job.watch.begin():
                 continue  # abandoned (cancelled or expired) before it started
-            try:
-                reply = job.run_sync()
-            except JobKilled as exc:  # landed after the task's code, or raised by the task
-                reply = job.error_reply(exc, with_traceback=False)
-            except Exception as exc:  # a bug in crew itself: tell the caller, keep serving
-                log.exception("job %s of task %s failed inside crew", job.correlation_id, job.task)
-                reply = job.error_reply(exc, with_traceback=False)
-            if _end(job):
+            reply, abandoned = self._run(job)
+            if abandoned:
                 break  # the loop answered already and gave this slot another thread
             self._on_done(job, reply)
         with self._lock:
             self._threads.discard(me)
             self.stuck.discard(me)
 
+    @staticmethod
+    def _run(job: Job) -> tuple[Reply, bool]:
+        """Run ``job``; return its reply and whether the loop abandoned it meanwhile."""
+        try:
+            try:
+                reply = job.run_sync()
+            except JobKilled as exc:  # landed after the task's code, or raised by the task
+                reply = job.error_reply(exc, with_traceback=False)
+            except Exception as exc:  # a bug in crew itself: tell the caller, keep serving
+                log.exception("job %s of task %s failed inside crew", job.correlation_id,
+                              job.task)
+                reply = job.error_reply(exc, with_traceback=False)
+            return reply, job.watch.end(JobKilled)
+        except JobKilled as exc:
+            # The kill (sent at most once per job) landed in the lines above, outside the
+            # task, or as end() was entered; it is spent, so end() cannot be hit again.
+            return job.error_reply(exc, with_traceback=False), job.watch.end(JobKilled)
     def close(self) -> None:
         """Let idle threads exit; stuck ones are daemons and die with the process."""
         with self._lock:
@@ -209,16 +231,6 @@ class JobThreads:
                 return jobs
             if job is not None:
                 jobs.append(job)
-
-
-def _end(job: Job) -> bool:
-    """``job.watch.end()``, retried should the kill land on the call itself (it is sent at
-    most once per job, so one retry is all it can take)."""
-    while True:
-        try:
-            return job.watch.end(JobKilled)
-        except JobKilled:
-            continue
 
 
 def monotonic_deadline(deadline_ms: int) -> float:

@@ -343,13 +343,15 @@ class Worker:
 
     def _on_call(self, name: str, func: TaskFunction, is_async: bool, method: Basic.Deliver,
                  props: BasicProperties, body: bytes) -> None:
+        # Anyone who may publish to the vhost chooses what arrives here. An exception that
+        # escapes a pika callback closes the connection and the call is redelivered, to
+        # this worker or the next, forever: every call must end in a reply or an ack.
         channel = self._channel
         if channel is None:
             return
         if self._stopping:  # delivered before the consumer cancel took effect
             channel.reject(method.delivery_tag, requeue=True)
             return
-        headers = props.headers or {}
         reply_to, correlation_id = props.reply_to, props.correlation_id
         if not reply_to or not correlation_id:
             log.warning("call to %s without reply_to or correlation_id dropped", name)
@@ -357,20 +359,42 @@ class Worker:
             return
         key = (reply_to, correlation_id)
         if key in self._cancelled:
-            log.info("call %s to %s was cancelled before it started; dropped",
+            log.info("call %r to %s was cancelled before it started; dropped",
                      correlation_id, name)
             self._cancelled.pop(key).cancel()
             channel.ack(method.delivery_tag)
             return
-        job = Job(self, name, func, method.delivery_tag, correlation_id, reply_to,
-                  props.content_type, props.content_encoding, body,
-                  protocol.user_headers(headers),
-                  monotonic_deadline(_deadline_ms(headers, props.expiration)))
-        task_header = headers.get(protocol.TASK_HEADER)
-        if task_header is not None and task_header != name:
-            self._answer(job, job.error_reply(CodecError(
-                f"call for task {task_header!r} arrived on the queue of {name!r}"),
-                with_traceback=False))
+        if key in self._jobs:
+            # Only a replayed or forged copy meets its original here (a redelivered call
+            # comes after the worker forgot the old delivery); replying to it would answer
+            # the real caller's call with the copy's outcome.
+            log.warning("call %r to %s is a copy of a running call; dropped", correlation_id,
+                        name)
+            channel.ack(method.delivery_tag)
+            return
+        try:
+            headers, refusal = props.headers or {}, None
+            if not all(isinstance(k, str) for k in headers):  # pika gives non-UTF-8 as bytes
+                headers = {k: v for k, v in headers.items() if isinstance(k, str)}
+                refusal = CodecError("header names must be UTF-8 text")
+            task_header = headers.get(protocol.TASK_HEADER)
+            if task_header is not None and task_header != name:
+                refusal = CodecError(
+                    f"call for task {task_header!r:.200} arrived on the queue of {name!r}")
+            try:
+                deadline_ms = _deadline_ms(headers, props.expiration)
+            except CodecError as exc:
+                refusal, deadline_ms = exc, _deadline_ms({}, props.expiration)
+            job = Job(self, name, func, method.delivery_tag, correlation_id, reply_to,
+                      props.content_type, props.content_encoding, body,
+                      protocol.user_headers(headers), monotonic_deadline(deadline_ms))
+        except Exception:  # a case the checks above missed: still no redelivery loop
+            log.exception("call %r to %s could not be read; dropped", correlation_id, name)
+            channel.ack(method.delivery_tag)
+            return
+        if refusal is not None:
+            log.warning("call %r to %s refused: %s", correlation_id, name, refusal)
+            self._answer(job, job.error_reply(refusal, with_traceback=False))
             return
         remaining = job.deadline - time.monotonic()
         if remaining <= 0:
@@ -551,16 +575,23 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 def _deadline_ms(headers: Mapping[str, Any], expiration: str | None) -> int:
     """The call's deadline: its ``crew-deadline`` header, else now plus its TTL or the
     default expiration; never further away than :data:`~crew.protocol.MAX_EXPIRATION`, so
-    no job outlives the broker's consumer timeout."""
+    no job outlives the broker's consumer timeout.
+
+    A ``crew-deadline`` that is there but not an integer raises :class:`~crew.CodecError`:
+    guessing a deadline for a malformed call could run it long after its caller gave up.
+    """
     now = protocol.now_ms()
     deadline = headers.get(protocol.DEADLINE_HEADER)
-    if not isinstance(deadline, int) or isinstance(deadline, bool):
+    if deadline is None:
         try:
             ttl = int(expiration) if expiration else None
-        except ValueError:
+        except (TypeError, ValueError):
             ttl = None
         deadline = now + (ttl if ttl is not None and ttl >= 0
                           else protocol.seconds_to_ms(protocol.DEFAULT_EXPIRATION))
+    elif not isinstance(deadline, int) or isinstance(deadline, bool):
+        raise CodecError(f"header {protocol.DEADLINE_HEADER} must be an integer (epoch "
+                         f"milliseconds), not {type(deadline).__name__}")
     return min(deadline, now + protocol.seconds_to_ms(protocol.MAX_EXPIRATION))
 
 

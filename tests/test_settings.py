@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from crew import BrokerSettings
+from crew import BrokerSettings, settings
 
 NO_ENV: dict[str, str] = {}
 
@@ -16,7 +16,7 @@ def test_defaults_without_url_or_environment():
     s = BrokerSettings.from_url(environ=NO_ENV)
     assert (s.host, s.port, s.vhost, s.user, s.password, s.tls) == (
         "localhost", 5672, "/", "guest", "guest", False)
-    assert s.heartbeat == 20 and s.verify is True
+    assert s.heartbeat == settings.DEFAULT_HEARTBEAT and s.verify is True
 
 
 def test_full_url():

@@ -1,0 +1,198 @@
+"""The article's application: master_example's endpoints over worker_example's tasks.
+
+In-process tests serve the master's Tornado app (pytest-tornado's ``app`` fixture) with a
+worker serving ``worker_example.tasks``; one test runs both examples as real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import threading
+from typing import Any, Callable
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+from tornado.tcpclient import TCPClient
+
+import master_example
+import worker_example
+from conftest import spawn_python
+from crew.worker import Worker, serve_in_thread
+
+
+@pytest.fixture
+def poll_timeout() -> float:
+    return 10.0
+
+
+@pytest.fixture
+def app(client, poll_timeout):
+    return master_example.make_app(client, poll_timeout=poll_timeout)
+
+
+@pytest.fixture
+def worker(make_worker):
+    return make_worker(worker_example.tasks, settings=worker_example.settings)
+
+
+async def until(condition: Callable[[], bool], changed: asyncio.Event,
+                timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, re-checking each time ``changed`` is set."""
+    async def wait() -> None:
+        while not condition():
+            changed.clear()
+            await changed.wait()
+    await asyncio.wait_for(wait(), timeout)
+
+
+async def waiting(app: Any, count: int) -> None:
+    listeners = app.settings["listeners"]
+    await until(lambda: len(listeners.waiting) == count, listeners.changed)
+
+
+# --- in-process ---------------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=30)
+async def test_main_stat_and_parallel(worker, http_client, base_url):
+    main = await http_client.fetch(f"{base_url}/")
+    assert main.body == b"str: Wake up Neo.\n"
+    stat = await http_client.fetch(f"{base_url}/stat")
+    assert stat.body.decode() == f"dict: {{'worker': '{worker.uuid}', 'counter': 1}}"
+    parallel = await http_client.fetch(f"{base_url}/parallel")
+    assert parallel.headers["Content-Type"] == "application/json"
+    result = json.loads(parallel.body)
+    assert result["test"] == "Wake up Neo.\n"
+    assert result["stat"]["worker"] == worker.uuid
+    assert result["stat"]["counter"] in (1, 2)  # the two calls run in either order
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_fast_is_killed_at_its_deadline(worker, http_client, base_url):
+    response = await http_client.fetch(f"{base_url}/fast")
+    assert response.body == b"Timeout"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_fast_without_workers(broker_url, http_client, base_url):
+    # The queue of `dead` exists (a worker declared it) but no worker consumes it.
+    worker = Worker(worker_example.tasks, broker=broker_url, settings=worker_example.settings)
+    loop = asyncio.get_running_loop()
+    thread = await loop.run_in_executor(None, serve_in_thread, worker)
+    worker.request_stop(grace=0)
+    await loop.run_in_executor(None, thread.join, 10)
+    response = await http_client.fetch(f"{base_url}/fast")
+    assert response.body == b"All workers are gone"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_long_poll_gets_what_both_publish_endpoints_send(worker, app, http_client,
+                                                               base_url):
+    for path, text in (("/publish", "via the worker"), ("/publish2", "from the master")):
+        polls = [http_client.fetch(f"{base_url}/subscribe") for _ in range(2)]
+        await waiting(app, 2)
+        published = await http_client.fetch(base_url + path, method="POST", body=text)
+        assert published.body == b"published"
+        for poll in polls:
+            assert (await poll).body == text.encode()
+        await waiting(app, 0)
+
+
+@pytest.mark.parametrize("poll_timeout", [0.3])
+@pytest.mark.gen_test(timeout=30)
+async def test_long_poll_without_a_message_is_204(app, http_client, base_url):
+    response = await http_client.fetch(f"{base_url}/subscribe")
+    assert (response.code, response.body) == (204, b"")
+    await waiting(app, 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_long_poll_client_that_leaves_stops_waiting(app, http_server, http_port):
+    stream = await TCPClient().connect("127.0.0.1", http_port)
+    await stream.write(b"GET /subscribe HTTP/1.0\r\n\r\n")
+    await waiting(app, 1)
+    stream.close()
+    await waiting(app, 0)
+
+
+# --- as processes -------------------------------------------------------------------
+
+class Output:
+    """A child's output lines, read by a thread; ``await wait_for(text)`` for the next line
+    that contains ``text``."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, line)
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    async def wait_for(self, text: str, timeout: float = 20.0) -> str:
+        while True:
+            line = await asyncio.wait_for(self.queue.get(), timeout)
+            if line is None:
+                raise AssertionError(f"exited before printing {text!r}:\n{''.join(self.seen)}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def everything(self) -> str:
+        """All the output read so far, once the process has exited."""
+        while not self.queue.empty():
+            self.seen.append(self.queue.get_nowait() or "")
+        return "".join(self.seen)
+
+
+async def stop(proc: subprocess.Popen[str], output: Output) -> int:
+    """SIGTERM ``proc`` and return its exit status (it is killed if it does not exit)."""
+    loop = asyncio.get_running_loop()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = await loop.run_in_executor(None, proc.wait, 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = await loop.run_in_executor(None, proc.wait)
+    await loop.run_in_executor(None, output.thread.join, 10)
+    return code
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_worker_and_master_as_processes(broker_url):
+    worker = spawn_python(["-m", "worker_example", "-H", "127.0.0.1"], broker_url)
+    master = spawn_python(["-m", "master_example", "--port", "0", "--verbose"], broker_url)
+    worker_output, master_output = Output(worker), Output(master)
+    codes: list[int] = []
+    try:
+        await worker_output.wait_for("serving")
+        listening = await master_output.wait_for("listening on http://")
+        base = "http://127.0.0.1:%s" % re.search(r":(\d+)/", listening).group(1)
+        http = AsyncHTTPClient()
+
+        assert (await http.fetch(f"{base}/")).body == b"str: Wake up Neo.\n"
+        stat = (await http.fetch(f"{base}/stat")).body.decode()
+        assert re.fullmatch(r"dict: \{'worker': '[0-9a-f]{32}', 'counter': 1\}", stat)
+        parallel = json.loads((await http.fetch(f"{base}/parallel")).body)
+        assert parallel["test"] == "Wake up Neo.\n" and parallel["stat"]["counter"] in (1, 2)
+        for path, text in (("/publish", "via the worker"), ("/publish2", "from the master")):
+            polls = [http.fetch(f"{base}/subscribe") for _ in range(2)]
+            await master_output.wait_for("2 request(s) wait")
+            published = await http.fetch(base + path, method="POST", body=text)
+            assert published.body == b"published"
+            for poll in polls:
+                assert (await poll).body == text.encode()
+        assert (await http.fetch(f"{base}/fast")).body == b"Timeout"
+    finally:
+        codes = [await stop(master, master_output), await stop(worker, worker_output)]
+        # Shown by pytest when the test fails.
+        print(f"master:\n{master_output.everything()}\nworker:\n{worker_output.everything()}")
+    assert codes == [0, 0]

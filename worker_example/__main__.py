@@ -1,0 +1,7 @@
+"""``python -m worker_example -H localhost``: serve the example's tasks until SIGTERM."""
+
+from crew.cli import main
+
+from . import settings, tasks
+
+main(tasks, settings, prog="python -m worker_example")
