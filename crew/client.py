@@ -20,12 +20,11 @@ is not thread-safe: use it from the thread that runs its event loop.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, Coroutine
 
 from pika.spec import Basic, BasicProperties
 
@@ -33,6 +32,7 @@ from . import codec, protocol
 from .amqp import Channel, Connection, backoff
 from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, DecodeError,
                          ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
+from .pubsub import Callback, PubSub
 from .settings import BrokerSettings
 
 __all__ = ["Client", "Parallel"]
@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 DEFAULT_DEADLINE_GRACE = 1.0
 #: AMQP reply code of a mandatory message that no queue took.
 _NO_ROUTE = 312
-
-Callback = Callable[[Any], Any]
-
 
 class _Resend(Exception):
     """Settles a ``retry=True`` call whose connection was lost: send it again."""
@@ -71,7 +68,7 @@ class _Call:
             self.future.set_result(outcome)
 
 
-class Client:
+class Client(PubSub):
     """A connection to the broker that calls tasks and carries pubsub.
 
     ``url``: amqp:// or amqps:// (default ``$CREW_URL``, else guest on localhost); ``host``,
@@ -337,102 +334,6 @@ class Client:
             call.settle(CallError(f"the broker returned the call to {call.task!r}: "
                                   f"{method.reply_code} {method.reply_text}"))
 
-    def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties,
-                    body: bytes) -> None:
-        if method.exchange == protocol.PUBSUB_EXCHANGE:
-            self._on_event(method.routing_key, props, body)
-            return
-        call = self._pending.get(props.correlation_id or "")
-        if call is None:
-            log.info("message %s on the reply queue matches no pending call (late, duplicate "
-                     "or forged); dropped", props.correlation_id)
-            return
-        if method.exchange == protocol.EXPIRED_EXCHANGE:
-            call.settle(ExpirationError(
-                f"no worker took the call to {call.task!r} before its deadline"))
-            return
-        call.settle(_outcome(props, body))
-
-    # --- pubsub ------------------------------------------------------------------------
-
-    def subscribe(self, channel: str, callback: Callback) -> Awaitable[None]:
-        """Call ``callback(data)`` (a function or coroutine function) for each message on
-        ``channel``; ``*`` (one word) and ``#`` (any words) are wildcards, as in AMQP topics.
-
-        Works before :meth:`connect` (which then makes the binding and reports its failure)
-        and after it; subscriptions survive a close and a new connect. The result may be
-        ignored; awaiting it waits until the broker delivers the channel to this client and
-        raises if it cannot.
-        """
-        protocol.validate_channel(channel, pattern=True)
-        if not callable(callback):
-            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        callbacks = self._subscriptions.setdefault(channel, [])
-        callbacks.append(callback)
-        if not self.connected:
-            return _done()
-        if len(callbacks) == 1:
-            bind = self._channel.bind(  # type: ignore[union-attr]
-                self._reply_queue, protocol.PUBSUB_EXCHANGE, channel)
-            self._bindings[channel] = self._spawn(bind, f"subscribing to {channel!r}")
-        binding = self._bindings.get(channel)
-        return _done() if binding is None else _Operation(binding)
-
-    def unsubscribe(self, channel: str, callback: Callback | None = None) -> Awaitable[None]:
-        """Remove ``callback`` (or, when None, every callback) from ``channel``.
-
-        Once a channel has no callback left, its messages stop coming to this client;
-        awaiting the result waits for that.
-        """
-        callbacks = self._subscriptions.get(channel)
-        if callbacks is None:
-            return _done()
-        if callback is None:
-            callbacks.clear()
-        elif callback in callbacks:
-            callbacks.remove(callback)
-        if callbacks:
-            return _done()
-        del self._subscriptions[channel]
-        self._bindings.pop(channel, None)
-        if not self.connected:
-            return _done()
-        return _Operation(self._spawn(self._channel.unbind(  # type: ignore[union-attr]
-            self._reply_queue, protocol.PUBSUB_EXCHANGE, channel), f"unsubscribing {channel!r}"))
-
-    def publish(self, channel: str, data: Any = None) -> Awaitable[None]:
-        """Send ``data`` to every client subscribed to ``channel`` now (fire and forget).
-
-        The message is handed to the connection at once, awaited or not; awaiting the
-        result raises what went wrong (not connected, data that cannot be encoded), which
-        is also logged. Nothing is kept for subscribers that come later.
-        """
-        protocol.validate_channel(channel)
-        try:
-            body, encoding = codec.encode(data)
-            amqp_channel = self._channel
-            if amqp_channel is None or not amqp_channel.is_open:
-                raise ConnectionLostError("the client is not connected")
-            amqp_channel.publish(protocol.PUBSUB_EXCHANGE, channel, body, BasicProperties(
-                content_type=protocol.MSGPACK, content_encoding=encoding, delivery_mode=1))
-        except CrewError as exc:
-            log.warning("publish on %r failed: %s", channel, exc)
-            return _failed(exc)
-        return _done()
-
-    async def _bind_subscriptions(self, channel: Channel, queue: str) -> None:
-        """Bind ``queue`` to every subscribed channel, including those (un)subscribed
-        while the binds are under way."""
-        bound: set[str] = set()
-        while bound != self._subscriptions.keys():
-            for name in self._subscriptions.keys() - bound:
-                await channel.bind(queue, protocol.PUBSUB_EXCHANGE, name)
-                bound.add(name)
-            for name in bound - self._subscriptions.keys():
-                await channel.unbind(queue, protocol.PUBSUB_EXCHANGE, name)
-                bound.discard(name)
-        self._bindings.clear()
-
     def _spawn(self, coro: Coroutine[Any, Any, Any], describe: str) -> "asyncio.Task[Any]":
         """Run ``coro`` as a task that is referenced until done and logs its failure."""
         task = asyncio.ensure_future(coro)
@@ -450,29 +351,21 @@ class Client:
         else:
             log.error("%s failed", describe, exc_info=task.exception())
 
-    def _on_event(self, channel: str, props: BasicProperties, body: bytes) -> None:
-        try:
-            data = codec.decode(body, props.content_type, props.content_encoding)
-        except CodecError as exc:
-            log.warning("pubsub message on %r dropped: %s", channel, exc)
+    def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties,
+                    body: bytes) -> None:
+        if method.exchange == protocol.PUBSUB_EXCHANGE:
+            self._on_event(method.routing_key, props, body)
             return
-        for pattern, callbacks in list(self._subscriptions.items()):
-            if _topic_matches(pattern, channel):
-                for callback in list(callbacks):
-                    self._run_callback(callback, channel, data)
-
-    def _run_callback(self, callback: Callback, channel: str, data: Any) -> None:
-        """Call a subscriber; a coroutine it returns runs as a task of its own."""
-        try:
-            result = callback(data)
-        except Exception:
-            log.exception("pubsub callback %r on %r failed", callback, channel)
+        call = self._pending.get(props.correlation_id or "")
+        if call is None:
+            log.info("message %s on the reply queue matches no pending call (late, duplicate "
+                     "or forged); dropped", props.correlation_id)
             return
-        if inspect.iscoroutine(result):
-            self._spawn(result, f"pubsub callback {callback!r} on {channel!r}")
-        elif inspect.isawaitable(result):
-            self._spawn(_wait(result), f"pubsub callback {callback!r} on {channel!r}")
-
+        if method.exchange == protocol.EXPIRED_EXCHANGE:
+            call.settle(ExpirationError(
+                f"no worker took the call to {call.task!r} before its deadline"))
+            return
+        call.settle(_outcome(props, body))
 
 def _outcome(props: BasicProperties, body: bytes) -> tuple[Any, dict[str, Any]] | CrewError:
     """The result or the error a reply carries."""
@@ -492,66 +385,6 @@ def _outcome(props: BasicProperties, body: bytes) -> tuple[Any, dict[str, Any]] 
     if status == protocol.STATUS_EXPIRED:
         return ExpirationError(message or "no worker started the call before its deadline")
     return DecodeError(f"reply with unknown status {status!r}")
-
-
-def _topic_matches(pattern: str, key: str) -> bool:
-    """AMQP topic matching: words split on '.', ``*`` is one word, ``#`` zero or more."""
-    if pattern == key:
-        return True
-    if "*" not in pattern and "#" not in pattern:
-        return False
-    return _match_words(pattern.split("."), key.split("."))
-
-
-def _match_words(pattern: list[str], words: list[str]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_match_words(rest, words[i:]) for i in range(len(words) + 1))
-    if not words:
-        return False
-    return (head == "*" or head == words[0]) and _match_words(rest, words[1:])
-
-
-class _Settled:
-    """An already settled awaitable; usable with or without a running event loop."""
-
-    __slots__ = ("_error",)
-
-    def __init__(self, error: BaseException | None = None) -> None:
-        self._error = error
-
-    def __await__(self) -> Any:
-        if self._error is not None:
-            raise self._error
-        return None
-        yield  # makes this a generator, as __await__ must be
-
-
-def _done() -> _Settled:
-    return _Settled()
-
-
-def _failed(exc: BaseException) -> _Settled:
-    return _Settled(exc)
-
-
-class _Operation:
-    """An awaitable for a broker operation under way; cancelling an awaiter leaves the
-    operation alone, so several callers can await it."""
-
-    __slots__ = ("_task",)
-
-    def __init__(self, task: "asyncio.Task[None]") -> None:
-        self._task = task
-
-    def __await__(self) -> Any:
-        return asyncio.shield(self._task).__await__()
-
-
-async def _wait(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 class Parallel:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from crew import Client, ConnectionLostError, EncodeError
-from crew.client import _topic_matches
+from crew.pubsub import _topic_matches
 from crew.protocol import validate_channel
 from crew.worker import context
 
