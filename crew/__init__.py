@@ -5,7 +5,7 @@ calls them from any asyncio program and awaits the reply. See README.md.
 """
 
 from .client import Client, Parallel
-from .exceptions import (BrokerError, CallError, CodecError, ConnectionLostError, CrewError,
+from .exceptions import (AuthenticationError, BrokerError, CallError, CodecError, ConnectionLostError, CrewError,
                          DecodeError, EncodeError, ExpirationError, JobKilled,
                          MessageTooLargeError, RemoteError, TimeoutError, UnknownTaskError)
 from .settings import BrokerSettings
@@ -14,6 +14,7 @@ from .worker import Task, Worker, context
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "BrokerError",
     "BrokerSettings",
     "CallError",

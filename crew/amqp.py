@@ -10,18 +10,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
+import struct
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 import pika
+import pika.data
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
+                                                     AMQPConnectorPhaseErrorBase)
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
-from .exceptions import BrokerError, ConnectionLostError
+from .exceptions import AuthenticationError, BrokerError, ConnectionLostError
 from .settings import BrokerSettings
 
 log = logging.getLogger(__name__)
+
+_pika_decode_value = pika.data.decode_value
+
+
+def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+    """pika's header decoder, except that a timestamp Python cannot represent (past the year
+    9999) stays an int of epoch seconds.
+
+    pika raises on such a timestamp while it parses a frame, which kills the connection; the
+    broker passes the header through and redelivers the call, so one forged message would
+    take a worker down again and again. pika's table decoder looks this function up as a
+    module global, so nested tables are covered too.
+    """
+    if encoded[offset:offset + 1] == b"T":
+        seconds = struct.unpack_from(">Q", encoded, offset + 1)[0]
+        try:
+            return datetime.fromtimestamp(seconds, timezone.utc), offset + 9
+        except (OverflowError, OSError, ValueError):
+            return seconds, offset + 9
+    return _pika_decode_value(encoded, offset)
+
+
+pika.data.decode_value = _decode_value
 
 #: on_message(channel, method, properties, body), called on the loop's thread.
 MessageCallback = Callable[[PikaChannel, Basic.Deliver, BasicProperties, bytes], None]
@@ -192,8 +221,11 @@ class Connection:
 
         def on_open_error(_conn: AsyncioConnection, error: BaseException) -> None:
             if not opened.done():
-                opened.set_exception(ConnectionLostError(
-                    f"cannot connect to {settings.safe_url}: {_describe(error)}"))
+                cause = _root_cause(error)
+                kind = (AuthenticationError if isinstance(cause, _NOT_RETRYABLE)
+                        else ConnectionLostError)
+                opened.set_exception(kind(
+                    f"cannot connect to {settings.safe_url}: {_describe(cause)}"))
 
         def on_close(_conn: AsyncioConnection, reason: BaseException) -> None:
             if not closed.done():
@@ -255,7 +287,23 @@ async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+#: Connection failures that another attempt cannot mend.
+_NOT_RETRYABLE = (pika.exceptions.ProbableAuthenticationError,
+                  pika.exceptions.ProbableAccessDeniedError, ssl.SSLCertVerificationError)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The failure under pika's connection-workflow wrappers, whose own text is empty."""
+    while True:
+        if isinstance(error, AMQPConnectionWorkflowFailed) and error.exceptions:
+            error = error.exceptions[-1]
+        elif isinstance(error, AMQPConnectorPhaseErrorBase) and error.exception is not None:
+            error = error.exception
+        else:
+            return error
+
+
 def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    # pika's AMQPConnectorException texts can carry nested reprs; keep it one line.
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    # pika's exception texts can carry nested reprs; keep it one line.
     return " ".join(text.split())[:500]

@@ -30,8 +30,9 @@ from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
 from .amqp import Channel, Connection, backoff
-from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, DecodeError,
-                         ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
+from .exceptions import (AuthenticationError, CallError, CodecError, ConnectionLostError,
+                         CrewError, DecodeError, ExpirationError, RemoteError, TimeoutError,
+                         UnknownTaskError)
 from .pubsub import Callback, PubSub
 from .settings import BrokerSettings
 
@@ -138,6 +139,8 @@ class Client(PubSub):
             try:
                 await self._open()
                 return
+            except AuthenticationError:
+                raise  # wrong credentials or certificate: another attempt cannot help
             except ConnectionLostError as exc:
                 if give_up is not None and loop.time() + delay > give_up:
                     raise
@@ -358,7 +361,7 @@ class Client(PubSub):
             return
         call = self._pending.get(props.correlation_id or "")
         if call is None:
-            log.info("message %s on the reply queue matches no pending call (late, duplicate "
+            log.info("message %r on the reply queue matches no pending call (late, duplicate "
                      "or forged); dropped", props.correlation_id)
             return
         if method.exchange == protocol.EXPIRED_EXCHANGE:

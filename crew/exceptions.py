@@ -11,6 +11,8 @@
     │   │                               (also builtins.TimeoutError)
     │   └── UnknownTaskError            no queue exists for the task name (also LookupError)
     ├── ConnectionLostError             the broker connection is gone (also ConnectionError)
+    │   └── AuthenticationError         login refused, or the broker's certificate failed
+    │                                   verification: not retried
     ├── BrokerError                     the broker refused an operation (a 406 on declare, ...)
     └── CodecError                      a body could not be encoded or decoded (also ValueError)
         ├── EncodeError                 the value cannot be sent (also TypeError)
@@ -28,6 +30,7 @@ from __future__ import annotations
 import builtins
 
 __all__ = [
+    "AuthenticationError",
     "BrokerError",
     "CallError",
     "CodecError",
@@ -88,6 +91,14 @@ class UnknownTaskError(CallError, LookupError):
 
 class ConnectionLostError(CrewError, ConnectionError):
     """The connection to the broker is gone or could not be made."""
+
+
+class AuthenticationError(ConnectionLostError):
+    """The broker refused the login, or its TLS certificate failed verification.
+
+    Connecting again cannot help, so crew does not retry: fix the credentials, the vhost
+    permissions or the CA file.
+    """
 
 
 class BrokerError(CrewError):

@@ -190,7 +190,7 @@ def user_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     return {
         k: v for k, v in headers.items()
-        if not k.startswith(HEADER_PREFIX) and not k.startswith("x-")
+        if isinstance(k, str) and not k.startswith(HEADER_PREFIX) and not k.startswith("x-")
     }
 
 

@@ -35,7 +35,8 @@ from pika.spec import Basic, BasicProperties
 from . import codec, protocol
 from .amqp import Channel, Connection, backoff, sleep_unless
 from .context import context
-from .exceptions import BrokerError, CodecError, ConnectionLostError, CrewError, JobKilled
+from .exceptions import (AuthenticationError, BrokerError, CodecError, ConnectionLostError,
+                         CrewError, EncodeError, JobKilled)
 from .jobs import Job, JobThreads, Reply, monotonic_deadline
 from .settings import BrokerSettings
 
@@ -49,6 +50,8 @@ TaskFunction = Callable[[Any], Any]
 STUCK_AFTER = 1.0
 #: Default number of stuck job threads a worker tolerates before it drains and exits.
 DEFAULT_MAX_STUCK = 4
+#: Cancel notices for calls not (yet) seen that a worker remembers at most.
+MAX_REMEMBERED_CANCELS = 100_000
 #: Default seconds running jobs get to finish on a graceful stop.
 DEFAULT_GRACE = 30.0
 
@@ -182,6 +185,8 @@ class Worker:
         for attempt, delay in enumerate(backoff(), 1):
             try:
                 connection = await Connection.open(self.broker)
+            except AuthenticationError:
+                raise  # wrong credentials or certificate: another attempt cannot help
             except ConnectionLostError as exc:
                 if give_up is not None and loop.time() + delay > give_up:
                     raise
@@ -435,9 +440,17 @@ class Worker:
         deadline_ms = (props.headers or {}).get(protocol.DEADLINE_HEADER)
         delay = ((deadline_ms - protocol.now_ms()) / 1000 if isinstance(deadline_ms, int)
                  else protocol.MAX_EXPIRATION)
-        if delay > 0 and key not in self._cancelled:
-            self._cancelled[key] = self._loop.call_later(  # type: ignore[union-attr]
-                delay, self._cancelled.pop, key, None)
+        if delay <= 0 or key in self._cancelled:
+            return
+        if len(self._cancelled) >= MAX_REMEMBERED_CANCELS:
+            # A flood of cancel notices (forged ones need no crew-deadline) must not grow
+            # without bound; the oldest is forgotten and its call may then still run.
+            oldest = next(iter(self._cancelled))
+            self._cancelled.pop(oldest).cancel()
+            log.warning("more than %d cancel notices remembered; forgetting the oldest",
+                        MAX_REMEMBERED_CANCELS)
+        self._cancelled[key] = self._loop.call_later(  # type: ignore[union-attr]
+            delay, self._cancelled.pop, key, None)
 
     # --- ending jobs -------------------------------------------------------------------
 
@@ -498,8 +511,9 @@ class Worker:
         try:
             self._publish_reply(channel, job, reply, job.headers)
         except Exception as exc:  # pika cannot encode a header value the task set
-            log.warning("reply to call %s could not be sent: %s", job.correlation_id, exc)
-            self._publish_reply(channel, job, job.error_reply(exc, with_traceback=False), {})
+            log.warning("reply to call %r could not be sent: %s", job.correlation_id, exc)
+            error = EncodeError(f"the reply's headers cannot be sent: {exc}")
+            self._publish_reply(channel, job, job.error_reply(error, with_traceback=False), {})
         channel.ack(job.delivery_tag)
         self._forget(job)
 
@@ -531,7 +545,7 @@ class Worker:
 
     def _on_reply_returned(self, _ch: Any, method: Basic.Return, props: BasicProperties,
                            _body: bytes) -> None:
-        log.warning("reply to call %s dropped: the caller's queue %s is gone (%s %s)",
+        log.warning("reply to call %r dropped: the caller's queue %r is gone (%s %s)",
                     props.correlation_id, method.routing_key, method.reply_code,
                     method.reply_text)
 

@@ -1,0 +1,591 @@
+"""Hostile input: whatever anyone who may publish to the vhost can send a worker or a client.
+
+Each hostile message is published with plain pika, as an attacker would, to a running crew
+worker's task queue or straight to a crew client's reply queue. For each the tests check the
+promise of issue 6: a clear error reply where there is a reply address, exactly one log line,
+the message gone from the queue (neither ready nor unacknowledged, so never redelivered), the
+task not run, and the worker still serving a normal call afterwards.
+
+Queue counts come from ``rabbitmqctl list_queues``, the only view that shows unacknowledged
+messages (``conftest.broker_url`` already requires it unless ``$CREW_TEST_URL`` names
+another broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+import gzip
+import json
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import threading
+import time
+import tracemalloc
+import uuid
+import zlib
+from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit
+
+import msgpack
+import pika
+import pytest
+
+from crew import RemoteError, codec, protocol
+from crew.exceptions import MessageTooLargeError
+from crew.worker import Worker, serve_in_thread
+
+JSON, MSGPACK = "application/json", "application/msgpack"
+MiB = 1024 * 1024
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+class RawPublisher:
+    """A plain pika connection that publishes exactly what it is given and collects what
+    comes back on a reply queue of its own. Publishes are confirmed: when ``send`` returns,
+    the broker holds the message."""
+
+    def __init__(self, url: str) -> None:
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        declared = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        self.reply_queue: str = declared.method.queue
+        self.replies: dict[Any, list[tuple[pika.BasicProperties, bytes]]] = {}
+        self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True,
+                                   exclusive=True)
+
+    def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties,
+                  body: bytes) -> None:
+        self.replies.setdefault(props.correlation_id, []).append((props, body))
+
+    def send(self, routing_key: str, body: bytes, exchange: str = "", **properties: Any) -> None:
+        self.channel.basic_publish(exchange, routing_key, body,
+                                   pika.BasicProperties(**properties))
+
+    def call(self, task: str, body: bytes, **properties: Any) -> Any:
+        """Publish a call to ``task``; return its correlation id. Properties not given get
+        the values of a well-formed JSON call; pass ``None`` to leave one out."""
+        defaults = {"content_type": JSON, "correlation_id": uuid.uuid4().hex,
+                    "reply_to": self.reply_queue, "expiration": "10000", "headers": {}}
+        props = {**defaults, **properties}
+        self.send(protocol.task_queue(task), body, **props)
+        return props["correlation_id"]
+
+    def wait(self, correlation_id: Any, timeout: float = 10.0
+             ) -> tuple[pika.BasicProperties, bytes] | None:
+        """The first reply for ``correlation_id``, or None if none came within ``timeout``."""
+        end = time.monotonic() + timeout
+        while correlation_id not in self.replies:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.connection.process_data_events(time_limit=remaining)  # waits on the socket
+        return self.replies[correlation_id][0]
+
+    def normal_call(self, task: str) -> None:
+        """A well-formed call must get its result: the worker still serves."""
+        cid = self.call(task, b'"ping"')
+        reply = self.wait(cid)
+        assert reply is not None, "the worker no longer answers a normal call"
+        props, body = reply
+        assert props.headers["crew-status"] == "ok"
+        assert json.loads(body) == {"got": "ping"}
+
+    def close(self) -> None:
+        if self.connection.is_open:
+            self.connection.close()
+
+
+def decode_reply(reply: tuple[pika.BasicProperties, bytes]) -> tuple[str, Any]:
+    props, body = reply
+    return props.headers["crew-status"], codec.decode(body, props.content_type,
+                                                      props.content_encoding)
+
+
+def queue_counts(broker_url: str, queue: str) -> tuple[int, int]:
+    """``(messages_ready, messages_unacknowledged)`` of ``queue`` on the test vhost.
+
+    Through ``rabbitmqctl`` when the broker is this machine's; against another broker
+    (``$CREW_TEST_URL``) only the ready count can be had (a passive declare), and the
+    unacknowledged count is taken as 0.
+    """
+    if os.environ.get("CREW_TEST_URL"):
+        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        try:
+            declared = connection.channel().queue_declare(queue, passive=True)
+        finally:
+            connection.close()
+        return declared.method.message_count, 0
+    vhost = unquote(urlsplit(broker_url).path[1:]) or "/"
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", "-p", vhost, "list_queues", "--formatter", "json", "name",
+         "messages_ready", "messages_unacknowledged"],
+        check=True, capture_output=True, text=True, timeout=60)
+    for row in json.loads(done.stdout or "[]"):
+        if row["name"] == queue:
+            return int(row["messages_ready"]), int(row["messages_unacknowledged"])
+    raise AssertionError(f"no queue {queue} on vhost {vhost}")
+
+
+def assert_queue_empty(broker_url: str, queue: str, timeout: float = 10.0) -> None:
+    """Nothing ready, nothing unacknowledged. The worker acks right after publishing its
+    reply, so the ack may reach the broker just after the reply reached us: ask again for a
+    bounded time (rabbitmqctl cannot notify)."""
+    end = time.monotonic() + timeout
+    while True:
+        counts = queue_counts(broker_url, queue)
+        if counts == (0, 0) or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    assert counts == (0, 0), f"{queue}: {counts[0]} ready, {counts[1]} unacknowledged"
+
+
+def crew_log_lines(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING,
+                   logger: str = "crew") -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= level and (r.name == logger or r.name.startswith(logger + "."))]
+
+
+def gzip_bomb(size: int) -> bytes:
+    """A valid gzip body of ``size`` zero bytes (a multiple of 1 MiB), about 1000 times
+    smaller, built without ever holding ``size`` bytes: after a full flush deflate starts
+    afresh, so every 1 MiB of zeros compresses to the same block."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate; gzip framing below
+    zeros = bytes(MiB)
+    block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(size // MiB):
+        crc = zlib.crc32(zeros, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    trailer = struct.pack("<II", crc, size & 0xFFFFFFFF)
+    return header + block * (size // MiB) + compressor.flush() + trailer
+
+
+class MakesAFile:
+    """Unpickling this opens (creates) ``path``: stands for any code an attacker would run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return open, (self.path, "w")
+
+
+# --- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(broker_url: str) -> Iterator[dict[str, Any]]:
+    """One worker for the module, serving ``hostile.echo.<random>`` with one job slot (so
+    the prefetch is 1 and a call is delivered only once the one before it is acked).
+    ``runs`` records every argument the task was called with."""
+    task = f"hostile.echo.{uuid.uuid4().hex[:8]}"
+    runs: list[Any] = []
+
+    def echo(x: Any) -> Any:
+        runs.append(x)
+        return {"got": x}
+
+    worker = Worker({task: echo}, broker=broker_url, concurrency=1, grace=1.0)
+    thread = serve_in_thread(worker)
+    yield {"task": task, "runs": runs, "worker": worker}
+    worker.request_stop(grace=0)
+    thread.join(30)
+
+
+@pytest.fixture
+def raw(broker_url: str) -> Iterator[RawPublisher]:
+    publisher = RawPublisher(broker_url)
+    yield publisher
+    publisher.close()
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+# --- calls that get an error reply -------------------------------------------------------
+
+_NOW_MS = time.time_ns() // 1_000_000
+
+# (id, body, properties, envelope type)
+ERROR_REPLY_CASES = [
+    ("msgpack-reserved-byte", b"\xc1", {"content_type": MSGPACK}, "DecodeError"),
+    ("msgpack-truncated-array", b"\x92\x01", {"content_type": MSGPACK}, "DecodeError"),
+    ("msgpack-trailing-bytes", b"\x01\x02", {"content_type": MSGPACK}, "DecodeError"),
+    ("msgpack-str-not-utf8", b"\xa2\xff\xfe", {"content_type": MSGPACK}, "DecodeError"),
+    ("msgpack-ext-type", msgpack.packb(msgpack.ExtType(42, b"obj")),
+     {"content_type": MSGPACK}, "DecodeError"),
+    ("msgpack-int-map-key", msgpack.packb({1: "a"}), {"content_type": MSGPACK}, "DecodeError"),
+    ("msgpack-too-deep", b"\x91" * 100_000 + b"\xc0", {"content_type": MSGPACK},
+     "DecodeError"),
+    ("json-malformed", b"{not json", {}, "DecodeError"),
+    ("json-nan", b"[NaN]", {}, "DecodeError"),
+    ("json-overflowing-float", b"[1e400]", {}, "DecodeError"),
+    ("json-too-deep", b"[" * 100_000, {}, "DecodeError"),
+    ("empty-body", b"", {}, "DecodeError"),
+    ("content-type-unknown", b"1", {"content_type": "text/plain"}, "DecodeError"),
+    ("content-type-missing", b"1", {"content_type": None}, "DecodeError"),
+    ("content-type-not-utf8", b"1", {"content_type": b"\xff\xfe"}, "DecodeError"),
+    ("gzip-corrupt", b"not gzip at all", {"content_encoding": "gzip"}, "DecodeError"),
+    ("gzip-truncated", _gzip(b"[1, 2, 3]" * 100)[:40], {"content_encoding": "gzip"},
+     "DecodeError"),
+    ("gzip-trailing-bytes", _gzip(b"1") + b"trailing", {"content_encoding": "gzip"},
+     "DecodeError"),
+    ("encoding-unknown", b"1", {"content_encoding": "br"}, "DecodeError"),
+    ("encoding-zlib-called-gzip", zlib.compress(b"1"), {"content_encoding": "gzip"},
+     "DecodeError"),
+    ("encoding-not-utf8", b"1", {"content_encoding": b"\xff"}, "DecodeError"),
+    ("deadline-string", b"1", {"headers": {"crew-deadline": "soon"}}, "CodecError"),
+    ("deadline-decimal", b"1", {"headers": {"crew-deadline": decimal.Decimal("1.5")}},
+     "CodecError"),
+    ("deadline-bool", b"1", {"headers": {"crew-deadline": True}}, "CodecError"),
+    ("deadline-bytes", b"1", {"headers": {"crew-deadline": str(_NOW_MS).encode()}},
+     "CodecError"),
+    ("deadline-table", b"1", {"headers": {"crew-deadline": {"ms": _NOW_MS}}}, "CodecError"),
+    ("task-another", b"1", {"headers": {"crew-task": "another.task"}}, "CodecError"),
+    ("task-not-a-string", b"1", {"headers": {"crew-task": 5}}, "CodecError"),
+    ("header-name-not-utf8", b"1", {"headers": {b"\xff\xfe": 1}}, "CodecError"),
+]
+
+
+@pytest.mark.parametrize("body, properties, error_type",
+                         [case[1:] for case in ERROR_REPLY_CASES],
+                         ids=[case[0] for case in ERROR_REPLY_CASES])
+def test_bad_call_gets_one_error_reply_one_log_line_and_leaves_nothing(
+        served, raw, broker_url, caplog, body, properties, error_type):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    runs_before = len(served["runs"])
+    cid = raw.call(served["task"], body, **properties)
+    reply = raw.wait(cid)
+    assert reply is not None, "no reply to a call that has a reply address"
+    status, envelope = decode_reply(reply)
+    assert status == "error"
+    assert envelope["type"] == error_type
+    assert envelope["message"] and envelope["traceback"] == ""
+    assert len(served["runs"]) == runs_before, "the task ran on a call it should refuse"
+    raw.normal_call(served["task"])
+    lines = crew_log_lines(caplog)
+    assert len(lines) == 1 and cid in lines[0], lines
+    assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
+
+
+@pytest.mark.parametrize("content_type", ["application/x-python-pickle",
+                                          "application/python-pickle"])
+def test_pickled_call_is_refused_and_never_unpickled(served, raw, broker_url, caplog, tmp_path,
+                                                     content_type):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    # The payload is live: unpickling it here creates its file.
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(MakesAFile(str(control))))
+    assert control.exists()
+    target = tmp_path / "pwned"
+    cid = raw.call(served["task"], pickle.dumps(MakesAFile(str(target))),
+                   content_type=content_type)
+    reply = raw.wait(cid)
+    assert reply is not None
+    status, envelope = decode_reply(reply)
+    assert (status, envelope["type"]) == ("error", "DecodeError")
+    assert content_type in envelope["message"]
+    raw.normal_call(served["task"])
+    assert not target.exists()
+    assert len(crew_log_lines(caplog)) == 1
+    assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
+
+
+def test_body_over_the_size_limit_is_refused(served, raw, broker_url, caplog):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    oversized = b"\x00" * (protocol.MAX_BODY_BYTES + 1)  # RabbitMQ 3.x takes up to 128 MiB
+    cid = raw.call(served["task"], oversized, content_type=MSGPACK)
+    reply = raw.wait(cid, timeout=30)
+    assert reply is not None
+    status, envelope = decode_reply(reply)
+    assert (status, envelope["type"]) == ("error", "MessageTooLargeError")
+    raw.normal_call(served["task"])
+    assert len(crew_log_lines(caplog)) == 1
+    assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
+
+
+# --- the gzip bomb ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return gzip_bomb(1024 * MiB)
+
+
+def test_gzip_bomb_is_what_it_claims(bomb):
+    assert len(bomb) < 2 * MiB
+    decompressor = zlib.decompressobj(31)
+    assert decompressor.decompress(bomb, 3 * MiB) == bytes(3 * MiB)
+
+
+def test_gzip_bomb_decode_stays_within_the_decompressed_limit(bomb):
+    limit = protocol.MAX_DECOMPRESSED_BYTES
+    tracemalloc.start()
+    try:
+        with pytest.raises(MessageTooLargeError, match="decompresses to more than"):
+            codec.decode(bomb, MSGPACK, "gzip")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The limit, the output buffer's growth reserve (an eighth) and a step or two: far from
+    # the 1 GiB the bomb expands to, and from the 2x limit of a one-shot decompress().
+    assert peak < limit + limit // 8 + 4 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+def test_gzip_bomb_sent_to_a_worker_gets_an_error_and_bounded_memory(served, raw, broker_url,
+                                                                     caplog, bomb):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    limit = protocol.MAX_DECOMPRESSED_BYTES
+    tracemalloc.start()  # every thread of this process, the worker's included
+    try:
+        cid = raw.call(served["task"], bomb, content_type=MSGPACK, content_encoding="gzip")
+        reply = raw.wait(cid, timeout=30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply is not None
+    status, envelope = decode_reply(reply)
+    assert (status, envelope["type"]) == ("error", "MessageTooLargeError")
+    assert peak < limit + limit // 8 + 16 * MiB, f"peak {peak / MiB:.1f} MiB"
+    raw.normal_call(served["task"])
+    assert len(crew_log_lines(caplog)) == 1
+    assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
+
+
+# --- calls with no one to tell ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("properties", [
+    {"reply_to": None}, {"reply_to": ""}, {"correlation_id": None}, {"correlation_id": ""},
+], ids=["no-reply-to", "empty-reply-to", "no-correlation-id", "empty-correlation-id"])
+def test_call_without_reply_address_is_acked_and_logged_once(served, raw, broker_url, caplog,
+                                                             properties):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    runs_before = len(served["runs"])
+    raw.call(served["task"], b'"no one to tell"', **properties)
+    # One job slot: the normal call is delivered only after the bad one was handled, and
+    # a reply to it, had there been one, would have arrived first.
+    raw.normal_call(served["task"])
+    assert len(raw.replies) == 1  # the normal call's: nothing came for the bad one
+    assert len(served["runs"]) == runs_before + 1  # the normal call only
+    assert len(crew_log_lines(caplog)) == 1
+    assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
+
+
+def test_reply_to_a_queue_that_does_not_exist_is_logged_once(served, raw, broker_url, caplog):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    cid = raw.call(served["task"], b'"x"', reply_to=f"no.such.queue.{uuid.uuid4().hex}")
+    raw.normal_call(served["task"])
+    lines = crew_log_lines(caplog)
+    assert len(lines) == 1 and cid in lines[0] and "gone" in lines[0], lines
+    assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
+
+
+def test_correlation_id_that_is_not_utf8_is_answered_byte_for_byte(served, raw, broker_url,
+                                                                   caplog):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    cid = b"\xff\xfe" + uuid.uuid4().hex.encode()  # pika hands it over as bytes
+    raw.call(served["task"], b'"odd id"', correlation_id=cid)
+    reply = raw.wait(cid)
+    assert reply is not None and decode_reply(reply) == ("ok", {"got": "odd id"})
+    raw.normal_call(served["task"])
+    assert crew_log_lines(caplog) == []
+    assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
+
+
+def test_copy_of_a_running_call_is_dropped_not_answered(make_worker, raw, broker_url, caplog,
+                                                        uid):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    task = f"hold.{uid}"
+    started, release = threading.Event(), threading.Event()
+
+    def hold(x: Any) -> Any:
+        if x == "hold":
+            started.set()
+            release.wait(20)
+        return {"got": x}
+
+    make_worker({task: hold}, concurrency=2)
+    cid = raw.call(task, b'"hold"')
+    assert started.wait(10)
+    raw.call(task, b'"forged copy"', correlation_id=cid)  # same reply_to, same id
+    raw.normal_call(task)  # the copy was handled before this was delivered
+    release.set()
+    assert raw.wait(cid) is not None
+    raw.normal_call(task)  # anything more for cid would have come before this
+    assert [decode_reply(r) for r in raw.replies[cid]] == [("ok", {"got": "hold"})]
+    lines = crew_log_lines(caplog)
+    assert len(lines) == 1 and "copy" in lines[0], lines
+    assert_queue_empty(broker_url, protocol.task_queue(task))
+
+
+def test_header_timestamp_out_of_range_does_not_kill_the_worker(make_worker, raw, caplog, uid):
+    task = f"echo.{uid}"
+    make_worker({task: lambda x: {"got": x}})
+    timestamp = _RawField(b"T" + struct.pack(">Q", 2**62))  # valid AMQP, year > 9999
+    with _raw_fields():
+        cid = raw.call(task, b'"x"', headers={"when": timestamp})
+    try:
+        reply = raw.wait(cid, timeout=5)
+        assert reply is not None and decode_reply(reply)[0] in ("ok", "error")
+        raw.normal_call(task)
+    finally:
+        raw.channel.queue_purge(protocol.task_queue(task))
+
+
+class _RawField:
+    """An AMQP field value written as given (pika cannot write such a timestamp itself)."""
+
+    def __init__(self, encoded: bytes) -> None:
+        self.encoded = encoded
+
+
+class _raw_fields:
+    """Context manager: while active, pika writes :class:`_RawField` values verbatim."""
+
+    def __enter__(self) -> None:
+        self._original = pika.data.encode_value
+
+        def encode_value(pieces: list[bytes], value: Any) -> int:
+            if isinstance(value, _RawField):
+                pieces.append(value.encoded)
+                return len(value.encoded)
+            return self._original(pieces, value)
+
+        pika.data.encode_value = encode_value
+
+    def __exit__(self, *exc_info: Any) -> None:
+        pika.data.encode_value = self._original
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_task_exception_that_cannot_be_encoded_still_gets_an_error_reply(
+        make_worker, make_client, uid):
+    """A message with a lone surrogate cannot be written in UTF-8 (msgpack or JSON): the
+    worker sends it escaped rather than no reply, for sync and async tasks alike."""
+    def sync_task(_: Any) -> None:
+        raise ValueError("bad \udcff byte")
+
+    async def async_task(_: Any) -> None:
+        raise ValueError("bad \udcff byte")
+
+    make_worker({f"sync.{uid}": sync_task, f"async.{uid}": async_task}, concurrency=2)
+    for content_type in (MSGPACK, JSON):
+        client = await make_client(content_type=content_type)
+        for task in (f"sync.{uid}", f"async.{uid}"):
+            with pytest.raises(RemoteError) as info:
+                await client.call(task, expiration=10)
+            assert info.value.type == "ValueError"
+            assert info.value.message == "bad \\udcff byte"
+
+
+# --- the client's reply queue ------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_forged_replies_are_dropped_and_logged_and_the_real_one_wins(
+        make_worker, client, broker_url, caplog, uid):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    task = f"hold.{uid}"
+    started, release = threading.Event(), threading.Event()
+
+    def hold(x: Any) -> Any:
+        started.set()
+        release.wait(20)
+        return {"true": x}
+
+    make_worker({task: hold})
+    loop = asyncio.get_running_loop()
+    call = asyncio.ensure_future(client.call(task, "real"))
+    assert await loop.run_in_executor(None, started.wait, 10)
+    (real_cid,) = client._pending
+    queue = client._reply_queue
+    ok = msgpack.packb({"forged": True})
+    forged = [  # (routing key, exchange, body, properties)
+        (queue, "", ok, {"correlation_id": uuid.uuid4().hex,
+                         "content_type": MSGPACK, "headers": {"crew-status": "ok"}}),
+        (queue, "", b"\xc1\xc1", {"correlation_id": uuid.uuid4().hex,
+                                  "content_type": MSGPACK, "headers": {"crew-status": "ok"}}),
+        (queue, "", ok, {"correlation_id": uuid.uuid4().hex, "content_type": MSGPACK,
+                         "headers": {"crew-status": "surrender"}}),
+        (queue, "", ok, {"correlation_id": uuid.uuid4().hex, "content_type": "text/evil",
+                         "headers": {"crew-status": 7}}),
+        (queue, "", ok, {"content_type": MSGPACK, "headers": {"crew-status": "ok"}}),
+        (queue, "", ok, {"correlation_id": b"\xff" + uuid.uuid4().hex.encode(),
+                         "content_type": MSGPACK}),
+        (queue, "", ok, {"correlation_id": uuid.uuid4().hex, "content_type": MSGPACK,
+                         "headers": {b"\xff": 1, "crew-status": "ok"}}),
+        # A forged "dead letter" through crew.expired, routed by the crew-client header.
+        ("", protocol.EXPIRED_EXCHANGE, ok, {"correlation_id": uuid.uuid4().hex,
+                                             "headers": {"crew-client": queue}}),
+    ]
+    publisher = RawPublisher(broker_url)
+    try:
+        for routing_key, exchange, body, properties in forged:
+            publisher.send(routing_key, body, exchange=exchange, **properties)
+        release.set()  # the true reply is queued behind every forged message
+        assert await call == {"true": "real"}
+        assert client._pending == {}
+        # A duplicate of the true reply, after the call ended; then a second call, whose
+        # reply is queued behind the duplicate.
+        publisher.send(queue, msgpack.packb({"true": "duplicate"}), correlation_id=real_cid,
+                       content_type=MSGPACK, headers={"crew-status": "ok"})
+        assert await client.call(task, "again") == {"true": "again"}
+    finally:
+        publisher.close()
+    assert client._pending == {}
+    dropped = crew_log_lines(caplog, logging.INFO, "crew.client")
+    assert len(dropped) == len(forged) + 1, dropped
+    assert sum(real_cid in line for line in dropped) == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_malformed_pubsub_message_is_dropped_and_logged_once(client, broker_url, caplog,
+                                                                   uid):
+    caplog.set_level(logging.DEBUG, logger="crew")
+    channel = f"news.{uid}"
+    got: list[Any] = []
+    done = asyncio.Event()
+
+    def on_news(data: Any) -> None:
+        got.append(data)
+        done.set()
+
+    await client.subscribe(channel, on_news)
+    publisher = RawPublisher(broker_url)
+    try:
+        publisher.send(channel, b"\xc1", exchange=protocol.PUBSUB_EXCHANGE,
+                       content_type=MSGPACK)
+        publisher.send(channel, b"1", exchange=protocol.PUBSUB_EXCHANGE,
+                       content_type="application/x-python-pickle")
+        publisher.send(channel, msgpack.packb("fine"), exchange=protocol.PUBSUB_EXCHANGE,
+                       content_type=MSGPACK)
+    finally:
+        publisher.close()
+    await asyncio.wait_for(done.wait(), 10)
+    assert got == ["fine"]
+    assert len(crew_log_lines(caplog)) == 2
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_forged_reply_with_bad_timestamp_header_does_not_cut_the_client(
+        make_worker, client, broker_url, uid):
+    task = f"echo.{uid}"
+    make_worker({task: lambda x: x})
+    publisher = RawPublisher(broker_url)
+    try:
+        with _raw_fields():
+            publisher.send(client._reply_queue, b"\xc0", correlation_id="forged",
+                           content_type=MSGPACK,
+                           headers={"when": _RawField(b"T" + struct.pack(">Q", 2**62))})
+    finally:
+        publisher.close()
+    assert await client.call(task, 1, expiration=5) == 1
