@@ -19,7 +19,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from pika.spec import BasicProperties
 
 from . import codec, protocol
 from .context import current_job
@@ -74,6 +76,33 @@ class Job:
         self.timer: asyncio.TimerHandle | None = None
         self.coroutine: asyncio.Task[Any] | None = None
         self.thread: threading.Thread | None = None
+
+    @classmethod
+    def from_delivery(cls, worker: "Worker", task: str, func: Callable[[Any], Any],
+                      delivery_tag: int, props: BasicProperties,
+                      body: bytes) -> tuple["Job", CodecError | None]:
+        """The job for a delivered call, and why it must be refused (or None).
+
+        Its ``reply_to`` and ``correlation_id`` are checked already. Anyone who may publish
+        to the vhost chooses these properties: a refusal still yields a job, so the caller
+        gets an error reply.
+        """
+        headers, refusal = props.headers or {}, None
+        if not all(isinstance(k, str) for k in headers):  # pika gives non-UTF-8 as bytes
+            headers = {k: v for k, v in headers.items() if isinstance(k, str)}
+            refusal = CodecError("header names must be UTF-8 text")
+        task_header = headers.get(protocol.TASK_HEADER)
+        if task_header is not None and task_header != task:
+            refusal = CodecError(
+                f"call for task {task_header!r:.200} arrived on the queue of {task!r}")
+        try:
+            deadline = deadline_ms(headers, props.expiration)
+        except CodecError as exc:
+            refusal, deadline = exc, deadline_ms({}, props.expiration)
+        job = cls(worker, task, func, delivery_tag, props.correlation_id, props.reply_to,
+                  props.content_type, props.content_encoding, body,
+                  protocol.user_headers(headers), monotonic_deadline(deadline))
+        return job, refusal
 
     @property
     def key(self) -> tuple[str, str]:
@@ -236,3 +265,26 @@ class JobThreads:
 def monotonic_deadline(deadline_ms: int) -> float:
     """An epoch-milliseconds deadline on this process's monotonic clock."""
     return time.monotonic() + (deadline_ms - protocol.now_ms()) / 1000
+
+
+def deadline_ms(headers: Mapping[str, Any], expiration: str | None) -> int:
+    """The call's deadline: its ``crew-deadline`` header, else now plus its TTL or the
+    default expiration; never further away than :data:`~crew.protocol.MAX_EXPIRATION`, so
+    no job outlives the broker's consumer timeout.
+
+    A ``crew-deadline`` that is there but not an integer raises :class:`~crew.CodecError`:
+    guessing a deadline for a malformed call could run it long after its caller gave up.
+    """
+    now = protocol.now_ms()
+    deadline = headers.get(protocol.DEADLINE_HEADER)
+    if deadline is None:
+        try:
+            ttl = int(expiration) if expiration else None
+        except (TypeError, ValueError):
+            ttl = None
+        deadline = now + (ttl if ttl is not None and ttl >= 0
+                          else protocol.seconds_to_ms(protocol.DEFAULT_EXPIRATION))
+    elif not isinstance(deadline, int) or isinstance(deadline, bool):
+        raise CodecError(f"header {protocol.DEADLINE_HEADER} must be an integer (epoch "
+                         f"milliseconds), not {type(deadline).__name__}")
+    return min(deadline, now + protocol.seconds_to_ms(protocol.MAX_EXPIRATION))

@@ -27,7 +27,6 @@ import threading
 import time
 import uuid as _uuid
 from functools import partial
-from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 from pika.spec import Basic, BasicProperties
@@ -35,16 +34,18 @@ from pika.spec import Basic, BasicProperties
 from . import codec, protocol
 from .amqp import Channel, Connection, backoff, sleep_unless
 from .context import context
-from .exceptions import (AuthenticationError, BrokerError, CodecError, ConnectionLostError,
+from .exceptions import (AuthenticationError, BrokerError, ConnectionLostError,
                          CrewError, EncodeError, JobKilled)
-from .jobs import Job, JobThreads, Reply, monotonic_deadline
+from .jobs import Job, JobThreads, Reply
+from .registry import Settings, Task, TaskFunction, TaskRegistry, tasks
 from .settings import BrokerSettings
 
-__all__ = ["Task", "TaskRegistry", "Worker", "context", "run", "tasks"]
+__all__ = ["Task", "TaskRegistry", "Worker", "context", "run", "serve_in_thread", "tasks"]
 
 log = logging.getLogger(__name__)
 
-TaskFunction = Callable[[Any], Any]
+#: ``tasks`` is also a parameter name of Worker; this alias reaches the module's registry.
+_default_registry = tasks
 
 #: Seconds after an interruption at which a job thread that has not returned counts as stuck.
 STUCK_AFTER = 1.0
@@ -54,38 +55,6 @@ DEFAULT_MAX_STUCK = 4
 MAX_REMEMBERED_CANCELS = 100_000
 #: Default seconds running jobs get to finish on a graceful stop.
 DEFAULT_GRACE = 30.0
-
-
-class TaskRegistry(dict[str, TaskFunction]):
-    """Task names mapped to their functions."""
-
-    def add(self, name: str, func: TaskFunction) -> None:
-        protocol.validate_task_name(name)
-        if not callable(func):
-            raise TypeError(f"task {name!r} must be callable, got {type(func).__name__}")
-        if name in self:
-            raise ValueError(f"task {name!r} is already registered (to {self[name]!r})")
-        self[name] = func
-
-
-#: The registry that ``@Task`` fills unless given another; :func:`run` serves it.
-tasks = TaskRegistry()
-
-
-class Task:
-    """Decorator that registers a function as the task ``name``; the function is unchanged."""
-
-    def __init__(self, name: str, *, registry: TaskRegistry | None = None) -> None:
-        self.name = protocol.validate_task_name(name)
-        self.registry = tasks if registry is None else registry
-
-    def __call__(self, func: TaskFunction) -> TaskFunction:
-        self.registry.add(self.name, func)
-        return func
-
-
-class Settings(SimpleNamespace):
-    """``context.settings``: ``run()``'s keyword arguments plus ``uuid`` and ``options``."""
 
 
 class Publisher:
@@ -125,7 +94,7 @@ class Worker:
                  max_priority: int = protocol.DEFAULT_QUEUE_MAX_PRIORITY,
                  settings: Mapping[str, Any] | None = None, options: Any = None,
                  max_stuck: int = DEFAULT_MAX_STUCK, grace: float = DEFAULT_GRACE) -> None:
-        registry = globals()["tasks"] if tasks is None else tasks
+        registry = _default_registry if tasks is None else tasks
         if not registry:
             raise ValueError("a worker needs at least one task")
         for name in registry:
@@ -378,22 +347,8 @@ class Worker:
             channel.ack(method.delivery_tag)
             return
         try:
-            headers, refusal = props.headers or {}, None
-            if not all(isinstance(k, str) for k in headers):  # pika gives non-UTF-8 as bytes
-                headers = {k: v for k, v in headers.items() if isinstance(k, str)}
-                refusal = CodecError("header names must be UTF-8 text")
-            task_header = headers.get(protocol.TASK_HEADER)
-            if task_header is not None and task_header != name:
-                refusal = CodecError(
-                    f"call for task {task_header!r:.200} arrived on the queue of {name!r}")
-            try:
-                deadline_ms = _deadline_ms(headers, props.expiration)
-            except CodecError as exc:
-                refusal, deadline_ms = exc, _deadline_ms({}, props.expiration)
-            job = Job(self, name, func, method.delivery_tag, correlation_id, reply_to,
-                      props.content_type, props.content_encoding, body,
-                      protocol.user_headers(headers), monotonic_deadline(deadline_ms))
-        except Exception:  # a case the checks above missed: still no redelivery loop
+            job, refusal = Job.from_delivery(self, name, func, method.delivery_tag, props, body)
+        except Exception:  # a case the checks missed: still no redelivery loop
             log.exception("call %r to %s could not be read; dropped", correlation_id, name)
             channel.ack(method.delivery_tag)
             return
@@ -584,29 +539,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _deadline_ms(headers: Mapping[str, Any], expiration: str | None) -> int:
-    """The call's deadline: its ``crew-deadline`` header, else now plus its TTL or the
-    default expiration; never further away than :data:`~crew.protocol.MAX_EXPIRATION`, so
-    no job outlives the broker's consumer timeout.
-
-    A ``crew-deadline`` that is there but not an integer raises :class:`~crew.CodecError`:
-    guessing a deadline for a malformed call could run it long after its caller gave up.
-    """
-    now = protocol.now_ms()
-    deadline = headers.get(protocol.DEADLINE_HEADER)
-    if deadline is None:
-        try:
-            ttl = int(expiration) if expiration else None
-        except (TypeError, ValueError):
-            ttl = None
-        deadline = now + (ttl if ttl is not None and ttl >= 0
-                          else protocol.seconds_to_ms(protocol.DEFAULT_EXPIRATION))
-    elif not isinstance(deadline, int) or isinstance(deadline, bool):
-        raise CodecError(f"header {protocol.DEADLINE_HEADER} must be an integer (epoch "
-                         f"milliseconds), not {type(deadline).__name__}")
-    return min(deadline, now + protocol.seconds_to_ms(protocol.MAX_EXPIRATION))
 
 
 def run(**settings: Any) -> None:
