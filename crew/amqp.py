@@ -13,7 +13,7 @@ import random
 import ssl
 import struct
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import pika
 import pika.data
@@ -28,6 +28,8 @@ from .exceptions import AuthenticationError, BrokerError, ConnectionLostError
 from .settings import BrokerSettings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _pika_decode_value = pika.data.decode_value
 
@@ -276,6 +278,45 @@ def backoff(first: float = 0.25, cap: float = 15.0) -> Iterator[float]:
     while True:
         yield delay * random.uniform(0.5, 1.0)
         delay = min(cap, delay * 2)
+
+
+class Stopped(Exception):
+    """A stop was requested while connecting."""
+
+
+async def connect_retrying(attempt: Callable[[], Awaitable[T]], *, who: str,
+                           timeout: float | None = None, retry_auth: bool = False,
+                           stop: asyncio.Event | None = None) -> T:
+    """Run ``attempt`` until it connects, waiting :func:`backoff` delays between tries.
+
+    Retries :class:`ConnectionLostError`; :class:`AuthenticationError` too if
+    ``retry_auth`` (a reconnection: the credentials worked before and may be fixed again),
+    else it is raised at once. ``timeout`` bounds the whole (the last try starts no later
+    than it), after which the last error is raised; a set ``stop`` raises :class:`Stopped`.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = None if timeout is None else loop.time() + timeout
+    for number, delay in enumerate(backoff(), 1):
+        try:
+            return await attempt()
+        except AuthenticationError as exc:
+            if not retry_auth:
+                raise
+            error: ConnectionLostError = exc
+        except ConnectionLostError as exc:
+            error = exc
+        if give_up is not None:
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                raise error
+            delay = min(delay, remaining)
+        log.warning("%s cannot connect (attempt %d): %s; retrying in %.1f s", who, number,
+                    error, delay)
+        if stop is None:
+            await asyncio.sleep(delay)
+        elif await sleep_unless(stop, delay):
+            raise Stopped(f"{who} was stopped before it could connect")
+    raise AssertionError("unreachable: backoff() never ends")
 
 
 async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:

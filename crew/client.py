@@ -29,8 +29,8 @@ from typing import Any, Coroutine
 from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
-from .amqp import Channel, Connection, backoff
-from .exceptions import (AuthenticationError, CallError, CodecError, ConnectionLostError,
+from .amqp import Channel, Connection, connect_retrying
+from .exceptions import (CallError, CodecError, ConnectionLostError,
                          CrewError, DecodeError, ExpirationError, RemoteError, TimeoutError,
                          UnknownTaskError)
 from .pubsub import Callback, PubSub
@@ -128,25 +128,16 @@ class Client(PubSub):
 
         While the broker does not answer, retries with capped, jittered backoff, logging
         each attempt; ``timeout`` (seconds, None = no limit) bounds that, after which
-        :class:`~crew.ConnectionLostError` is raised.
+        :class:`~crew.ConnectionLostError` is raised. A refused login or certificate raises
+        :class:`~crew.AuthenticationError` at once (later reconnections keep retrying it).
         """
         if self.connected:
             return
         self._closing = False
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout is None else loop.time() + timeout
-        for attempt, delay in enumerate(backoff(), 1):
-            try:
-                await self._open()
-                return
-            except AuthenticationError:
-                raise  # wrong credentials or certificate: another attempt cannot help
-            except ConnectionLostError as exc:
-                if give_up is not None and loop.time() + delay > give_up:
-                    raise
-                log.warning("client cannot connect (attempt %d): %s; retrying in %.1f s",
-                            attempt, exc, delay)
-            await asyncio.sleep(delay)
+        await connect_retrying(self._open, who="client", timeout=timeout)
+
+    async def _reconnect(self) -> None:
+        await connect_retrying(self._open, who="client", retry_auth=True)
 
     async def _open(self) -> None:
         connection = await Connection.open(self.broker)
@@ -204,7 +195,7 @@ class Client(PubSub):
                 f"the broker connection was lost while the call to {call.task!r} waited; "
                 "it may or may not have run"))
         if self.reconnect:
-            self._connector = self._spawn(self.connect(), "reconnecting")
+            self._connector = self._spawn(self._reconnect(), "reconnecting")
 
     def _fail_all(self, error: CrewError) -> None:
         for call in list(self._pending.values()):

@@ -32,9 +32,9 @@ from typing import Any, Callable, Mapping
 from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
-from .amqp import Channel, Connection, backoff, sleep_unless
+from .amqp import Channel, Connection, Stopped, connect_retrying
 from .context import context
-from .exceptions import (AuthenticationError, BrokerError, ConnectionLostError,
+from .exceptions import (BrokerError, ConnectionLostError,
                          CrewError, EncodeError, JobKilled)
 from .jobs import Job, JobThreads, Reply
 from .registry import Settings, Task, TaskFunction, TaskRegistry, tasks
@@ -136,8 +136,9 @@ class Worker:
         """Connect, declare every queue and exchange, and start consuming.
 
         While the broker does not answer, retries with capped, jittered backoff, logging
-        each attempt, for up to ``timeout`` seconds (None: until it answers or a stop is
-        requested); then raises :class:`~crew.ConnectionLostError`.
+        each attempt, for up to ``timeout`` seconds (None: until it answers), then raises
+        :class:`~crew.ConnectionLostError`. A refused login or certificate raises
+        :class:`~crew.AuthenticationError` at once; later reconnections retry it.
         """
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
@@ -148,28 +149,10 @@ class Worker:
         context._bind(self)
         await self._connect(timeout)
 
-    async def _connect(self, timeout: float | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout is None else loop.time() + timeout
-        for attempt, delay in enumerate(backoff(), 1):
-            try:
-                connection = await Connection.open(self.broker)
-            except AuthenticationError:
-                raise  # wrong credentials or certificate: another attempt cannot help
-            except ConnectionLostError as exc:
-                if give_up is not None and loop.time() + delay > give_up:
-                    raise
-                log.warning("worker cannot connect (attempt %d): %s; retrying in %.1f s",
-                            attempt, exc, delay)
-                if await sleep_unless(self._stop_requested, delay):  # type: ignore[arg-type]
-                    raise ConnectionLostError("stopped before the broker answered") from None
-                continue
-            try:
-                await self._setup(connection)
-            except BaseException:
-                await connection.close()
-                raise
-            break
+    async def _connect(self, timeout: float | None = None, *, reconnect: bool = False) -> None:
+        connection = await connect_retrying(
+            self._open, who="worker", timeout=timeout, retry_auth=reconnect,
+            stop=self._stop_requested)
         self._connection = connection
         connection.closed.add_done_callback(partial(self._on_lost, connection, "connection"))
         # The broker closes the task channel alone on a consumer ack timeout or a bad publish
@@ -178,6 +161,17 @@ class Worker:
             partial(self._on_lost, connection, "task channel"))
         log.info("worker %s serving %s on %s (concurrency %d)", self.uuid,
                  ", ".join(sorted(self.tasks)), self.broker.safe_url, self.concurrency)
+
+    async def _open(self) -> Connection:
+        """One attempt: connect, declare, consume. A connection lost half-way is retried."""
+        connection = await Connection.open(self.broker)
+        try:
+            await self._setup(connection)
+        except BaseException:
+            self._consumers.clear()
+            await connection.close()
+            raise
+        return connection
 
     async def _setup(self, connection: Connection) -> None:
         channel = self._channel = await connection.channel()
@@ -213,7 +207,10 @@ class Worker:
         A lost connection or task channel is connected again, with backoff, as often as it
         takes. Returns :attr:`exit_reason`.
         """
-        await self.start()
+        try:
+            await self.start()
+        except Stopped:
+            return self.exit_reason  # stopped before the broker ever answered
         return await self._serve_started()
 
     async def _serve_started(self) -> str:
@@ -224,12 +221,14 @@ class Worker:
                 if stop.is_set():  # type: ignore[union-attr]
                     break
                 lost.clear()  # type: ignore[union-attr]
-                if self._connection is not None:
-                    await self._connection.close()
+                # Forget the old connection first: closing it must not count as a new loss.
+                old, self._connection = self._connection, None
+                if old is not None:
+                    await old.close()
                 try:
-                    await self._connect()
-                except ConnectionLostError:
-                    break  # a stop was requested while reconnecting
+                    await self._connect(reconnect=True)
+                except Stopped:
+                    break
         finally:
             await self.stop()
         return self.exit_reason
