@@ -4,10 +4,12 @@ Loaded as a pytest plugin by ``tests/test_faults.py`` (``pytest_plugins = ["faul
 its fixtures and its summary hook exist only when the fault tests are collected.
 
 - :class:`PrivateBroker` (fixture ``private_broker``, one per session): a RabbitMQ node of
-  its own (``crewfault@localhost``, AMQP 127.0.0.1:5682, distribution port 25682) whose home,
-  database, logs and config live in a temporary directory. Tests may kill, stop, restart,
-  alarm and cut it; the shared broker on 5672 is never touched. Its ``consumer_timeout`` is
-  15 s (ticked every 5 s) so that the ack timeout can be tested in seconds.
+  its own (``crewfault@localhost``, AMQP 127.0.0.1:5682, distribution port 25682; started,
+  stopped and killed by :class:`brokernode.PrivateNode`) whose home, database, logs and
+  config live in a temporary directory. Tests may kill, stop, restart, alarm and cut it; the
+  shared broker on 5672 is never touched. Its ``consumer_timeout`` is 15 s (ticked every
+  5 s) so that the ack timeout can be tested in seconds. This module adds the session lock,
+  the clean-up of a node a killed session left running, and the fault helpers.
 - :class:`FaultProxy`: a TCP proxy in a thread of its own, between a client and the node,
   that passes, black-holes (no FIN, no RST), resets (RST) or refuses connections.
 - :class:`WorkerProcess` (fixture ``fault_workers``): ``python script.py`` running crew's
@@ -30,7 +32,6 @@ import itertools
 import json
 import os
 import re
-import selectors
 import shutil
 import signal
 import socket
@@ -48,6 +49,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from brokernode import (NodeStartError, PrivateNode, pids_with_environ_containing,
+                        rabbitmq_sbin)
 from crew import Client, CrewError
 
 TESTS = Path(__file__).resolve().parent
@@ -58,8 +61,6 @@ ROOT = TESTS.parent
 AMQP_PORT = int(os.environ.get("CREW_FAULT_PORT") or 5682)
 DIST_PORT = AMQP_PORT + 20000
 NODE = "crewfault@localhost" if AMQP_PORT == 5682 else f"crewfault{AMQP_PORT}@localhost"
-#: Seconds the node may take to boot (it usually answers after about 7).
-BOOT_TIMEOUT = 60.0
 #: The node's ack timeout (ms) and how often channels check it (ms).
 CONSUMER_TIMEOUT_MS = 15000
 CHANNEL_TICK_MS = 5000
@@ -68,171 +69,15 @@ CHANNEL_TICK_MS = 5000
 # --- the private node ----------------------------------------------------------------------
 
 
-def _rabbitmq_sbin() -> Path | None:
-    """The directory of the real rabbitmq-server script (not Debian's wrapper, which switches
-    to the rabbitmq user and drops the environment that makes the node private)."""
-    candidates = [os.environ.get("CREW_FAULT_RABBITMQ_SBIN"), "/usr/lib/rabbitmq/bin"]
-    found = shutil.which("rabbitmq-server")
-    if found:
-        candidates.append(os.path.dirname(found))
-    for folder in filter(None, candidates):
-        script = Path(folder) / "rabbitmq-server"
-        if script.exists() and "script-wrapper" not in os.path.realpath(script):
-            return Path(folder)
-    return None
-
-
-class BrokerStartError(RuntimeError):
-    """The private node did not come up."""
-
-
-class PrivateBroker:
-    """A RabbitMQ node of our own, in ``base`` (a temporary directory)."""
+class PrivateBroker(PrivateNode):
+    """The fault tests' node (:class:`brokernode.PrivateNode`), in ``base`` (a temporary
+    directory): its ack timeout is short, and it can be alarmed and its connections closed."""
 
     def __init__(self, base: Path, sbin: Path) -> None:
-        self.base = base
-        self.sbin = sbin
-        self.url = f"amqp://guest:guest@127.0.0.1:{AMQP_PORT}/"
-        self.port = AMQP_PORT
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_dir = base / "log"
-        self.server_out = base / "server.out"
-        self.starts = 0
-        for sub in ("home", "mnesia", "log"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq-env.conf").write_text("# private node: nothing from /etc\n")
-        (base / "rabbitmq.conf").write_text(textwrap.dedent(f"""\
-            listeners.tcp.local = 127.0.0.1:{AMQP_PORT}
-            consumer_timeout = {CONSUMER_TIMEOUT_MS}
-            loopback_users.guest = true
-            log.file.level = info
-            log.console = false
-        """))
-        (base / "advanced.config").write_text(
-            f"[{{rabbit, [{{channel_tick_interval, {CHANNEL_TICK_MS}}}]}}].\n")
-        self.env = dict(os.environ)
-        self.env.update({
-            "HOME": str(base / "home"),
-            # Debian's /etc/rabbitmq/rabbitmq-env.conf names the shared node: not ours.
-            "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-            "RABBITMQ_NODENAME": NODE,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(AMQP_PORT),
-            "RABBITMQ_DIST_PORT": str(DIST_PORT),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.log_dir),
-            "RABBITMQ_PID_FILE": str(base / "node.pid"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-        })
-        self.env.pop("ERL_FLAGS", None)
-
-    # lifecycle
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self, timeout: float = BOOT_TIMEOUT) -> None:
-        """Start the node in a session of its own and return once it speaks AMQP."""
-        if self.running:
-            raise RuntimeError("the private node is already running")
-        with contextlib.suppress(FileNotFoundError):
-            (self.base / "node.pid").unlink()
-        out = open(self.server_out, "ab")
-        try:
-            # A session (and process group) of its own, like `setsid rabbitmq-server`: the
-            # process is held here (not -detached), and kill9() reaches every process in it.
-            self.process = subprocess.Popen([str(self.sbin / "rabbitmq-server")], env=self.env,
-                                            cwd=self.base, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            out.close()
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        self._await_boot(deadline)
-        self._await_amqp(deadline)
-
-    def _await_boot(self, deadline: float) -> None:
-        """``rabbitmqctl wait`` (pid file, then the rabbit app), racing the server's exit."""
-        waiter = subprocess.Popen(
-            [str(self.sbin / "rabbitmqctl"), "-n", NODE, "wait", str(self.base / "node.pid"),
-             "--timeout", str(int(deadline - time.monotonic()))],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert self.process is not None
-        try:
-            _wait_first_exit([waiter, self.process], deadline - time.monotonic())
-        finally:
-            if waiter.poll() is None:
-                waiter.kill()
-            output = waiter.communicate()[0].decode(errors="replace")
-        if self.process.poll() is not None:
-            raise BrokerStartError(f"rabbitmq-server exited with {self.process.returncode} "
-                                   f"while booting\n{self.log_tail()}")
-        if waiter.returncode != 0:
-            self.kill9()
-            raise BrokerStartError(f"the private node did not boot within the time allowed "
-                                   f"(rabbitmqctl wait: {output.strip()[-500:]})\n"
-                                   f"{self.log_tail()}")
-
-    def _await_amqp(self, deadline: float) -> None:
-        """Check the listener: it must answer the AMQP 0-9-1 header with Connection.Start."""
-        try:
-            with socket.create_connection(("127.0.0.1", AMQP_PORT),
-                                          timeout=max(1.0, deadline - time.monotonic())) as s:
-                s.sendall(b"AMQP\x00\x00\x09\x01")
-                frame = s.recv(7)
-        except OSError as exc:
-            raise BrokerStartError(f"the private node booted but port {AMQP_PORT} does not "
-                                   f"answer: {exc}\n{self.log_tail()}") from None
-        if not frame.startswith(b"\x01\x00\x00"):
-            raise BrokerStartError(f"port {AMQP_PORT} did not answer like AMQP: {frame!r}")
-
-    def kill9(self) -> None:
-        """SIGKILL every process of the node's session, as a crash would."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-        self._kill_strays()
-
-    def stop(self) -> None:
-        """Stop the node cleanly (``rabbitmqctl stop``), else kill it."""
-        if not self.running:
-            self._kill_strays()
-            return
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            self.ctl("stop", str(self.base / "node.pid"), timeout=60)
-        assert self.process is not None
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill9()
-
-    def _kill_strays(self) -> None:
-        """Helpers the VM started in sessions of their own (erl_child_setup, inet_gethost,
-        the disk monitor) exit when the VM dies; kill any that outlived it."""
-        marker = str(self.base).encode()
-        for pid in _pids_with_environ_containing(marker):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-    # rabbitmqctl
-
-    def ctl(self, *args: str, timeout: float = 60) -> str:
-        """``rabbitmqctl -n crewfault@localhost ARGS``; its output, or raise with it."""
-        done = subprocess.run([str(self.sbin / "rabbitmqctl"), "-n", NODE, "-q", *args],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({done.returncode}): "
-                               f"{(done.stderr or done.stdout).strip()[-800:]}")
-        return done.stdout
+        super().__init__(
+            base, sbin, NODE, AMQP_PORT, DIST_PORT,
+            conf=[f"consumer_timeout = {CONSUMER_TIMEOUT_MS}"],
+            advanced=f"[{{rabbit, [{{channel_tick_interval, {CHANNEL_TICK_MS}}}]}}].\n")
 
     def queues(self) -> list[tuple[str, int, int, int]]:
         """Every queue as ``(name, messages_ready, messages_unacknowledged, consumers)``."""
@@ -288,46 +133,9 @@ class PrivateBroker:
                 return rows
             time.sleep(1.0)
 
-    def log_tail(self, lines: int = 30) -> str:
-        parts = []
-        for path in [self.server_out, *sorted(self.log_dir.glob("*.log"))]:
-            with contextlib.suppress(OSError):
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-                parts.append(f"--- {path.name} (last {len(tail)} lines)\n" + "\n".join(tail))
-        return "\n".join(parts) or "(no log)"
 
 
 _CONNECTION_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')
-
-
-def _wait_first_exit(processes: list[subprocess.Popen[Any]], timeout: float) -> None:
-    """Block until one of ``processes`` exits or ``timeout`` passes (pidfds, no polling)."""
-    sel = selectors.DefaultSelector()
-    fds = []
-    try:
-        for p in processes:
-            if p.poll() is not None:
-                return
-            fd = os.pidfd_open(p.pid)
-            fds.append(fd)
-            sel.register(fd, selectors.EVENT_READ)
-        sel.select(max(0.0, timeout))
-    finally:
-        sel.close()
-        for fd in fds:
-            os.close(fd)
-
-
-def _pids_with_environ_containing(marker: bytes) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker in f.read():
-                    found.append(int(entry))
-    return found
 
 
 @pytest.fixture(scope="session")
@@ -337,7 +145,7 @@ def private_broker() -> Iterator[PrivateBroker]:
     A test that stops or kills it must start it again before it ends; the fixture
     ``broker`` (function scope) checks that and restarts it if a test failed midway.
     """
-    sbin = _rabbitmq_sbin()
+    sbin = rabbitmq_sbin(os.environ.get("CREW_FAULT_RABBITMQ_SBIN"))
     if sbin is None:
         pytest.skip("fault tests need rabbitmq-server installed (a private node is started "
                     f"on 127.0.0.1:{AMQP_PORT}); set CREW_FAULT_RABBITMQ_SBIN to its sbin folder")
@@ -359,7 +167,7 @@ def private_broker() -> Iterator[PrivateBroker]:
     try:
         try:
             node.start()
-        except BrokerStartError as exc:
+        except NodeStartError as exc:
             pytest.fail(str(exc), pytrace=False)
         yield node
     finally:
@@ -391,7 +199,7 @@ def _reap_stale_nodes() -> int:
     such process is killed by its pid (never by group or name) and the home deleted.
     Returns how many processes were killed."""
     homes, killed = set(), 0
-    for pid in _pids_with_environ_containing(f"RABBITMQ_NODENAME={NODE}\0".encode()):
+    for pid in pids_with_environ_containing(f"RABBITMQ_NODENAME={NODE}\0".encode()):
         with contextlib.suppress(OSError):
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)

@@ -17,17 +17,13 @@ reason, when ``rabbitmq-server`` or ``openssl`` is missing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +32,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
+from brokernode import PrivateNode, rabbitmq_sbin
 from crew import BrokerSettings, Client, ConnectionLostError
 
 #: Seconds a node may take to boot (about 7 on this kind of machine, two at once a bit more).
@@ -119,119 +116,31 @@ def make_pki(folder: Path) -> Pki:
 # --- private TLS nodes ---------------------------------------------------------------------
 
 
-def _rabbitmq_sbin() -> Path | None:
-    """The directory of the real rabbitmq-server script: Debian's /usr/sbin one is a wrapper
-    that switches to the rabbitmq user and drops the environment that makes a node private."""
-    found = shutil.which("rabbitmq-server")
-    for folder in ["/usr/lib/rabbitmq/bin", os.path.dirname(found) if found else None]:
-        if folder and (Path(folder) / "rabbitmq-server").exists() and "script-wrapper" not in (
-                os.path.realpath(Path(folder) / "rabbitmq-server")):
-            return Path(folder)
-    return None
-
-
-class TlsNode:
-    """A RabbitMQ node of its own in ``base``, with a TLS listener; held in its own session."""
+class TlsNode(PrivateNode):
+    """A private node (:class:`brokernode.PrivateNode`) with a TLS listener as well."""
 
     def __init__(self, base: Path, sbin: Path, name: str, amqp_port: int, tls_port: int,
                  dist_port: int, pki: Pki, require_client_cert: bool) -> None:
-        self.base, self.sbin, self.name, self.tls_port = base, sbin, name, tls_port
-        self.process: subprocess.Popen[bytes] | None = None
-        for sub in ("home", "mnesia", "log"):
-            (base / sub).mkdir(parents=True)
-        cookie = base / "home" / ".erlang.cookie"  # before anything starts: no race on it
-        cookie.write_text(secrets.token_hex(16).upper())
-        cookie.chmod(0o400)
-        (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq-env.conf").write_text("# private node: nothing from /etc\n")
-        (base / "advanced.config").write_text("[].\n")
-        (base / "rabbitmq.conf").write_text(textwrap.dedent(f"""\
-            listeners.tcp.local = 127.0.0.1:{amqp_port}
-            listeners.ssl.local = 127.0.0.1:{tls_port}
-            ssl_options.cacertfile = {pki.ca}
-            ssl_options.certfile = {pki.server_cert}
-            ssl_options.keyfile = {pki.server_key}
-            ssl_options.verify = verify_peer
-            ssl_options.fail_if_no_peer_cert = {str(require_client_cert).lower()}
-            loopback_users.guest = true
-            log.file.level = info
-            log.console = false
-        """))
-        self.env = {**os.environ,
-                    "HOME": str(base / "home"),
-                    "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-                    "RABBITMQ_NODENAME": name,
-                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-                    "RABBITMQ_NODE_PORT": str(amqp_port),
-                    "RABBITMQ_DIST_PORT": str(dist_port),
-                    "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-                    "RABBITMQ_LOG_BASE": str(base / "log"),
-                    "RABBITMQ_PID_FILE": str(base / "node.pid"),
-                    "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-                    "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-                    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS":
-                        "-kernel inet_dist_use_interface {127,0,0,1}",
-                    "ERL_EPMD_ADDRESS": "127.0.0.1"}
-        self.env.pop("ERL_FLAGS", None)
-
-    def start(self) -> None:
-        with open(self.base / "server.out", "wb") as out:
-            self.process = subprocess.Popen(  # like `setsid rabbitmq-server`, held here
-                [str(self.sbin / "rabbitmq-server")], env=self.env, cwd=self.base,
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+        super().__init__(base, sbin, name, amqp_port, dist_port, conf=[
+            f"listeners.ssl.local = 127.0.0.1:{tls_port}",
+            f"ssl_options.cacertfile = {pki.ca}",
+            f"ssl_options.certfile = {pki.server_cert}",
+            f"ssl_options.keyfile = {pki.server_key}",
+            "ssl_options.verify = verify_peer",
+            f"ssl_options.fail_if_no_peer_cert = {str(require_client_cert).lower()}",
+        ])
+        self.tls_port = tls_port
 
     def wait_ready(self, timeout: float) -> None:
-        """``rabbitmqctl wait`` (bounded), then one TLS handshake on the listener."""
-        try:
-            self.ctl("wait", str(self.base / "node.pid"), "--timeout", str(int(timeout)),
-                     timeout=timeout + 10)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            raise RuntimeError(f"{self.name} did not boot: {exc}\n{self.log_tail()}") from None
+        """Booted and speaking AMQP (:meth:`PrivateNode.wait_ready`), then one TLS handshake
+        on the TLS listener."""
+        super().wait_ready(timeout)
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         with socket.create_connection(("127.0.0.1", self.tls_port), timeout=10) as raw:
             with context.wrap_socket(raw):
                 pass  # the handshake succeeded (a node requiring a client cert may close
                 # the connection after it, which is fine here)
-
-    def ctl(self, *args: str, timeout: float = 60) -> str:
-        done = subprocess.run([str(self.sbin / "rabbitmqctl"), "-n", self.name, "-q", *args],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {args[0]}: {(done.stderr or done.stdout)[-500:]}")
-        return done.stdout
-
-    def stop(self) -> None:
-        """SIGTERM to the node's process group, SIGKILL if it lingers, then any helper the
-        VM started in a session of its own (found by this node's directory in its
-        environment)."""
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
-        marker = str(self.base).encode()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if marker in f.read():
-                        os.kill(int(entry), signal.SIGKILL)
-
-    def log_tail(self, lines: int = 20) -> str:
-        parts = []
-        for path in [self.base / "server.out", *sorted((self.base / "log").glob("*.log"))]:
-            with contextlib.suppress(OSError):
-                parts.append(f"--- {path.name}\n" + "\n".join(
-                    path.read_text(errors="replace").splitlines()[-lines:]))
-        return "\n".join(parts)
 
 
 @dataclass(frozen=True)
@@ -247,7 +156,7 @@ class TlsSetup:
 
 @pytest.fixture(scope="session")
 def tls() -> Iterator[TlsSetup]:
-    sbin = _rabbitmq_sbin()
+    sbin = rabbitmq_sbin()
     if sbin is None:
         pytest.skip("rabbitmq-server is not installed: no private TLS node")
     if shutil.which("openssl") is None:
@@ -261,7 +170,7 @@ def tls() -> Iterator[TlsSetup]:
                  TlsNode(base / "required", sbin, "crewmtls@localhost", 5687, 5688, 25688, pki,
                          require_client_cert=True)]
         for node in nodes:  # both boot at once
-            node.start()
+            node.launch()
         end = time.monotonic() + BOOT_TIMEOUT
         for node in nodes:
             node.wait_ready(max(5.0, end - time.monotonic()))
