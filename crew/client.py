@@ -20,6 +20,7 @@ is not thread-safe: use it from the thread that runs its event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -116,6 +117,11 @@ class Client(PubSub):
         #: None before connect() and after close(); the task that (re)connects otherwise.
         self._connector: asyncio.Task[None] | None = None
         self._closing = False
+        # Correlation ids: a random prefix per client and a counter, unique and cheaper
+        # than a uuid4 per call.
+        self._id_prefix = f"{uuid.uuid4().hex[:16]}."
+        self._call_numbers = itertools.count(1)
+        self._task_names: set[str] = set()
 
     # --- connection --------------------------------------------------------------------
 
@@ -224,7 +230,8 @@ class Client(PubSub):
         cannot be sent or a reply that cannot be read. Cancelling the awaiting coroutine
         cancels the call: a running job is interrupted, a queued one never starts.
         """
-        protocol.validate_task_name(task)
+        if task not in self._task_names:  # validated once per name, not on every call
+            self._task_names.add(protocol.validate_task_name(task))
         protocol.validate_priority(priority)
         seconds = protocol.validate_expiration(self.expiration if expiration is None
                                                else expiration)
@@ -233,7 +240,7 @@ class Client(PubSub):
         if self._connector is None and not self.connected:
             raise ConnectionLostError("the client is not connected; call connect() first")
         loop = asyncio.get_running_loop()
-        correlation_id = uuid.uuid4().hex
+        correlation_id = f"{self._id_prefix}{next(self._call_numbers)}"
         deadline_ms = protocol.now_ms() + protocol.seconds_to_ms(seconds)
         call = _Call(task, loop.create_future(), deadline_ms, retry)
         user_headers[protocol.DEADLINE_HEADER] = deadline_ms

@@ -80,7 +80,10 @@ class CallHandler(BodyHandler):
     async def post(self, task: str) -> None:
         if self.refused:
             return
-        options: dict[str, Any] = {}
+        # Transient: the reply can only reach this process's reply queue, which a broker
+        # restart deletes; a persisted call would run after the restart for no one (and
+        # persisting costs the broker a disk write per call).
+        options: dict[str, Any] = {"persistent": False}
         with bad_request():
             protocol.validate_task_name(task)
             if (priority := self.get_query_argument("priority", None)) is not None:

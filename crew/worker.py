@@ -122,6 +122,9 @@ class Worker:
         self._jobs: dict[tuple[str, str], Job] = {}
         self._cancelled: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._threads = JobThreads(concurrency, f"crew-job-{self.uuid[:6]}", self._job_done)
+        self._finished: list[tuple[Job, Reply]] = []
+        self._finished_lock = threading.Lock()
+        self._finished_scheduled = False
         self._idle: asyncio.Event | None = None
         self._stop_requested: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
@@ -409,8 +412,28 @@ class Worker:
     # --- ending jobs -------------------------------------------------------------------
 
     def _job_done(self, job: Job, reply: Reply) -> None:
-        """A job finished (called from its thread or coroutine)."""
-        self._call_in_loop(self._answer, job, reply)
+        """A job finished (called from its thread or coroutine): queue its reply for the loop.
+
+        Replies finished while the loop is busy go out in one batch, so a busy worker wakes
+        its loop once per batch rather than once per job.
+        """
+        with self._finished_lock:
+            self._finished.append((job, reply))
+            if self._finished_scheduled:
+                return
+            self._finished_scheduled = True
+        try:
+            self._call_in_loop(self._answer_finished)
+        except (ConnectionLostError, RuntimeError):  # the worker stopped and its loop closed
+            log.info("job %r of task %s ended after the worker stopped; not acknowledged, "
+                     "the broker redelivers it", job.correlation_id, job.task)
+
+    def _answer_finished(self) -> None:
+        with self._finished_lock:
+            batch, self._finished = self._finished, []
+            self._finished_scheduled = False
+        for job, reply in batch:
+            self._answer(job, reply)
 
     def _on_deadline(self, job: Job) -> None:
         if job.answered:

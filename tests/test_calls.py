@@ -262,3 +262,11 @@ async def test_a_header_value_amqp_cannot_carry_becomes_an_error_reply(make_work
     with pytest.raises(RemoteError):
         await client.call(f"bad.{uid}", expiration=10)
     assert await client.call(f"echo.{uid}", "fine") == "fine"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_connections_read_large_frames_in_one_go(client):
+    """pika reads 4 KiB per recv() and copies its buffer on each: crew widens the reads on
+    its connections (a 2x speed-up for 1 MB bodies, measured in bench/)."""
+    transport = client._connection._connection._transport
+    assert transport._MAX_RECV_BYTES >= 128 * 1024

@@ -1,0 +1,143 @@
+"""The reference: the minimal pika RPC loop, ``BlockingConnection`` on both sides.
+
+Worker: consume with prefetch 64, publish the body back to ``reply_to`` with the call's
+``correlation_id``, ack. Caller: publish with ``reply_to`` and ``correlation_id`` to a
+non-durable queue (transient messages, no confirms), wait in ``process_data_events``.
+
+``python bench/raw_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from typing import Any, Callable
+
+import common  # noqa: F401  (puts the repository on sys.path)
+import pika
+from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, announce_ready,
+                    compressible_text, orders, random_bytes, rss_mib)
+
+
+def worker(spec: dict[str, Any]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    channel = connection.channel()
+    channel.queue_declare(spec["queue"], durable=False)
+    channel.basic_qos(prefetch_count=PREFETCH)
+
+    def on_request(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
+        ch.basic_publish("", props.reply_to, body,
+                         pika.BasicProperties(correlation_id=props.correlation_id))
+        ch.basic_ack(method.delivery_tag)
+
+    channel.basic_consume(spec["queue"], on_request)
+    announce_ready()
+    try:
+        channel.start_consuming()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+
+
+class Caller:
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.connection = pika.BlockingConnection(pika.URLParameters(URL))
+        self.channel = self.connection.channel()
+        result = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        self.reply_queue = result.method.queue
+        self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+        self.waiting: dict[str, Callable[[bytes], None]] = {}
+
+    def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties,
+                  body: bytes) -> None:
+        on_reply = self.waiting.pop(props.correlation_id, None)
+        if on_reply is not None:
+            on_reply(body)
+
+    def publish(self, body: bytes, on_reply: Callable[[bytes], None]) -> None:
+        correlation_id = uuid.uuid4().hex
+        self.waiting[correlation_id] = on_reply
+        self.channel.basic_publish("", self.queue, body, pika.BasicProperties(
+            reply_to=self.reply_queue, correlation_id=correlation_id))
+
+    def call(self, body: bytes) -> bytes:
+        replies: list[bytes] = []
+        self.publish(body, replies.append)
+        while not replies:
+            self.connection.process_data_events(time_limit=None)
+        return replies[0]
+
+    def sequential(self, body: bytes, calls: int) -> list[float]:
+        samples = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            self.call(body)
+            samples.append(time.perf_counter() - started)
+        return samples
+
+    def in_flight(self, body: bytes, calls: int, in_flight: int) -> None:
+        state = {"to_send": calls, "done": 0}
+
+        def on_reply(_body: bytes) -> None:
+            state["done"] += 1
+            if state["to_send"]:
+                state["to_send"] -= 1
+                self.publish(body, on_reply)
+
+        for _ in range(min(in_flight, calls)):
+            state["to_send"] -= 1
+            self.publish(body, on_reply)
+        while state["done"] < calls:
+            self.connection.process_data_events(time_limit=None)
+
+
+def caller(spec: dict[str, Any]) -> None:
+    rec = Recorder(spec["worker_pid"])
+    rpc = Caller(spec["queue"])
+    small = random_bytes(SMALL_BYTES)
+    warmup = spec["warmup"]
+    if spec.get("memory"):
+        memory(rpc, rec, spec["memory"], small)
+        rec.emit()
+        return
+    rpc.in_flight(small, warmup, PREFETCH)
+    rpc.sequential(small, warmup)
+    mark, started = rec.cpu_mark(), time.perf_counter()
+    rec.latency("sequential 100 B", started, rpc.sequential(small, spec["seq"]))
+    rec.cpu("sequential 100 B", mark, spec["seq"])
+    mark, started = rec.cpu_mark(), time.perf_counter()
+    rpc.in_flight(small, spec["inflight_calls"], PREFETCH)
+    rec.throughput("64 in flight 100 B", started, spec["inflight_calls"])
+    rec.cpu("64 in flight 100 B", mark, spec["inflight_calls"])
+    for workload, body in (("1 MB random", random_bytes(LARGE_BYTES)),
+                           ("1 MB text", compressible_text(LARGE_BYTES).encode())):
+        rpc.sequential(body, max(1, warmup // 20))
+        mark, started = rec.cpu_mark(), time.perf_counter()
+        rpc.sequential(body, spec["large"])
+        rec.throughput(workload, started, spec["large"])
+        rec.cpu(workload, mark, spec["large"])
+    rpc.connection.close()
+    rec.emit()
+
+
+def memory(rpc: Caller, rec: Recorder, spec: dict[str, Any], body: bytes) -> None:
+    worker_pid = rec.worker_pid
+    rpc.in_flight(body, spec["warmup"], PREFETCH)
+    before = rss_mib(worker_pid), rss_mib(os.getpid())
+    rpc.in_flight(body, spec["calls"], PREFETCH)
+    after = rss_mib(worker_pid), rss_mib(os.getpid())
+    record_memory(rec, spec["calls"], before, after)
+
+
+def record_memory(rec: Recorder, calls: int, before: tuple[float, float],
+                  after: tuple[float, float]) -> None:
+    for side, start, end in (("worker", before[0], after[0]), ("client", before[1], after[1])):
+        rec.add("memory", f"{side} MiB after warm-up", start)
+        rec.add("memory", f"{side} MiB after {calls} calls", end)
+        rec.add("memory", f"{side} growth %", 100 * (end - start) / start)
+
+
+if __name__ == "__main__":
+    {"worker": worker, "caller": caller}[sys.argv[1]](orders())

@@ -1,0 +1,479 @@
+"""crew's benchmark (issue 7): ``python bench/run.py`` (about 10 minutes) or ``--quick``.
+
+Measures, in one run and side by side, each system's worker in one process and its caller in
+another, against the RabbitMQ at ``$BENCH_URL`` (default guest on 127.0.0.1:5672):
+
+- **raw**: the minimal pika RPC loop, ``BlockingConnection`` on both sides, transient
+  messages, prefetch 64 (``bench/raw_rpc.py``): the reference every ratio is taken to;
+- **crew transient**: ``crew.Worker`` (concurrency 64, so prefetch 64) serving a plain
+  ``def`` echo, ``crew.Client.call(..., persistent=False)`` (``bench/crew_rpc.py``);
+- **crew default**: the same with crew's defaults (concurrency 1, persistent calls);
+- **aio-pika**: ``aio_pika.patterns.RPC``, transient, no confirms, prefetch 64
+  (``bench/aiopika_rpc.py``; skipped with a note when aio-pika is not installed:
+  ``pip install -r bench/requirements.txt``).
+
+Workloads: 2000 sequential calls of 100 bytes; 5000 calls with 64 in flight; 200 sequential
+calls of 1 MB of random bytes and 200 of 1 MB of compressible text; HTTP ``POST
+/call/<task>`` through ``crew.gateway`` against the same handler answering inline
+(``bench/http_load.py``); how late ``TimeoutError`` and ``ExpirationError`` arrive after a
+0.2 s deadline; worker and client RSS after 50 000 calls against after warm-up.
+
+The systems run one after another, interleaved in rounds (raw, crew, ..., raw, crew, ...),
+and each figure is the median of its rounds, so background load hits all alike. The table
+shows each figure with its ratio to raw in the same run (to the inline handler for HTTP);
+``bench/results.json`` gets the same rows. Queues get a run id in their names and are all
+deleted at the end. See docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import common
+import experiments
+import http_load
+import pika
+from common import BENCH, READY, RESULT, URL, median
+
+from crew import protocol
+
+#: Workload sizes of the full run and of ``--quick`` (a smoke test: no figure means much).
+FULL = {"warmup": 200, "seq": 2000, "inflight_calls": 5000, "large": 200, "deadline": 30,
+        "rounds": 5, "http_seconds": 5.0, "memory_warmup": 5000, "memory_calls": 50_000}
+QUICK = {"warmup": 10, "seq": 20, "inflight_calls": 128, "large": 3, "deadline": 2,
+         "rounds": 1, "http_seconds": 1.0, "memory_warmup": 100, "memory_calls": 300}
+HTTP_CONNECTIONS = 32
+REFERENCE = "raw"
+HTTP_REFERENCE = "inline handler"
+AIO_PIKA_MISSING = ("aio-pika is not installed: its rows are skipped. Install it with "
+                    "`pip install -r bench/requirements.txt` (or `pip install aio-pika`).")
+
+
+class Names:
+    """Every queue and task name of one run, each with the run id in it."""
+
+    def __init__(self, run_id: str) -> None:
+        self.raw_queue = f"bench.raw.{run_id}"
+        self.aio_queue = f"bench.aiopika.{run_id}"
+        self.aio_idle = f"bench.aiopika.idle.{run_id}"
+        self.run_id = run_id
+        self.crew_tasks: dict[str, tuple[str, str]] = {}
+        self.crew_idle = f"bench-{run_id}-idle"
+
+    def crew(self, kind: str) -> tuple[str, str]:
+        """The echo and spin tasks of one crew system."""
+        return self.crew_tasks.setdefault(
+            kind, (f"bench-{self.run_id}-{kind}-echo", f"bench-{self.run_id}-{kind}-spin"))
+
+    def queues(self) -> list[str]:
+        tasks = [t for pair in self.crew_tasks.values() for t in pair] + [self.crew_idle]
+        return ([self.raw_queue, self.aio_queue, self.aio_idle]
+                + [protocol.task_queue(t) for t in tasks])
+
+
+def systems(names: Names, sizes: dict[str, Any], with_aio: bool,
+            patch_sets: list[list[str]], only: set[str] | None,
+            experiment_deadlines: bool = False) -> dict[str, dict[str, Any]]:
+    """Each system: its module, what its worker and its caller are told. ``patch_sets``
+    add "crew transient +<patches>" systems (bench/experiments.py); ``only`` keeps those
+    systems (and raw, the reference)."""
+    common_orders = {k: sizes[k] for k in ("warmup", "seq", "inflight_calls", "large")}
+
+    def crew_system(kind: str, concurrency: int, persistent: bool, deadline: bool,
+                    patches: list[str] | None = None) -> dict[str, Any]:
+        task, spin = names.crew(kind)
+        return {"module": "crew_rpc.py",
+                "worker": {"task": task, "spin": spin, "concurrency": concurrency,
+                           "patches": patches or []},
+                "caller": {**common_orders, "task": task, "spin": spin, "idle": names.crew_idle,
+                           "persistent": persistent, "patches": patches or [],
+                           "deadline": sizes["deadline"] if deadline else 0}}
+
+    found = {
+        "raw": {"module": "raw_rpc.py", "worker": {"queue": names.raw_queue},
+                "caller": {**common_orders, "queue": names.raw_queue}},
+        "crew transient": crew_system("transient", common.PREFETCH, False, True),
+        "crew default": crew_system("default", 1, True, False),
+    }
+    if with_aio:
+        found["aio-pika"] = {"module": "aiopika_rpc.py", "worker": {"queue": names.aio_queue},
+                             "caller": {**common_orders, "queue": names.aio_queue,
+                                        "idle": names.aio_idle, "deadline": sizes["deadline"]}}
+    if only is not None:
+        found = {name: spec for name, spec in found.items() if name in only or name == "raw"}
+    for number, patches in enumerate(patch_sets):
+        found["crew transient +" + "+".join(patches)] = crew_system(
+            f"x{number}", common.PREFETCH, False, experiment_deadlines, patches)
+    return found
+
+
+# --- child processes --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def child(module: str, role: str, orders: dict[str, Any], log: IO[str]) -> Iterator[Any]:
+    """A worker or server process, from the moment it prints READY until it is stopped."""
+    proc = subprocess.Popen([sys.executable, str(BENCH / module), role, json.dumps(orders)],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    watchdog.cancel()
+    try:
+        if line.strip() != READY:
+            raise RuntimeError(f"{module} {role} did not start (see {log.name})")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+def run_caller(module: str, orders: dict[str, Any], log: IO[str]) -> list[dict[str, Any]]:
+    done = subprocess.run([sys.executable, str(BENCH / module), "caller", json.dumps(orders)],
+                          stdout=subprocess.PIPE, stderr=log, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} caller failed with status {done.returncode} "
+                           f"(see {log.name})")
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    raise RuntimeError(f"{module} caller printed no result (see {log.name})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the run ----------------------------------------------------------------------------
+
+Samples = dict[tuple[str, str, str], list[float]]
+
+
+#: What went wrong, one line per failed system and round; the run goes on without them.
+failures: list[str] = []
+
+
+@contextlib.contextmanager
+def step(name: str) -> Iterator[None]:
+    """Print how long ``name`` took; a failure is reported and recorded, not raised."""
+    print(f"  {name} ...", end="", flush=True)
+    started = time.monotonic()
+    try:
+        yield
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        failures.append(f"{name}: {exc}")
+        print(f" FAILED: {exc}", flush=True)
+    else:
+        print(f" {time.monotonic() - started:.0f} s", flush=True)
+
+
+def rpc_round(found: dict[str, dict[str, Any]], samples: Samples, log: IO[str]) -> None:
+    for system, spec in found.items():
+        with step(system), child(spec["module"], "worker", spec["worker"], log) as worker:
+            orders = {**spec["caller"], "worker_pid": worker.pid}
+            for row in run_caller(spec["module"], orders, log):
+                samples[system, row["workload"], row["figure"]].append(row["value"])
+            # The 1 MB bodies leave their mark on the worker's heap.
+            samples[system, "memory", "worker MiB after the workloads"].append(
+                common.rss_mib(worker.pid))
+
+
+def http_round(names: Names, sizes: dict[str, Any], patch_sets: list[list[str]],
+               samples: Samples, log: IO[str]) -> None:
+    """The inline handler, then the gateway (and one gateway per patch set, its worker and
+    server patched alike), each under the same load."""
+    task, spin = names.crew("http")
+    workload = f"HTTP POST /call, {HTTP_CONNECTIONS} connections"
+    variants = [(HTTP_REFERENCE, "inline", []), ("crew gateway", "gateway", [])] + [
+        ("crew gateway +" + "+".join(patches), "gateway", patches) for patches in patch_sets]
+    for system, mode, patches in variants:
+        worker = {"task": task, "spin": spin, "concurrency": common.PREFETCH,
+                  "patches": patches}
+        port = free_port()
+        with step(f"http, {system}"), contextlib.ExitStack() as stack:
+            pids = {}
+            if mode == "gateway":
+                pids["worker"] = stack.enter_context(
+                    child("crew_rpc.py", "worker", worker, log)).pid
+            pids["server"] = stack.enter_context(child(
+                "http_load.py", "serve", {"mode": mode, "port": port, "patches": patches},
+                log)).pid
+            http_load.run_load(port, f"/call/{task}", HTTP_CONNECTIONS, 1)  # warm-up
+            before = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
+            figures = http_load.run_load(port, f"/call/{task}", HTTP_CONNECTIONS,
+                                         sizes["http_seconds"])
+            requests = figures.pop("requests")
+            for name, pid in pids.items():
+                figures[f"{name} CPU us/request"] = (
+                    1e6 * (common.cpu_seconds(pid) - before[name]) / max(1, requests))
+            for figure, value in figures.items():
+                samples[system, workload, figure].append(value)
+
+
+def memory_phase(found: dict[str, dict[str, Any]], sizes: dict[str, Any], samples: Samples,
+                 log: IO[str]) -> None:
+    for system, spec in found.items():
+        if system == "crew default":
+            continue  # 50 000 persistent calls one at a time: long, and no target
+        with step(f"memory, {system}"), \
+                child(spec["module"], "worker", spec["worker"], log) as worker:
+            orders = {**spec["caller"], "worker_pid": worker.pid, "memory": {
+                "warmup": sizes["memory_warmup"], "calls": sizes["memory_calls"]}}
+            for row in run_caller(spec["module"], orders, log):
+                samples[system, row["workload"], row["figure"]].append(row["value"])
+
+
+def delete_queues(names: list[str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        channel = connection.channel()
+        for name in names:
+            channel.queue_delete(name)
+    finally:
+        connection.close()
+
+
+# --- results ----------------------------------------------------------------------------
+
+def summarize(samples: Samples) -> list[dict[str, Any]]:
+    """One row per (system, workload, figure): the median of the rounds and its ratio to
+    the reference system (raw; the inline handler for HTTP) in the same run."""
+    values = {key: median(runs) for key, runs in samples.items()}
+    rows = []
+    for (system, workload, figure), value in values.items():
+        reference = HTTP_REFERENCE if workload.startswith("HTTP") else REFERENCE
+        base = values.get((reference, workload, figure))
+        ratio = (value / base if base and "growth" not in figure and figure != "errors"
+                 else None)
+        rows.append({"system": system, "workload": workload, "figure": figure,
+                     "value": value, "ratio": ratio, "rounds": len(samples[system, workload,
+                                                                           figure])})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Workloads down, systems across; each cell the value and its ratio to the reference."""
+    systems_seen = list(dict.fromkeys(row["system"] for row in rows))
+    cells = {(r["workload"], r["figure"], r["system"]): r for r in rows}
+    lines = []
+    for group in ("rpc", "http"):
+        columns = [s for s in systems_seen
+                   if any(r["system"] == s and r["workload"].startswith("HTTP") == (group == "http")
+                          for r in rows)]
+        keys = list(dict.fromkeys((r["workload"], r["figure"]) for r in rows
+                                  if r["workload"].startswith("HTTP") == (group == "http")))
+        if not keys:
+            continue
+        header = ["workload", "figure"] + columns
+        body = []
+        for workload, figure in keys:
+            line = [workload, figure]
+            for system in columns:
+                row = cells.get((workload, figure, system))
+                line.append("" if row is None else _cell(row))
+            body.append(line)
+        widths = [max(len(str(x[i])) for x in [header] + body) for i in range(len(header))]
+        lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for line in body:
+            lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any]) -> str:
+    value = abs(row["value"])
+    digits = 0 if value >= 100 else 1 if value >= 10 else 2
+    text = f"{row['value']:.{digits}f}"
+    return text if row["ratio"] is None else f"{text} ({row['ratio']:.2f}x)"
+
+
+def targets(rows: list[dict[str, Any]], sizes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's targets, each with the figures it was judged on and whether it holds."""
+    def get(system: str, workload: str, figure: str, key: str = "value") -> float | None:
+        for row in rows:
+            if (row["system"], row["workload"], row["figure"]) == (system, workload, figure):
+                return row[key]
+        return None
+
+    http = f"HTTP POST /call, {HTTP_CONNECTIONS} connections"
+    calls = sizes["memory_calls"]
+    checks = [
+        ("crew transient sequential calls/s >= 0.75x raw",
+         get("crew transient", "sequential 100 B", "calls/s", "ratio"), ">=", 0.75),
+        ("crew transient 64 in flight calls/s >= 0.75x raw",
+         get("crew transient", "64 in flight 100 B", "calls/s", "ratio"), ">=", 0.75),
+        ("crew transient 1 MB random calls/s >= 1.0x raw",
+         get("crew transient", "1 MB random", "calls/s", "ratio"), ">=", 1.0),
+        ("crew transient 1 MB text faster than 1 MB random (ratio text/random)",
+         _div(get("crew transient", "1 MB text", "calls/s"),
+              get("crew transient", "1 MB random", "calls/s")), ">", 1.0),
+        ("TimeoutError p99 <= 50 ms after the deadline",
+         get("crew transient", "TimeoutError late", "p99 ms"), "<=", 50.0),
+        ("ExpirationError p99 <= 50 ms after the deadline",
+         get("crew transient", "ExpirationError late", "p99 ms"), "<=", 50.0),
+        (f"crew worker RSS after {calls} calls within 10 % of after warm-up (growth %)",
+         get("crew transient", "memory", "worker growth %"), "<=", 10.0),
+        (f"crew client RSS after {calls} calls within 10 % of after warm-up (growth %)",
+         get("crew transient", "memory", "client growth %"), "<=", 10.0),
+        ("gateway HTTP requests/s >= 0.5x the inline handler",
+         get("crew gateway", http, "requests/s", "ratio"), ">=", 0.5),
+    ]
+    judged = []
+    for name, value, op, limit in checks:
+        holds = None if value is None else (value >= limit if op == ">=" else value > limit
+                                            if op == ">" else value <= limit)
+        judged.append({"target": name, "value": value, "limit": f"{op} {limit:g}",
+                       "holds": holds})
+    return judged
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info
+                    if line.startswith("model name")), cpu)
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    server = connection._impl.server_properties  # what the broker said at connection.start
+    connection.close()
+    versions = {}
+    for package in ("pika", "msgpack", "tornado", "aio-pika"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "crew commit": _git("rev-parse", "--short", "HEAD"),
+            "crew changed since": bool(_git("status", "--porcelain", "--", "crew")),
+            "nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
+            "python": platform.python_version(),
+            "rabbitmq": _text(server.get("version")), "erlang": _text(server.get("platform")),
+            **versions, "http load": http_load.load_generator(),
+            "load average": os.getloadavg()}
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=common.ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: a few calls per workload, one round, < 1 minute")
+    parser.add_argument("--rounds", type=int, help="rounds (default 5; 1 with --quick)")
+    parser.add_argument("--no-rpc", action="store_true",
+                        help="skip the RPC workloads (sequential, in flight, 1 MB, deadlines)")
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP workload")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory workload")
+    parser.add_argument("--out", type=Path, default=BENCH / "results.json",
+                        help="where the figures go (default bench/results.json)")
+    parser.add_argument("--experiment", action="append", default=[], metavar="PATCHES",
+                        help="add a 'crew transient +PATCHES' row: comma-separated patches "
+                             f"of bench/experiments.py ({', '.join(experiments.PATCHES)}); "
+                             "repeatable")
+    parser.add_argument("--experiment-deadlines", action="store_true",
+                        help="run the deadline workload (about 12 s a round) for the "
+                             "--experiment rows too")
+    parser.add_argument("--systems", metavar="NAMES",
+                        help="comma-separated systems to run besides raw (always) and the "
+                             "--experiment rows, e.g. 'crew transient,aio-pika'")
+    options = parser.parse_args()
+    patch_sets = [p.split(",") for p in options.experiment]
+    for name in {n for p in patch_sets for n in p} - experiments.PATCHES.keys():
+        parser.error(f"unknown patch {name!r}; known: {', '.join(experiments.PATCHES)}")
+    sizes = dict(QUICK if options.quick else FULL)
+    if options.rounds:
+        sizes["rounds"] = options.rounds
+    with_aio = importlib.util.find_spec("aio_pika") is not None
+    if not with_aio:
+        print(f"NOTE: {AIO_PIKA_MISSING}", flush=True)
+    names = Names(uuid.uuid4().hex[:8])
+    found = systems(names, sizes, with_aio, patch_sets,
+                    None if options.systems is None else set(options.systems.split(",")),
+                    options.experiment_deadlines)
+    info = machine()
+    samples: Samples = defaultdict(list)
+    started = time.monotonic()
+    with tempfile.NamedTemporaryFile("w", prefix="crew-bench-", suffix=".log",
+                                     delete=False) as log:
+        print(f"crew benchmark, {'quick' if options.quick else 'full'}, {sizes['rounds']} "
+              f"round(s); child processes log to {log.name}", flush=True)
+        try:
+            for number in range(sizes["rounds"]):
+                print(f"round {number + 1} of {sizes['rounds']}", flush=True)
+                if not options.no_rpc:
+                    rpc_round(found, samples, log)
+                if not options.no_http:
+                    http_round(names, sizes, patch_sets, samples, log)
+            if not options.no_memory:
+                memory_phase(found, sizes, samples, log)
+        finally:
+            delete_queues(names.queues())
+    info["load average"] = [info["load average"], os.getloadavg()]
+    rows = summarize(samples)
+    judged = targets(rows, sizes)
+    print()
+    print(table(rows))
+    print("Ratios are to raw in the same run (HTTP: to the inline handler); for ms figures "
+          "lower is better. Medians of", sizes["rounds"], "round(s).")
+    if not with_aio:
+        print(f"NOTE: {AIO_PIKA_MISSING}")
+    print("\nTargets (issue 7):")
+    for target in judged:
+        verdict = {True: "holds", False: "DOES NOT HOLD", None: "not measured"}[target["holds"]]
+        value = "-" if target["value"] is None else f"{target['value']:.3g}"
+        print(f"  {verdict:13} {target['target']}: {value} (needs {target['limit']})")
+    if options.quick:
+        print("  (--quick: a smoke test; these figures mean little)")
+    options.out.write_text(json.dumps({
+        "machine": info, "quick": options.quick, "sizes": sizes,
+        "seconds": round(time.monotonic() - started), "rows": rows, "targets": judged,
+        "aio-pika": with_aio, "failures": failures}, indent=1) + "\n", encoding="utf-8")
+    print(f"\nwritten to {options.out} in {time.monotonic() - started:.0f} s")
+    if failures:
+        print(f"\n{len(failures)} step(s) FAILED and are missing from the figures "
+              f"(child processes' output: {log.name}):")
+        for failure in failures:
+            print(f"  {failure}")
+        return 1
+    os.unlink(log.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
