@@ -3,6 +3,8 @@
 Worker: consume with prefetch 64, publish the body back to ``reply_to`` with the call's
 ``correlation_id``, ack. Caller: publish with ``reply_to`` and ``correlation_id`` to a
 non-durable queue (transient messages, no confirms), wait in ``process_data_events``.
+With ``"confirms"`` in its orders, both sides publish in confirm mode: the "raw + confirms"
+row, which measures what publisher confirms would cost crew's calls and replies.
 
 ``python bench/raw_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
 """
@@ -26,6 +28,8 @@ def worker(spec: dict[str, Any]) -> None:
     channel = connection.channel()
     channel.queue_declare(spec["queue"], durable=False)
     channel.basic_qos(prefetch_count=PREFETCH)
+    if spec.get("confirms"):  # the "raw + confirms" row: what publisher confirms cost
+        channel.confirm_delivery()
 
     def on_request(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
         ch.basic_publish("", props.reply_to, body,
@@ -41,10 +45,12 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 class Caller:
-    def __init__(self, queue: str) -> None:
+    def __init__(self, queue: str, confirms: bool = False) -> None:
         self.queue = queue
         self.connection = pika.BlockingConnection(pika.URLParameters(URL))
         self.channel = self.connection.channel()
+        if confirms:  # each publish then waits for the broker's ack
+            self.channel.confirm_delivery()
         result = self.channel.queue_declare("", exclusive=True, auto_delete=True)
         self.reply_queue = result.method.queue
         self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
@@ -95,7 +101,7 @@ class Caller:
 
 def caller(spec: dict[str, Any]) -> None:
     rec = Recorder(spec["worker_pid"])
-    rpc = Caller(spec["queue"])
+    rpc = Caller(spec["queue"], spec.get("confirms", False))
     small = random_bytes(SMALL_BYTES)
     warmup = spec["warmup"]
     if spec.get("memory"):

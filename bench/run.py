@@ -71,6 +71,7 @@ class Names:
 
     def __init__(self, run_id: str) -> None:
         self.raw_queue = f"bench.raw.{run_id}"
+        self.raw_confirms_queue = f"bench.raw-confirms.{run_id}"
         self.aio_queue = f"bench.aiopika.{run_id}"
         self.aio_idle = f"bench.aiopika.idle.{run_id}"
         self.run_id = run_id
@@ -84,7 +85,7 @@ class Names:
 
     def queues(self) -> list[str]:
         tasks = [t for pair in self.crew_tasks.values() for t in pair] + [self.crew_idle]
-        return ([self.raw_queue, self.aio_queue, self.aio_idle]
+        return ([self.raw_queue, self.raw_confirms_queue, self.aio_queue, self.aio_idle]
                 + [protocol.task_queue(t) for t in tasks])
 
 
@@ -109,6 +110,11 @@ def systems(names: Names, sizes: dict[str, Any], with_aio: bool,
     found = {
         "raw": {"module": "raw_rpc.py", "worker": {"queue": names.raw_queue},
                 "caller": {**common_orders, "queue": names.raw_queue}},
+        # What publisher confirms cost (crew uses none; see README, "what is guaranteed").
+        "raw + confirms": {"module": "raw_rpc.py",
+                           "worker": {"queue": names.raw_confirms_queue, "confirms": True},
+                           "caller": {**common_orders, "queue": names.raw_confirms_queue,
+                                      "confirms": True}},
         "crew transient": crew_system("transient", common.PREFETCH, False, True),
         "crew default": crew_system("default", 1, True, False),
     }
