@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 #: Seconds the client waits past a call's deadline for the worker's or the broker's own
 #: answer (a kill notice or a dead letter) before it answers the caller by itself.
 DEFAULT_DEADLINE_GRACE = 1.0
+#: Task names a client remembers as valid; beyond that they are checked on every call.
+_MAX_REMEMBERED_NAMES = 1024
 #: AMQP reply code of a mandatory message that no queue took.
 _NO_ROUTE = 312
 
@@ -231,7 +233,9 @@ class Client(PubSub):
         cancels the call: a running job is interrupted, a queued one never starts.
         """
         if task not in self._task_names:  # validated once per name, not on every call
-            self._task_names.add(protocol.validate_task_name(task))
+            protocol.validate_task_name(task)
+            if len(self._task_names) < _MAX_REMEMBERED_NAMES:  # names may come from HTTP
+                self._task_names.add(task)
         protocol.validate_priority(priority)
         seconds = protocol.validate_expiration(self.expiration if expiration is None
                                                else expiration)

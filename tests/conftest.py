@@ -8,6 +8,7 @@ used as it is and nothing is created).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -124,3 +125,13 @@ def spawn_python(args: list[str], broker_url: str, **kwargs: Any) -> subprocess.
     return subprocess.Popen([sys.executable, *args], env=python_env(broker_url), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **kwargs)
+
+
+async def until(condition: Callable[[], bool], changed: asyncio.Event,
+                timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, re-checking each time ``changed`` is set."""
+    async def wait() -> None:
+        while not condition():
+            changed.clear()
+            await changed.wait()
+    await asyncio.wait_for(wait(), timeout)

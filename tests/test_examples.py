@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient
@@ -20,7 +20,7 @@ from tornado.tcpclient import TCPClient
 
 import master_example
 import worker_example
-from conftest import spawn_python
+from conftest import spawn_python, until
 from crew.worker import Worker, serve_in_thread
 
 
@@ -37,16 +37,6 @@ def app(client, poll_timeout):
 @pytest.fixture
 def worker(make_worker):
     return make_worker(worker_example.tasks, settings=worker_example.settings)
-
-
-async def until(condition: Callable[[], bool], changed: asyncio.Event,
-                timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` holds, re-checking each time ``changed`` is set."""
-    async def wait() -> None:
-        while not condition():
-            changed.clear()
-            await changed.wait()
-    await asyncio.wait_for(wait(), timeout)
 
 
 async def waiting(app: Any, count: int) -> None:

@@ -13,6 +13,7 @@ from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
 
 import worker_example
+from conftest import until
 from crew import JobKilled, gateway
 from crew.worker import Worker, context, serve_in_thread
 
@@ -28,16 +29,6 @@ def poll_timeout() -> float:
 def app(client, poll_timeout):
     return gateway.make_app(client, max_body=MAX_BODY, poll_timeout=poll_timeout,
                             keepalive=0.2)
-
-
-async def until(condition: Callable[[], bool], changed: asyncio.Event,
-                timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` holds, re-checking each time ``changed`` is set."""
-    async def wait() -> None:
-        while not condition():
-            changed.clear()
-            await changed.wait()
-    await asyncio.wait_for(wait(), timeout)
 
 
 async def listeners(app: Any, channel: str, count: int) -> None:
