@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import time
 from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, announce_ready,
+from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, ready_until_signal,
                     compressible_text, orders, percentile, plan_calls, random_bytes, rss_mib)
 from raw_rpc import record_memory
 
@@ -41,12 +40,7 @@ async def open_rpc() -> tuple[aio_pika.abc.AbstractConnection, RPC]:
 async def serve(spec: dict[str, Any]) -> None:
     connection, rpc = await open_rpc()
     await rpc.register(spec["queue"], echo, auto_delete=False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    announce_ready()
-    await stop.wait()
+    await ready_until_signal()
     await connection.close()
 
 

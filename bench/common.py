@@ -7,6 +7,7 @@ and ``RESULT <json>`` lines with its figures (callers); nothing else on stdout c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -134,6 +135,16 @@ def orders() -> dict[str, Any]:
 
 def announce_ready() -> None:
     print(READY, flush=True)
+
+
+async def ready_until_signal() -> None:
+    """Announce readiness, then wait for SIGTERM or SIGINT (a server's main coroutine)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    announce_ready()
+    await stop.wait()
 
 
 def stop_on_sigterm(stop: Callable[[], None]) -> None:

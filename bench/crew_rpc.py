@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import common  # noqa: F401  (puts the repository on sys.path)
 import experiments
 import pika
-from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, announce_ready,
+from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, ready_until_signal,
                     compressible_text, orders, plan_calls, random_bytes, rss_mib)
 from raw_rpc import record_memory
 
@@ -49,12 +48,7 @@ async def serve(spec: dict[str, Any]) -> None:
     worker = crew.Worker({spec["task"]: task, spec["spin"]: spin}, broker=URL,
                          concurrency=spec["concurrency"])
     await worker.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    announce_ready()
-    await stop.wait()
+    await ready_until_signal()
     await worker.stop(grace=0)
 
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import experiments
-from common import URL, announce_ready, orders, percentile
+from common import URL, ready_until_signal, orders, percentile
 
 import crew
 from crew import protocol
@@ -59,12 +58,7 @@ async def serve(spec: dict[str, Any]) -> None:
         await client.connect()
     server = HTTPServer(app)
     server.listen(spec["port"], "127.0.0.1")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    announce_ready()
-    await stop.wait()
+    await ready_until_signal()
     server.stop()
     await client.close()
 
