@@ -24,6 +24,7 @@ from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFaile
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
+from . import transport
 from .exceptions import AuthenticationError, BrokerError, ConnectionLostError
 from .settings import BrokerSettings
 
@@ -198,7 +199,7 @@ class Connection:
         self.closed = closed
         #: True while the broker blocks this connection's publishes (memory or disk alarm).
         self.blocked = False
-        _widen_reads(connection)
+        transport.tune(connection)
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
 
@@ -234,9 +235,10 @@ class Connection:
             if not closed.done():
                 closed.set_result(reason)
 
-        conn = AsyncioConnection(settings.pika_parameters(), on_open_callback=on_open,
-                                 on_open_error_callback=on_open_error,
-                                 on_close_callback=on_close, custom_ioloop=loop)
+        connection_class = transport.connection_class()
+        conn = connection_class(settings.pika_parameters(), on_open_callback=on_open,
+                                on_open_error_callback=on_open_error,
+                                on_close_callback=on_close, custom_ioloop=loop)
         try:
             await opened
         except asyncio.CancelledError:
@@ -327,25 +329,6 @@ async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
-
-
-#: Bytes read from the socket per recv() call, and per readiness event.
-_RECV_BYTES = 128 * 1024
-_CONSUME_BYTES = 1024 * 1024
-
-
-def _widen_reads(connection: AsyncioConnection) -> None:
-    """Read the socket in frame-sized chunks instead of pika's 4 KiB.
-
-    pika appends every chunk it reads to its frame buffer (a bytes copy each time), so a
-    128 KiB frame read 4 KiB at a time is copied 32 times over: large bodies arrived at less
-    than half the speed the broker sends them. The attributes are pika's own, set on this
-    connection's transport only; a pika without them is left as it is.
-    """
-    transport = getattr(connection, "_transport", None)
-    if transport is not None and hasattr(transport, "_MAX_RECV_BYTES"):
-        transport._MAX_RECV_BYTES = _RECV_BYTES
-        transport._MAX_CONSUME_BYTES = _CONSUME_BYTES
 
 
 #: Connection failures that another attempt cannot mend.

@@ -1,0 +1,257 @@
+"""Cheaper reads and writes under pika's asyncio connection (internal).
+
+pika 1.x moves bytes in ways that cost crew most of its time per call:
+
+- **Reads.** pika reads its socket 4 KiB at a time and appends each read to a ``bytes``
+  frame buffer, then cuts every parsed frame off the front of it. A 128 KiB body frame is
+  copied about 32 times while it arrives, and a read holding hundreds of small frames is
+  copied once per frame. :class:`FrameReader` keeps received chunks in a list until the
+  frame under way is complete, joins them once and parses frames at an offset.
+- **Writes.** pika hands each frame (method, header, body; each ack) to its transport
+  separately. The transport registers the socket for writability on the first one
+  (``add_writer``: an ``epoll_ctl``), waits for the next loop iteration, sends each frame
+  with a ``send`` of its own and unregisters (another ``epoll_ctl``). On loopback every
+  ``send`` also runs the receiving side of TCP. :class:`CoalescingTransport` instead
+  flushes at the end of the loop iteration, with one ``sendmsg`` for everything buffered
+  (the frames of all the calls or replies made in that iteration), and waits for
+  writability only when the socket did not take it all.
+
+Both lean on pika internals (pika is pinned below 2). :func:`connection_class` and
+:func:`tune` check that what they need is there and otherwise leave pika's own code in
+place, which behaves the same, only slower. TLS connections keep pika's transport: an
+``SSLSocket`` has no ``sendmsg``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import struct
+from typing import Any
+
+import pika.connection
+import pika.frame
+import pika.spec
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils import io_services_utils
+
+log = logging.getLogger(__name__)
+
+#: Bytes asked of the socket per recv(), and at most per readiness event before the loop
+#: serves others; pika's own are 4 KiB and 100 KiB. 128 KiB is the broker's frame size.
+RECV_BYTES = 128 * 1024
+CONSUME_BYTES = 1024 * 1024
+
+_HEADER = struct.Struct(">BHL")  # frame type, channel, payload size
+_HEADER_SIZE = _HEADER.size  # 7
+_END = bytes([pika.spec.FRAME_END])
+_PROTOCOL_HEADER = b"AMQP"  # the broker's 8-byte protocol header (version mismatch only)
+#: Buffers per sendmsg(): the kernel refuses more than IOV_MAX (1024 on Linux).
+_MAX_IOV = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
+
+
+def _frame_end(buffer: bytes | memoryview, offset: int) -> int | None:
+    """Where the frame that starts at ``offset`` ends, or None if it is not all there."""
+    available = len(buffer) - offset
+    if buffer[offset:offset + 4] == _PROTOCOL_HEADER:
+        return offset + 8 if available >= 8 else None
+    if available < _HEADER_SIZE:
+        return None
+    end = offset + _HEADER_SIZE + _HEADER.unpack_from(buffer, offset)[2] + 1
+    return end if end <= len(buffer) else None
+
+
+def _bytes_needed(buffer: bytes | memoryview) -> int:
+    """Bytes needed before the incomplete frame at the start of ``buffer`` can be parsed."""
+    if not buffer:
+        return 0
+    if len(buffer) < _HEADER_SIZE:
+        return _HEADER_SIZE
+    if buffer[:4] == _PROTOCOL_HEADER:
+        return 8
+    return _HEADER_SIZE + _HEADER.unpack_from(buffer, 0)[2] + 1
+
+
+def _decode(buffer: bytes, offset: int, end: int) -> Any:
+    """One frame of ``buffer[offset:end]``, as pika's ``decode_frame`` makes it."""
+    kind, channel, _size = _HEADER.unpack_from(buffer, offset)
+    if kind == pika.spec.FRAME_BODY and buffer[end - 1:end] == _END:
+        # The payload is sliced once; pika would slice the frame, then the payload.
+        return pika.frame.Body(channel, buffer[offset + _HEADER_SIZE:end - 1])
+    whole = buffer if offset == 0 and end == len(buffer) else buffer[offset:end]
+    return pika.frame.decode_frame(whole)[1]
+
+
+class FrameReader:
+    """Splits the bytes of an AMQP connection into pika frames, copying each byte once.
+
+    :meth:`feed` takes what one ``recv`` returned. Until the frame under way is complete the
+    chunk is only kept; then the kept chunks are joined and every complete frame in them is
+    decoded. An invalid frame raises pika's ``InvalidFrameError``, as pika's own reader does.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes | memoryview] = []
+        self._buffered = 0
+        self._needed = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not part of a complete frame yet."""
+        return self._buffered
+
+    def feed(self, data: bytes) -> tuple[int, list[Any]]:
+        """Add received bytes; return ``(bytes consumed, complete frames in order)``."""
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered < self._needed:
+            return 0, []  # the frame under way is still incomplete: no copy yet
+        buffer = data if len(self._chunks) == 1 else b"".join(self._chunks)
+        frames = []
+        offset = 0
+        while (end := _frame_end(buffer, offset)) is not None:
+            frames.append(_decode(buffer, offset, end))
+            offset = end
+        # The rest (the head of the next frame) is kept as a view: no copy until it is joined.
+        rest = memoryview(buffer)[offset:] if offset < len(buffer) else b""
+        self._chunks = [rest] if rest else []
+        self._buffered = len(rest)
+        self._needed = _bytes_needed(rest)
+        return offset, frames
+
+
+class FrameReadingConnection(AsyncioConnection):
+    """pika's ``AsyncioConnection`` with :class:`FrameReader` in place of its frame buffer."""
+
+    _crew_reader: FrameReader
+
+    def _init_connection_state(self) -> None:
+        super()._init_connection_state()  # pika calls this when it starts and when it ends
+        self._crew_reader = FrameReader()
+
+    def _on_data_available(self, data_in: bytes) -> None:
+        consumed, frames = self._crew_reader.feed(data_in)
+        # pika's heartbeat checker watches this counter to tell that the broker is alive.
+        self.bytes_received += consumed
+        for value in frames:
+            self._process_frame(value)
+
+
+def connection_class() -> type[AsyncioConnection]:
+    """:class:`FrameReadingConnection` if this pika has what it overrides, else pika's own."""
+    overridden = ("_init_connection_state", "_on_data_available", "_process_frame")
+    if (all(hasattr(pika.connection.Connection, name) for name in overridden)
+            and hasattr(pika.frame, "decode_frame") and hasattr(pika.frame, "Body")):
+        return FrameReadingConnection
+    log.warning("this pika (%s) lacks the internals crew's frame reader needs; using "
+                "pika's own", getattr(pika, "__version__", "?"))
+    return AsyncioConnection
+
+
+_PlainTransport = io_services_utils._AsyncPlaintextTransport
+
+
+class CoalescingTransport(_PlainTransport):
+    """pika's plaintext transport, flushing once per loop iteration with one ``sendmsg``.
+
+    Instances are made by :func:`tune` from pika's own, by changing their class: pika builds
+    its transport deep inside its connection workflow, with no hook to choose another.
+    """
+
+    #: Set by :func:`tune`.
+    _crew_loop: asyncio.AbstractEventLoop
+    _crew_flush_pending: bool
+    _crew_watching_writes: bool
+
+    def write(self, data: bytes) -> None:
+        """Buffer ``data``; it leaves with everything else written in this loop iteration."""
+        if self._state != self._STATE_ACTIVE:
+            return  # as pika: writes after the connection failed are dropped
+        if not data:
+            raise ValueError("write() called with empty data")
+        self._buffer_tx_data(data)
+        if not self._crew_flush_pending and not self._crew_watching_writes:
+            self._crew_flush_pending = True
+            self._crew_loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._crew_flush_pending = False
+        if (self._state == self._STATE_ACTIVE and self._tx_buffers
+                and not self._crew_watching_writes):
+            self._send_buffered()
+
+    def _on_socket_writable(self) -> None:
+        if self._state == self._STATE_ACTIVE:
+            self._send_buffered()
+
+    def _send_buffered(self) -> None:
+        """Send what the socket takes; watch for writability only while something is left."""
+        try:
+            self._produce()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            log.debug("send failed, aborting the connection: %r", error)
+            self._initiate_abort(error)
+            return
+        left = bool(self._tx_buffers)
+        if left != self._crew_watching_writes:
+            self._crew_watching_writes = left
+            if left:
+                self._nbio.set_writer(self._sock.fileno(), self._on_socket_writable)
+            else:
+                self._nbio.remove_writer(self._sock.fileno())
+
+    def _produce(self) -> None:
+        """Send buffered frames, many per system call, until done or the socket is full."""
+        buffers = self._tx_buffers
+        while buffers:
+            batch = list(itertools.islice(buffers, _MAX_IOV))
+            sent = self._sock.sendmsg(batch)
+            self._tx_buffered_byte_count -= sent
+            if sent < sum(map(len, batch)):
+                self._drop_sent(sent)
+                return  # the socket is full; the rest waits for writability
+            for _ in batch:
+                buffers.popleft()
+
+    def _drop_sent(self, sent: int) -> None:
+        """Remove the first ``sent`` bytes from the buffer after a partial send."""
+        buffers = self._tx_buffers
+        while sent:
+            head = buffers[0]
+            if sent < len(head):
+                buffers[0] = head[sent:]
+                return
+            buffers.popleft()
+            sent -= len(head)
+
+
+def tune(connection: AsyncioConnection) -> None:
+    """Give an open connection larger reads and, on plain TCP, coalesced writes.
+
+    What this pika or this socket does not support is left as pika made it.
+    """
+    transport = getattr(connection, "_transport", None)
+    if transport is None or not hasattr(transport, "_MAX_RECV_BYTES"):
+        return
+    transport._MAX_RECV_BYTES = RECV_BYTES
+    transport._MAX_CONSUME_BYTES = CONSUME_BYTES
+    if type(transport) is _PlainTransport and _can_coalesce(transport):
+        loop = transport._nbio.get_native_ioloop()
+        transport.__class__ = CoalescingTransport
+        transport._crew_loop = loop
+        transport._crew_flush_pending = False
+        # pika's own write() left the socket watched if its buffer is not empty yet.
+        transport._crew_watching_writes = bool(transport._tx_buffers)
+
+
+def _can_coalesce(transport: Any) -> bool:
+    needed = ("_sock", "_nbio", "_state", "_STATE_ACTIVE", "_tx_buffers",
+              "_tx_buffered_byte_count", "_buffer_tx_data", "_initiate_abort")
+    return (all(hasattr(transport, name) for name in needed)
+            and hasattr(transport._sock, "sendmsg")
+            and isinstance(getattr(transport._nbio, "get_native_ioloop", lambda: None)(),
+                           asyncio.AbstractEventLoop))

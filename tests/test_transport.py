@@ -1,0 +1,261 @@
+"""crew's reads and writes under pika (crew/transport.py): frames split anywhere parse as
+pika parses them, writes leave in one sendmsg per loop iteration, a full socket or a dead
+peer is handled, and calls work both with these and with pika's own code (the fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+from typing import Any
+
+import pika.exceptions
+import pika.frame
+import pika.spec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pika.adapters.asyncio_connection import AsyncioConnection, _AsyncioIOServicesAdapter
+from pika.adapters.utils import io_services_utils
+
+from crew import transport
+from crew.transport import CoalescingTransport, FrameReader, FrameReadingConnection
+
+
+def _stream() -> tuple[bytes, list[bytes]]:
+    """Marshalled frames of every kind, bodies from empty to several frames' worth."""
+    rng = random.Random(5)
+    props = pika.spec.BasicProperties(correlation_id="c-1", headers={"crew-task": "echo"})
+    frames = [
+        pika.frame.Method(1, pika.spec.Basic.Deliver("ctag", 7, False, "", "k")).marshal(),
+        pika.frame.Header(1, 300_000, props).marshal(),
+        pika.frame.Heartbeat().marshal(),
+    ]
+    for size in (0, 1, 100, 4096, 131_064, 200_000):
+        frames.append(pika.frame.Body(2, rng.randbytes(size)).marshal())
+    frames.append(pika.frame.Method(3, pika.spec.Basic.Ack(9)).marshal())
+    return b"".join(frames), frames
+
+
+STREAM, FRAMES = _stream()
+
+
+def _marshal(value: Any) -> bytes:
+    return value.marshal()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=40))
+def test_frames_split_anywhere_come_out_whole_and_in_order(cuts: list[int]) -> None:
+    points = [0, *sorted(cuts), len(STREAM)]
+    reader = FrameReader()
+    decoded: list[Any] = []
+    consumed = 0
+    for start, end in zip(points, points[1:]):
+        if end > start:
+            used, frames = reader.feed(STREAM[start:end])
+            consumed += used
+            decoded.extend(frames)
+    assert [_marshal(f) for f in decoded] == FRAMES
+    assert consumed == len(STREAM)
+    assert reader.buffered == 0
+
+
+def test_an_incomplete_frame_is_kept_until_its_last_byte_arrives() -> None:
+    body = pika.frame.Body(1, os.urandom(50_000)).marshal()
+    reader = FrameReader()
+    assert reader.feed(body[:3]) == (0, [])  # not even a whole frame header
+    assert reader.feed(body[3:-1]) == (0, [])
+    assert reader.buffered == len(body) - 1
+    used, frames = reader.feed(body[-1:])
+    assert used == len(body) and [f.fragment for f in frames] == [body[7:-1]]
+
+
+def test_a_bad_frame_end_raises_as_pika_does() -> None:
+    frame = bytearray(pika.frame.Body(1, b"xyz").marshal())
+    frame[-1] = 0
+    with pytest.raises(pika.exceptions.InvalidFrameError):
+        FrameReader().feed(bytes(frame))
+    with pytest.raises(pika.exceptions.InvalidFrameError):
+        pika.frame.decode_frame(bytes(frame))
+
+
+def test_the_brokers_protocol_header_is_read_like_pika() -> None:
+    header = b"AMQP\x00\x00\x09\x01"
+    used, frames = FrameReader().feed(header[:5])
+    assert (used, frames) == (0, [])
+    reader = FrameReader()
+    used, frames = reader.feed(header)
+    assert used == 8 and isinstance(frames[0], pika.frame.ProtocolHeader)
+
+
+class _Protocol:
+    """What pika's transport reports to: records data and the loss of the connection."""
+
+    def __init__(self) -> None:
+        self.lost: asyncio.Future[BaseException | None] = \
+            asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, error: BaseException | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(error)
+
+
+class _CountingSocket:
+    """A socket whose sendmsg calls are counted (socket objects take no attributes)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sendmsg_calls: list[int] = []
+
+    def sendmsg(self, buffers: list[bytes]) -> int:
+        self.sendmsg_calls.append(len(buffers))
+        return self._sock.sendmsg(buffers)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+async def _tuned(sock: Any) -> tuple[Any, _Protocol, list[int]]:
+    """pika's plaintext transport on ``sock``, tuned; and the fds it asked to watch."""
+    sock.setblocking(False)
+    nbio = _AsyncioIOServicesAdapter(asyncio.get_running_loop())
+    watched: list[int] = []
+    set_writer = nbio.set_writer
+    nbio.set_writer = lambda fd, cb: (watched.append(fd), set_writer(fd, cb))[1]
+    protocol = _Protocol()
+    plain = io_services_utils._AsyncPlaintextTransport(sock, protocol, nbio)
+    connection = type("Conn", (), {"_transport": plain})()
+    transport.tune(connection)
+    return plain, protocol, watched
+
+
+async def _receive(sock: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < size:
+        chunk = await loop.sock_recv(sock, 1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_writes_of_one_loop_iteration_leave_in_one_sendmsg() -> None:
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    counting = _CountingSocket(ours)
+    tx, _, watched = await _tuned(counting)
+    assert type(tx) is CoalescingTransport
+    tx.write(b"method")
+    tx.write(b"header")
+    tx.write(b"body")
+    assert counting.sendmsg_calls == []  # nothing leaves before the loop iteration ends
+    assert await _receive(peer, 16) == b"methodheaderbody"
+    assert counting.sendmsg_calls == [3]
+    assert watched == []  # the socket took it all: no writability watch, no epoll_ctl
+    tx.write(b"again")
+    assert await _receive(peer, 5) == b"again"
+    assert counting.sendmsg_calls == [3, 1]
+    tx.abort()
+    peer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_full_socket_waits_for_writability_and_loses_nothing() -> None:
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    peer.setblocking(False)
+    tx, _, watched = await _tuned(ours)
+    pieces = [os.urandom(64 * 1024) for _ in range(2048)]  # far more than IOV_MAX buffers
+    for piece in pieces:
+        tx.write(piece)
+    await asyncio.sleep(0.05)  # the flush runs and fills the socket; nobody reads yet
+    assert tx.get_write_buffer_size() > 0
+    assert watched  # the rest waits for writability
+    expected = b"".join(pieces)
+    assert await _receive(peer, len(expected)) == expected
+    assert tx.get_write_buffer_size() == 0 and not tx._crew_watching_writes
+    tx.abort()
+    peer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_dead_peer_fails_the_connection_instead_of_hanging() -> None:
+    ours, peer = socket.socketpair()
+    tx, protocol, _ = await _tuned(ours)
+    peer.close()
+    tx.write(b"x" * 100_000)
+    error = await asyncio.wait_for(protocol.lost, 10)
+    assert isinstance(error, OSError)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_transports_it_does_not_know_keep_their_own_writes() -> None:
+    class Other(io_services_utils._AsyncPlaintextTransport):
+        pass
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    nbio = _AsyncioIOServicesAdapter(asyncio.get_running_loop())
+    other = Other(ours, _Protocol(), nbio)
+    transport.tune(type("Conn", (), {"_transport": other})())
+    assert type(other) is Other  # e.g. pika's TLS transport: only the reads are widened
+    assert other._MAX_RECV_BYTES == transport.RECV_BYTES
+    other.abort()
+    peer.close()
+
+
+class _SocketWithoutSendmsg:
+    """A socket as some platforms have it: no sendmsg."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "sendmsg":
+            raise AttributeError(name)
+        return getattr(self._sock, name)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_socket_without_sendmsg_keeps_pikas_writes() -> None:
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    tx, _, _ = await _tuned(_SocketWithoutSendmsg(ours))
+    assert type(tx) is io_services_utils._AsyncPlaintextTransport
+    tx.write(b"still works")
+    assert await _receive(peer, 11) == b"still works"
+    tx.abort()
+    peer.close()
+
+
+@pytest.fixture(params=["crew", "pika"])
+def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with crew's reads and writes, and again with pika's own (the fallback)."""
+    if request.param == "pika":
+        monkeypatch.setattr(transport, "connection_class", lambda: AsyncioConnection)
+        monkeypatch.setattr(transport, "_can_coalesce", lambda _transport: False)
+    return request.param
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_calls_work_on_both_paths(io_path, make_worker, client, uid):
+    make_worker({f"echo.{uid}": lambda x: x}, concurrency=16)
+    pika_connection = client._connection._connection
+    expected = ((FrameReadingConnection, CoalescingTransport) if io_path == "crew"
+                else (AsyncioConnection, io_services_utils._AsyncPlaintextTransport))
+    assert (type(pika_connection), type(pika_connection._transport)) == expected
+    big = os.urandom(3 * 1024 * 1024 + 17)  # many frames, not a multiple of the frame size
+    assert await client.call(f"echo.{uid}", big, persistent=False) == big
+    small = await asyncio.gather(*(client.call(f"echo.{uid}", n, persistent=False)
+                                   for n in range(300)))
+    assert small == list(range(300))
