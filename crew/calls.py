@@ -1,0 +1,348 @@
+"""The call path of a worker: from a delivered call to its reply and acknowledgement.
+
+:class:`CallHandler` takes each delivery off a task queue, checks it, starts its job (in a
+job thread of :mod:`crew.jobs`, or as a coroutine for ``async`` tasks), arms a loop timer
+for its deadline and ends the call exactly once: reply then ack, or requeue on a graceful
+stop, or drop (cancelled by its caller, or its channel lost). It also remembers cancel
+notices for calls not delivered yet. docs/PROTOCOL.md, section 6, is this module in prose.
+
+Everything here runs on the worker's loop, except :meth:`CallHandler._job_done`, which job
+threads call. The lifecycle (connecting, reconnecting, stopping) stays in
+:mod:`crew.worker`: the :class:`~crew.worker.Worker` owns one handler for its whole life, as
+job threads and remembered cancel notices outlive a reconnection, and tells it which task
+channel is current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from pika.spec import Basic, BasicProperties
+
+from . import protocol
+from .amqp import Channel
+from .exceptions import ConnectionLostError, EncodeError, JobKilled
+from .jobs import Job, JobThreads, Reply
+from .registry import TaskFunction
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+#: Seconds after an interruption at which a job thread that has not returned counts as stuck.
+STUCK_AFTER = 1.0
+#: Cancel notices for calls not (yet) seen that a worker remembers at most.
+MAX_REMEMBERED_CANCELS = 100_000
+
+
+class CallHandler:
+    """Serves the calls delivered to one worker and ends each exactly once.
+
+    ``call_in_loop(func, *args)`` runs ``func`` on the worker's loop from any thread;
+    ``on_too_many_stuck()`` is called (on the loop) once more than ``worker.max_stuck`` job
+    threads are stuck. The worker sets :attr:`channel` and :attr:`stopping`.
+    """
+
+    def __init__(self, worker: "Worker", call_in_loop: Callable[..., None],
+                 on_too_many_stuck: Callable[[], None]) -> None:
+        self._worker = worker
+        self._call_in_loop = call_in_loop
+        self._on_too_many_stuck = on_too_many_stuck
+        #: The task channel the calls came in on; None while the worker is disconnected.
+        self.channel: Channel | None = None
+        #: Set once the worker stops: calls still delivered go back to their queue.
+        self.stopping = False
+        #: Set while no call is being served (created by :meth:`start`).
+        self.idle: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jobs: dict[tuple[str, str], Job] = {}
+        self._cancelled: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._threads = JobThreads(worker.concurrency, f"crew-job-{worker.uuid[:6]}",
+                                   self._job_done)
+        self._finished: list[tuple[Job, Reply]] = []
+        self._finished_lock = threading.Lock()
+        self._finished_scheduled = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve calls on ``loop``, the loop that owns the worker's connection."""
+        self._loop = loop
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def serving(self) -> int:
+        """How many calls are being served (running, or waiting for a job thread)."""
+        return len(self._jobs)
+
+    # --- receiving calls ---------------------------------------------------------------
+
+    def consumer(self, name: str, func: TaskFunction) -> Callable[..., None]:
+        """The ``on_message`` callback for the queue of task ``name``."""
+        is_async = inspect.iscoroutinefunction(func)
+
+        def on_message(_ch: Any, method: Basic.Deliver, props: BasicProperties,
+                       body: bytes) -> None:
+            self._on_call(name, func, is_async, method, props, body)
+
+        return on_message
+
+    def _on_call(self, name: str, func: TaskFunction, is_async: bool, method: Basic.Deliver,
+                 props: BasicProperties, body: bytes) -> None:
+        # Anyone who may publish to the vhost chooses what arrives here. An exception that
+        # escapes a pika callback closes the connection and the call is redelivered, to
+        # this worker or the next, forever: every call must end in a reply or an ack.
+        channel = self.channel
+        if channel is None or self._turned_away(channel, name, method, props):
+            return
+        correlation_id = props.correlation_id
+        try:
+            job, refusal = Job.from_delivery(self._worker, name, func, method.delivery_tag,
+                                             props, body)
+        except Exception:  # a case the checks missed: still no redelivery loop
+            log.exception("call %r to %s could not be read; dropped", correlation_id, name)
+            channel.ack(method.delivery_tag)
+            return
+        if refusal is not None:
+            log.warning("call %r to %s refused: %s", correlation_id, name, refusal)
+            self._answer(job, job.error_reply(refusal, with_traceback=False))
+            return
+        self._begin(job, is_async)
+
+    def _turned_away(self, channel: Channel, name: str, method: Basic.Deliver,
+                     props: BasicProperties) -> bool:
+        """Requeue or drop a delivery that must not run, before it is read; True if it was."""
+        if self.stopping:  # delivered before the consumer cancel took effect
+            channel.reject(method.delivery_tag, requeue=True)
+            return True
+        reply_to, correlation_id = props.reply_to, props.correlation_id
+        if not reply_to or not correlation_id:
+            log.warning("call to %s without reply_to or correlation_id dropped", name)
+            channel.ack(method.delivery_tag)
+            return True
+        key = (reply_to, correlation_id)
+        if key in self._cancelled:
+            log.info("call %r to %s was cancelled before it started; dropped",
+                     correlation_id, name)
+            self._cancelled.pop(key).cancel()
+            channel.ack(method.delivery_tag)
+            return True
+        if key in self._jobs:
+            # Only a replayed or forged copy meets its original here (a redelivered call
+            # comes after the worker forgot the old delivery); replying to it would answer
+            # the real caller's call with the copy's outcome.
+            log.warning("call %r to %s is a copy of a running call; dropped", correlation_id,
+                        name)
+            channel.ack(method.delivery_tag)
+            return True
+        return False
+
+    def _begin(self, job: Job, is_async: bool) -> None:
+        """Start a checked call's job, unless its deadline has passed already."""
+        remaining = job.deadline - time.monotonic()
+        if remaining <= 0:
+            self._answer(job, job.encode_reply(protocol.STATUS_EXPIRED, {
+                "type": "ExpirationError", "message": "deadline passed before a worker "
+                f"started the call ({-remaining:.3f} s ago)", "traceback": ""}))
+            return
+        self._jobs[job.key] = job
+        self.idle.clear()  # type: ignore[union-attr]  # set by start()
+        job.timer = self._loop.call_later(remaining, self._on_deadline, job)  # type: ignore
+        if is_async:
+            job.coroutine = self._loop.create_task(self._run_coroutine(job))  # type: ignore
+        else:
+            self._threads.submit(job)
+
+    async def _run_coroutine(self, job: Job) -> None:
+        try:
+            reply = await job.run_async()
+        except asyncio.CancelledError:
+            return  # the loop answered (deadline) or dropped (cancel) the call already
+        self._job_done(job, reply)
+
+    def on_control(self, _ch: Any, _method: Basic.Deliver, props: BasicProperties,
+                   _body: bytes) -> None:
+        """A message from the control exchange: a caller cancels its call."""
+        if props.type != protocol.CANCEL_TYPE or not props.correlation_id or not props.reply_to:
+            log.warning("control message of unknown type %r ignored", props.type)
+            return
+        key = (props.reply_to, props.correlation_id)
+        job = self._jobs.get(key)
+        if job is not None:
+            log.info("call %s to %s cancelled by its caller; job stopped",
+                     job.correlation_id, job.task)
+            self._abandon(job)
+            self._forget(job)
+            self.channel.ack(job.delivery_tag)  # type: ignore[union-attr]
+            return
+        # Not here (yet): remember it until its deadline, in case it is delivered to us.
+        deadline_ms = (props.headers or {}).get(protocol.DEADLINE_HEADER)
+        delay = ((deadline_ms - protocol.now_ms()) / 1000 if isinstance(deadline_ms, int)
+                 else protocol.MAX_EXPIRATION)
+        if delay <= 0 or key in self._cancelled:
+            return
+        if len(self._cancelled) >= MAX_REMEMBERED_CANCELS:
+            # A flood of cancel notices (forged ones need no crew-deadline) must not grow
+            # without bound; the oldest is forgotten and its call may then still run.
+            oldest = next(iter(self._cancelled))
+            self._cancelled.pop(oldest).cancel()
+            log.warning("more than %d cancel notices remembered; forgetting the oldest",
+                        MAX_REMEMBERED_CANCELS)
+        self._cancelled[key] = self._loop.call_later(  # type: ignore[union-attr]
+            delay, self._cancelled.pop, key, None)
+
+    # --- ending jobs -------------------------------------------------------------------
+
+    def _job_done(self, job: Job, reply: Reply) -> None:
+        """A job finished (called from its thread or coroutine): queue its reply for the loop.
+
+        Replies finished while the loop is busy go out in one batch, so a busy worker wakes
+        its loop once per batch rather than once per job.
+        """
+        with self._finished_lock:
+            self._finished.append((job, reply))
+            if self._finished_scheduled:
+                return
+            self._finished_scheduled = True
+        try:
+            self._call_in_loop(self._answer_finished)
+        except (ConnectionLostError, RuntimeError):  # the worker stopped and its loop closed
+            log.info("job %r of task %s ended after the worker stopped; not acknowledged, "
+                     "the broker redelivers it", job.correlation_id, job.task)
+
+    def _answer_finished(self) -> None:
+        with self._finished_lock:
+            batch, self._finished = self._finished, []
+            self._finished_scheduled = False
+        for job, reply in batch:
+            self._answer(job, reply)
+
+    def _on_deadline(self, job: Job) -> None:
+        if job.answered:
+            return
+        state = self._abandon(job)
+        if state == "ended":
+            return  # finished just now; its reply is already on its way to the loop
+        if state == "pending":
+            reply = job.encode_reply(protocol.STATUS_EXPIRED, {
+                "type": "ExpirationError", "message": "deadline passed before a job thread "
+                "was free", "traceback": ""})
+        else:
+            log.warning("job %s of task %s interrupted at its deadline", job.correlation_id,
+                        job.task)
+            reply = job.error_reply(JobKilled("the job ran past its deadline"),
+                                    status=protocol.STATUS_TIMEOUT, with_traceback=False)
+        self._answer(job, reply)
+
+    def _abandon(self, job: Job) -> str:
+        """Stop ``job`` wherever it is; return the state it was in."""
+        if job.coroutine is not None:
+            job.coroutine.cancel()
+            return "running"
+        state = job.watch.abandon(JobKilled)
+        if state == "running" and job.thread is not None:
+            thread = job.thread
+            self._threads.replace(thread)
+            self._loop.call_later(STUCK_AFTER, self._check_stuck, job, thread)  # type: ignore
+        return state
+
+    def _check_stuck(self, job: Job, thread: threading.Thread) -> None:
+        if thread not in self._threads.stuck:
+            return
+        count, limit = len(self._threads.stuck), self._worker.max_stuck
+        log.error("job thread %s (task %s, call %s) is stuck %.0f s after its interruption; "
+                  "%d stuck thread(s), limit %d", thread.name, job.task, job.correlation_id,
+                  STUCK_AFTER, count, limit)
+        if count > limit and not self.stopping:
+            self._on_too_many_stuck()
+
+    def _answer(self, job: Job, reply: Reply) -> None:
+        """Publish ``reply`` and acknowledge the call, once per job."""
+        if job.answered:
+            return
+        channel = self.channel
+        if channel is None or not channel.is_open:
+            self._forget(job)
+            return  # the call will be redelivered by the broker
+        try:
+            self._publish_reply(channel, job, reply, job.headers)
+        except Exception as exc:  # pika cannot encode a header value the task set
+            log.warning("reply to call %r could not be sent: %s", job.correlation_id, exc)
+            error = EncodeError(f"the reply's headers cannot be sent: {exc}")
+            self._publish_reply(channel, job, job.error_reply(error, with_traceback=False), {})
+        channel.ack(job.delivery_tag)
+        self._forget(job)
+
+    def _publish_reply(self, channel: Channel, job: Job, reply: Reply,
+                       headers: dict[str, Any]) -> None:
+        properties = BasicProperties(
+            correlation_id=job.correlation_id, content_type=job.reply_type,
+            content_encoding=reply.encoding,
+            headers={**headers, protocol.STATUS_HEADER: reply.status}, delivery_mode=1)
+        # mandatory: if the caller's queue is gone, the broker returns the reply to us
+        # (logged in on_reply_returned) instead of dropping it unseen.
+        channel.publish("", job.reply_to, reply.body, properties, mandatory=True)
+
+    def _forget(self, job: Job) -> None:
+        job.answered = True
+        if job.timer is not None:
+            job.timer.cancel()
+        self._jobs.pop(job.key, None)
+        if not self._jobs and self.idle is not None:
+            self.idle.set()
+
+    def _requeue(self, job: Job) -> None:
+        if job.answered:
+            return
+        job.watch.abandon(JobKilled)
+        if self.channel is not None:
+            self.channel.reject(job.delivery_tag, requeue=True)
+        self._forget(job)
+
+    def on_reply_returned(self, _ch: Any, method: Basic.Return, props: BasicProperties,
+                          _body: bytes) -> None:
+        """The broker returned a reply (published ``mandatory``) it could not route."""
+        log.warning("reply to call %r dropped: the caller's queue %r is gone (%s %s)",
+                    props.correlation_id, method.routing_key, method.reply_code,
+                    method.reply_text)
+
+    # --- the worker's lifecycle --------------------------------------------------------
+
+    def channel_lost(self) -> None:
+        """The task channel closed: stop and forget every call, and wait for a new channel.
+
+        The broker puts every unacknowledged call back in its queue; the jobs serving them
+        are stopped, as their delivery tags die with the channel.
+        """
+        for job in list(self._jobs.values()):
+            self._abandon(job)
+            self._forget(job)
+        for job in self._threads.drain_pending():
+            job.watch.abandon(JobKilled)
+            self._forget(job)
+        self.channel = None
+
+    def requeue_waiting(self) -> None:
+        """Return the calls whose job waits for a thread to their queues (graceful stop)."""
+        for job in self._threads.drain_pending():
+            self._requeue(job)
+
+    def requeue_running(self) -> None:
+        """Stop the jobs still running after the grace period and requeue their calls."""
+        for job in list(self._jobs.values()):
+            log.warning("job %s of task %s did not finish within the grace period; requeued",
+                        job.correlation_id, job.task)
+            self._abandon(job)
+            self._requeue(job)
+
+    def close(self) -> None:
+        """Let idle job threads exit and forget the remembered cancel notices."""
+        self._threads.close()
+        for handle in self._cancelled.values():
+            handle.cancel()
+        self._cancelled.clear()
