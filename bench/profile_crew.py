@@ -7,7 +7,7 @@
     python bench/profile_crew.py inflight     # 100-byte calls, 64 in flight
     python bench/profile_crew.py random|text  # 1 MB calls, one at a time
     python bench/profile_crew.py gateway      # crew.gateway under HTTP load (wrk if present)
-    python bench/profile_crew.py inflight --patches batch,coalesce   # bench/experiments.py
+    python bench/profile_crew.py inflight --patches arena,nogzip   # bench/experiments.py
 
 Starts a ``crew.Worker`` (concurrency 64) and a ``crew.Client`` caller (transient calls) as
 in ``bench/run.py`` and samples both with ``py-spy record`` (every thread that py-spy finds

@@ -55,10 +55,10 @@ _MAX_IOV = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
 def _frame_end(buffer: bytes | memoryview, offset: int) -> int | None:
     """Where the frame that starts at ``offset`` ends, or None if it is not all there."""
     available = len(buffer) - offset
-    if buffer[offset:offset + 4] == _PROTOCOL_HEADER:
-        return offset + 8 if available >= 8 else None
     if available < _HEADER_SIZE:
         return None
+    if buffer[offset] == _PROTOCOL_HEADER[0] and buffer[offset:offset + 4] == _PROTOCOL_HEADER:
+        return offset + 8 if available >= 8 else None
     end = offset + _HEADER_SIZE + _HEADER.unpack_from(buffer, offset)[2] + 1
     return end if end <= len(buffer) else None
 

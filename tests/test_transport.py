@@ -5,6 +5,7 @@ peer is handled, and calls work both with these and with pika's own code (the fa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import socket
@@ -16,7 +17,10 @@ import pika.spec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pika.adapters.asyncio_connection import AsyncioConnection, _AsyncioIOServicesAdapter
+from pika.adapters.asyncio_connection import (
+    AsyncioConnection,
+    _AsyncioIOServicesAdapter,
+)
 from pika.adapters.utils import io_services_utils
 
 from crew import transport
@@ -52,7 +56,7 @@ def test_frames_split_anywhere_come_out_whole_and_in_order(cuts: list[int]) -> N
     reader = FrameReader()
     decoded: list[Any] = []
     consumed = 0
-    for start, end in zip(points, points[1:]):
+    for start, end in itertools.pairwise(points):
         if end > start:
             used, frames = reader.feed(STREAM[start:end])
             consumed += used
