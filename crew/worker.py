@@ -129,14 +129,24 @@ class Worker:
         each attempt, for up to ``timeout`` seconds (None: until it answers), then raises
         :class:`~crew.ConnectionLostError`. A refused login or certificate raises
         :class:`~crew.AuthenticationError` at once; later reconnections retry it.
+        Call it once: :meth:`serve` serves a started worker, or starts it first.
         """
+        if self._loop is not None:
+            # A second connection would consume the same queues and ack its deliveries on
+            # the first one's channel: the broker closes it (406 unknown delivery tag).
+            raise RuntimeError("this worker was started before: a worker starts once, and "
+                               "serve() serves a started worker")
         self._loop = asyncio.get_running_loop()
         self._calls.start(self._loop)
         self._stop_requested = asyncio.Event()
         self._hurry = asyncio.Event()
         self._lost = asyncio.Event()
         context._bind(self)
-        await self._connect(timeout)
+        try:
+            await self._connect(timeout)
+        except BaseException:
+            self._loop = None  # never connected: it may be started again
+            raise
 
     async def _connect(self, timeout: float | None = None, *, reconnect: bool = False) -> None:
         connection = await connect_retrying(
@@ -191,15 +201,17 @@ class Worker:
             self._consumers.append(await channel.consume(protocol.task_queue(name), on_message))
 
     async def serve(self) -> str:
-        """Start, serve until :meth:`request_stop` (or too many stuck threads), then stop.
+        """Start (unless :meth:`start` did), serve until :meth:`request_stop` (or too many
+        stuck threads), then stop.
 
         A lost connection or task channel is connected again, with backoff, as often as it
         takes. Returns :attr:`exit_reason`.
         """
-        try:
-            await self.start()
-        except Stopped:
-            return self.exit_reason  # stopped before the broker ever answered
+        if self._loop is None:
+            try:
+                await self.start()
+            except Stopped:
+                return self.exit_reason  # stopped before the broker ever answered
         return await self._serve_started()
 
     async def _serve_started(self) -> str:

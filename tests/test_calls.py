@@ -270,3 +270,32 @@ async def test_connections_read_large_frames_in_one_go(client):
     its connections (a 2x speed-up for 1 MB bodies, measured in bench/)."""
     transport = client._connection._connection._transport
     assert transport._MAX_RECV_BYTES >= 128 * 1024
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_serve_after_start_serves_the_started_worker(broker_url, client, uid):
+    # serve() used to start a started worker again: a second connection consumed the same
+    # queue and acked on the wrong channel, so the broker closed it and calls timed out.
+    worker = crew.Worker({f"echo.{uid}": lambda x: x}, broker=broker_url, concurrency=8)
+    await worker.start()
+    with pytest.raises(RuntimeError, match="started before"):
+        await worker.start()
+    serving = asyncio.ensure_future(worker.serve())
+    try:
+        together = [client.call(f"echo.{uid}", n, expiration=10) for n in range(40)]
+        assert await asyncio.gather(*together) == list(range(40))
+        for n in range(10):
+            assert await client.call(f"echo.{uid}", n, expiration=10) == n
+    finally:
+        worker.request_stop(grace=0)
+        assert await asyncio.wait_for(serving, 20) == "stopped"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_worker_that_could_not_connect_may_start_again(broker_url, uid):
+    worker = crew.Worker({f"echo.{uid}": lambda x: x},
+                         broker="amqp://guest:guest@127.0.0.1:1/%2F")
+    with pytest.raises(crew.ConnectionLostError):
+        await worker.start(timeout=0.5)
+    with pytest.raises(crew.ConnectionLostError):  # not "started before"
+        await worker.start(timeout=0.5)
