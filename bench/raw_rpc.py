@@ -4,7 +4,11 @@ Worker: consume with prefetch 64, publish the body back to ``reply_to`` with the
 ``correlation_id``, ack. Caller: publish with ``reply_to`` and ``correlation_id`` to a
 non-durable queue (transient messages, no confirms), wait in ``process_data_events``.
 With ``"confirms"`` in its orders, both sides publish in confirm mode: the "raw + confirms"
-row, which measures what publisher confirms would cost crew's calls and replies.
+row, which measures what publisher confirms would cost crew's calls and replies. With
+``"crew_queue"``, the same loop carries what crew asks of the broker: the queue has crew's
+arguments (``x-max-priority``, a dead-letter exchange), calls carry a priority, a per-message
+TTL and crew's three headers and are published ``mandatory``, replies carry a status header:
+the "raw + crew's queue" row, the broker's share of crew's cost.
 
 ``python bench/raw_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
 """
@@ -22,18 +26,28 @@ import pika
 from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, announce_ready,
                     compressible_text, orders, random_bytes, rss_mib)
 
+from crew import protocol
+
 
 def worker(spec: dict[str, Any]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(URL))
     channel = connection.channel()
-    channel.queue_declare(spec["queue"], durable=False)
+    reply_headers = None
+    if spec.get("crew_queue"):
+        channel.exchange_declare(protocol.EXPIRED_EXCHANGE, "headers", durable=True)
+        channel.queue_declare(spec["queue"], durable=True,
+                              arguments=protocol.task_queue_arguments(
+                                  protocol.DEFAULT_QUEUE_MAX_PRIORITY))
+        reply_headers = {protocol.STATUS_HEADER: protocol.STATUS_OK}
+    else:
+        channel.queue_declare(spec["queue"], durable=False)
     channel.basic_qos(prefetch_count=PREFETCH)
     if spec.get("confirms"):  # the "raw + confirms" row: what publisher confirms cost
         channel.confirm_delivery()
 
     def on_request(ch: Any, method: Any, props: pika.BasicProperties, body: bytes) -> None:
-        ch.basic_publish("", props.reply_to, body,
-                         pika.BasicProperties(correlation_id=props.correlation_id))
+        ch.basic_publish("", props.reply_to, body, pika.BasicProperties(
+            correlation_id=props.correlation_id, headers=reply_headers))
         ch.basic_ack(method.delivery_tag)
 
     channel.basic_consume(spec["queue"], on_request)
@@ -45,8 +59,9 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 class Caller:
-    def __init__(self, queue: str, confirms: bool = False) -> None:
+    def __init__(self, queue: str, confirms: bool = False, crew_queue: bool = False) -> None:
         self.queue = queue
+        self.crew_queue = crew_queue
         self.connection = pika.BlockingConnection(pika.URLParameters(URL))
         self.channel = self.connection.channel()
         if confirms:  # each publish then waits for the broker's ack
@@ -65,8 +80,17 @@ class Caller:
     def publish(self, body: bytes, on_reply: Callable[[bytes], None]) -> None:
         correlation_id = uuid.uuid4().hex
         self.waiting[correlation_id] = on_reply
-        self.channel.basic_publish("", self.queue, body, pika.BasicProperties(
-            reply_to=self.reply_queue, correlation_id=correlation_id))
+        properties = pika.BasicProperties(reply_to=self.reply_queue,
+                                          correlation_id=correlation_id)
+        if self.crew_queue:  # what crew's client sends with every call
+            deadline = protocol.now_ms() + 60_000
+            properties.priority = 0
+            properties.expiration = protocol.ttl_property(deadline)
+            properties.headers = {protocol.DEADLINE_HEADER: deadline,
+                                  protocol.TASK_HEADER: "echo",
+                                  protocol.CLIENT_HEADER: self.reply_queue}
+        self.channel.basic_publish("", self.queue, body, properties,
+                                   mandatory=self.crew_queue)
 
     def call(self, body: bytes) -> bytes:
         replies: list[bytes] = []
@@ -101,7 +125,7 @@ class Caller:
 
 def caller(spec: dict[str, Any]) -> None:
     rec = Recorder(spec["worker_pid"])
-    rpc = Caller(spec["queue"], spec.get("confirms", False))
+    rpc = Caller(spec["queue"], spec.get("confirms", False), spec.get("crew_queue", False))
     small = random_bytes(SMALL_BYTES)
     warmup = spec["warmup"]
     if spec.get("memory"):

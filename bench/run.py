@@ -72,6 +72,7 @@ class Names:
     def __init__(self, run_id: str) -> None:
         self.raw_queue = f"bench.raw.{run_id}"
         self.raw_confirms_queue = f"bench.raw-confirms.{run_id}"
+        self.raw_crew_queue = protocol.task_queue(f"bench-{run_id}-raw")
         self.aio_queue = f"bench.aiopika.{run_id}"
         self.aio_idle = f"bench.aiopika.idle.{run_id}"
         self.run_id = run_id
@@ -85,7 +86,8 @@ class Names:
 
     def queues(self) -> list[str]:
         tasks = [t for pair in self.crew_tasks.values() for t in pair] + [self.crew_idle]
-        return ([self.raw_queue, self.raw_confirms_queue, self.aio_queue, self.aio_idle]
+        return ([self.raw_queue, self.raw_confirms_queue, self.raw_crew_queue, self.aio_queue,
+                 self.aio_idle]
                 + [protocol.task_queue(t) for t in tasks])
 
 
@@ -115,6 +117,11 @@ def systems(names: Names, sizes: dict[str, Any], with_aio: bool,
                            "worker": {"queue": names.raw_confirms_queue, "confirms": True},
                            "caller": {**common_orders, "queue": names.raw_confirms_queue,
                                       "confirms": True}},
+        # The broker's share of crew's cost: raw with crew's queue arguments and properties.
+        "raw + crew's queue": {"module": "raw_rpc.py",
+                               "worker": {"queue": names.raw_crew_queue, "crew_queue": True},
+                               "caller": {**common_orders, "queue": names.raw_crew_queue,
+                                          "crew_queue": True}},
         "crew transient": crew_system("transient", common.PREFETCH, False, True),
         "crew default": crew_system("default", 1, True, False),
     }
