@@ -32,6 +32,7 @@ import struct
 from typing import Any
 
 import pika.connection
+import pika.exceptions
 import pika.frame
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -52,26 +53,24 @@ _PROTOCOL_HEADER = b"AMQP"  # the broker's 8-byte protocol header (version misma
 _MAX_IOV = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
 
 
-def _frame_end(buffer: bytes | memoryview, offset: int) -> int | None:
-    """Where the frame that starts at ``offset`` ends, or None if it is not all there."""
-    available = len(buffer) - offset
-    if available < _HEADER_SIZE:
-        return None
-    if buffer[offset] == _PROTOCOL_HEADER[0] and buffer[offset:offset + 4] == _PROTOCOL_HEADER:
-        return offset + 8 if available >= 8 else None
-    end = offset + _HEADER_SIZE + _HEADER.unpack_from(buffer, offset)[2] + 1
-    return end if end <= len(buffer) else None
+def _frame_size(buffer: bytes | memoryview, offset: int, max_payload: int) -> int:
+    """Length of the frame that starts at ``offset``, as far as the bytes there tell: the
+    header's size alone while the header is incomplete.
 
-
-def _bytes_needed(buffer: bytes | memoryview) -> int:
-    """Bytes needed before the incomplete frame at the start of ``buffer`` can be parsed."""
-    if not buffer:
-        return 0
-    if len(buffer) < _HEADER_SIZE:
+    A size above ``max_payload`` raises pika's ``InvalidFrameError`` at once (a broker
+    never sends one; a peer that is not a broker at all, such as an HTTP server on the
+    port, would otherwise be read until its made-up length arrived).
+    """
+    if len(buffer) - offset < _HEADER_SIZE:
         return _HEADER_SIZE
-    if buffer[:4] == _PROTOCOL_HEADER:
+    if buffer[offset] == _PROTOCOL_HEADER[0] and buffer[offset:offset + 4] == _PROTOCOL_HEADER:
         return 8
-    return _HEADER_SIZE + _HEADER.unpack_from(buffer, 0)[2] + 1
+    payload = _HEADER.unpack_from(buffer, offset)[2]
+    if payload > max_payload:
+        raise pika.exceptions.InvalidFrameError(
+            f"frame of {payload} bytes, more than the frame_max of {max_payload}: "
+            "is this port an AMQP broker?")
+    return _HEADER_SIZE + payload + 1
 
 
 def _decode(buffer: bytes, offset: int, end: int) -> Any:
@@ -92,7 +91,8 @@ class FrameReader:
     decoded. An invalid frame raises pika's ``InvalidFrameError``, as pika's own reader does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_payload: int = pika.spec.FRAME_MAX_SIZE) -> None:
+        self._max_payload = max_payload
         self._chunks: list[bytes | memoryview] = []
         self._buffered = 0
         self._needed = 0
@@ -111,14 +111,14 @@ class FrameReader:
         buffer = data if len(self._chunks) == 1 else b"".join(self._chunks)
         frames = []
         offset = 0
-        while (end := _frame_end(buffer, offset)) is not None:
+        while (end := offset + _frame_size(buffer, offset, self._max_payload)) <= len(buffer):
             frames.append(_decode(buffer, offset, end))
             offset = end
         # The rest (the head of the next frame) is kept as a view: no copy until it is joined.
         rest = memoryview(buffer)[offset:] if offset < len(buffer) else b""
         self._chunks = [rest] if rest else []
         self._buffered = len(rest)
-        self._needed = _bytes_needed(rest)
+        self._needed = _frame_size(rest, 0, self._max_payload) if rest else 0
         return offset, frames
 
 
@@ -129,7 +129,8 @@ class FrameReadingConnection(AsyncioConnection):
 
     def _init_connection_state(self) -> None:
         super()._init_connection_state()  # pika calls this when it starts and when it ends
-        self._crew_reader = FrameReader()
+        # The broker's frames never exceed the frame_max this connection offers.
+        self._crew_reader = FrameReader(self.params.frame_max)
 
     def _on_data_available(self, data_in: bytes) -> None:
         consumed, frames = self._crew_reader.feed(data_in)

@@ -36,7 +36,7 @@ def _stream() -> tuple[bytes, list[bytes]]:
         pika.frame.Header(1, 300_000, props).marshal(),
         pika.frame.Heartbeat().marshal(),
     ]
-    for size in (0, 1, 100, 4096, 131_064, 200_000):
+    for size in (0, 1, 100, 4096, 131_064, 70_000):
         frames.append(pika.frame.Body(2, rng.randbytes(size)).marshal())
     frames.append(pika.frame.Method(3, pika.spec.Basic.Ack(9)).marshal())
     return b"".join(frames), frames
@@ -92,6 +92,17 @@ def test_the_brokers_protocol_header_is_read_like_pika() -> None:
     reader = FrameReader()
     used, frames = reader.feed(header)
     assert used == 8 and isinstance(frames[0], pika.frame.ProtocolHeader)
+
+
+def test_a_peer_that_is_not_a_broker_is_refused_at_once() -> None:
+    # An HTTP server's answer read as an AMQP frame header claims a payload of ~800 MB.
+    reader = FrameReader()
+    with pytest.raises(pika.exceptions.InvalidFrameError, match="frame_max"):
+        reader.feed(b"HTTP/1.1 400 Bad Request\r\n")
+    reader = FrameReader(max_payload=100)
+    assert reader.feed(pika.frame.Body(1, b"x" * 100).marshal())[0] == 108
+    with pytest.raises(pika.exceptions.InvalidFrameError):
+        reader.feed(pika.frame.Body(1, b"x" * 101).marshal()[:7])
 
 
 class _Protocol:
