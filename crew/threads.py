@@ -5,7 +5,7 @@ pure-Python code within about a millisecond. It does **not** interrupt a thread 
 ``time.sleep``, socket reads, ``Lock.acquire``, ``Event.wait``, ``subprocess.run``, long C
 loops (the exception lands when the call returns, if ever), nor code that catches
 ``BaseException`` and carries on. The worker therefore never waits for an interrupted job:
-it answers the caller at the deadline, gives the slot a fresh thread, and counts the stuck
+it answers the caller at the deadline, frees the slot for a fresh thread, and counts the stuck
 thread; past a limit it drains and exits so a supervisor can start a fresh process
 (see :mod:`crew.jobs`).
 
