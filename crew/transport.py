@@ -245,8 +245,11 @@ def tune(connection: AsyncioConnection) -> None:
         transport.__class__ = CoalescingTransport
         transport._crew_loop = loop
         transport._crew_flush_pending = False
-        # pika's own write() left the socket watched if its buffer is not empty yet.
         transport._crew_watching_writes = bool(transport._tx_buffers)
+        if transport._crew_watching_writes:
+            # pika's own write() watches the socket with its own method, bound before the
+            # class changed; ours must take over, or the flag would never be cleared.
+            transport._nbio.set_writer(transport._sock.fileno(), transport._on_socket_writable)
 
 
 def _can_coalesce(transport: Any) -> bool:

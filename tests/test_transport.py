@@ -193,7 +193,7 @@ async def test_a_full_socket_waits_for_writability_and_loses_nothing() -> None:
     pieces = [os.urandom(64 * 1024) for _ in range(2048)]  # far more than IOV_MAX buffers
     for piece in pieces:
         tx.write(piece)
-    await asyncio.sleep(0.05)  # the flush runs and fills the socket; nobody reads yet
+    await asyncio.sleep(0)  # the flush, scheduled first, runs and fills the socket; nobody reads
     assert tx.get_write_buffer_size() > 0
     assert watched  # the rest waits for writability
     expected = b"".join(pieces)
@@ -274,3 +274,20 @@ async def test_calls_work_on_both_paths(io_path, make_worker, client, uid):
     small = await asyncio.gather(*(client.call(f"echo.{uid}", n, persistent=False)
                                    for n in range(300)))
     assert small == list(range(300))
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_bytes_pika_left_unsent_before_tuning_still_go_out() -> None:
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    nbio = _AsyncioIOServicesAdapter(asyncio.get_running_loop())
+    plain = io_services_utils._AsyncPlaintextTransport(ours, _Protocol(), nbio)
+    plain.write(b"pika's own")  # buffered, the socket watched by pika's method
+    transport.tune(type("Conn", (), {"_transport": plain})())
+    assert await _receive(peer, 10) == b"pika's own"
+    assert not plain._crew_watching_writes
+    plain.write(b" and ours")  # must be flushed: the flag was cleared by crew's method
+    assert await _receive(peer, 9) == b" and ours"
+    plain.abort()
+    peer.close()
