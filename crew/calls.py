@@ -221,6 +221,10 @@ class CallHandler:
             self._finished_scheduled = False
         for job, reply in batch:
             self._answer(job, reply)
+        if self.channel is not None:
+            # The batch leaves now rather than after one more poll of the selector; what
+            # other callbacks write later in this loop iteration leaves at its end.
+            self.channel.flush()
 
     def _on_deadline(self, job: Job) -> None:
         if job.answered:

@@ -301,8 +301,12 @@ class Client(PubSub):
         properties.expiration = protocol.ttl_property(call.deadline_ms)
         # mandatory: with no queue for the task the broker returns the call at once
         # (312 NO_ROUTE), which _on_return turns into UnknownTaskError.
-        self._channel.publish(  # type: ignore[union-attr]  # connected, checked above
+        channel = self._channel
+        channel.publish(  # type: ignore[union-attr]  # connected, checked above
             "", protocol.task_queue(call.task), body, properties, mandatory=True)
+        # A lone call leaves now; the calls of a burst leave together at the end of the
+        # loop iteration.
+        channel.flush(first_only=True)  # type: ignore[union-attr]
 
     def parallel(self) -> "Parallel":
         """Gather several calls: ``with client.parallel() as mc: ...; await mc.result()``."""

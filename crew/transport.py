@@ -6,7 +6,8 @@ pika 1.x moves bytes in ways that cost crew most of its time per call:
   frame buffer, then cuts every parsed frame off the front of it. A 128 KiB body frame is
   copied about 32 times while it arrives, and a read holding hundreds of small frames is
   copied once per frame. :class:`FrameReader` keeps received chunks in a list until the
-  frame under way is complete, joins them once and parses frames at an offset.
+  frame under way is complete, joins them once and parses frames at an offset. And where
+  pika reads on until ``recv`` fails with ``EAGAIN``, crew stops at the first short read.
 - **Writes.** pika hands each frame (method, header, body; each ack) to its transport
   separately. The transport registers the socket for writability on the first one
   (``add_writer``: an ``epoll_ctl``), waits for the next loop iteration, sends each frame
@@ -14,7 +15,9 @@ pika 1.x moves bytes in ways that cost crew most of its time per call:
   ``send`` also runs the receiving side of TCP. :class:`CoalescingTransport` instead
   flushes at the end of the loop iteration, with one ``sendmsg`` for everything buffered
   (the frames of all the calls or replies made in that iteration), and waits for
-  writability only when the socket did not take it all.
+  writability only when the socket did not take it all. Where waiting for the end of
+  the iteration gains nothing, crew flushes sooner (:func:`flush`): the worker after
+  each batch of replies, the client after the first call of an iteration.
 
 Both lean on pika internals (pika is pinned below 2). :func:`connection_class` and
 :func:`tune` check that what they need is there and otherwise leave pika's own code in
@@ -165,6 +168,25 @@ class CoalescingTransport(_PlainTransport):
     _crew_loop: asyncio.AbstractEventLoop
     _crew_flush_pending: bool
     _crew_watching_writes: bool
+    _crew_sent_first: bool
+
+    def _consume(self) -> None:
+        """Hand what the socket holds to pika, stopping at the first short read.
+
+        pika reads until ``recv`` raises ``EAGAIN``: on every readiness event one more
+        system call and one more raised exception, per call on a lightly loaded connection.
+        A read shorter than asked for drained the socket; bytes arriving after it make the
+        (level-triggered) selector report the socket again.
+        """
+        consumed = 0
+        while self._state == self._STATE_ACTIVE and consumed < self._MAX_CONSUME_BYTES:
+            data = self._sigint_safe_recv(self._sock, self._MAX_RECV_BYTES)
+            if not data:
+                raise self.RxEndOfFile()  # pika's _on_socket_readable tells the protocol
+            consumed += len(data)
+            self._protocol.data_received(data)
+            if len(data) < self._MAX_RECV_BYTES:
+                return
 
     def write(self, data: bytes) -> None:
         """Buffer ``data``; it leaves with everything else written in this loop iteration."""
@@ -177,11 +199,34 @@ class CoalescingTransport(_PlainTransport):
             self._crew_flush_pending = True
             self._crew_loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
-        self._crew_flush_pending = False
+    def flush(self) -> None:
+        """Send what is buffered now, rather than at the end of the loop iteration.
+
+        For a caller that knows it has written all it will write for a while (the worker,
+        after a batch of replies): the reply leaves without waiting for the selector to be
+        polled once more.
+        """
         if (self._state == self._STATE_ACTIVE and self._tx_buffers
                 and not self._crew_watching_writes):
             self._send_buffered()
+
+    def flush_first(self) -> None:
+        """Send what is buffered now if nothing was sent this way yet in this loop
+        iteration; else leave it for the end of the iteration.
+
+        For a client's calls: a lone call leaves at once, and a burst (calls made in one
+        loop iteration) costs two ``sendmsg`` instead of one.
+        """
+        if not self._crew_sent_first:
+            self._crew_sent_first = True
+            self.flush()
+
+    def _flush(self) -> None:
+        # write() schedules this when the buffer becomes non-empty, so it runs in the loop
+        # iteration after any flush_first() that sent what was buffered.
+        self._crew_flush_pending = False
+        self._crew_sent_first = False
+        self.flush()
 
     def _on_socket_writable(self) -> None:
         if self._state == self._STATE_ACTIVE:
@@ -245,11 +290,24 @@ def tune(connection: AsyncioConnection) -> None:
         transport.__class__ = CoalescingTransport
         transport._crew_loop = loop
         transport._crew_flush_pending = False
+        transport._crew_sent_first = False
         transport._crew_watching_writes = bool(transport._tx_buffers)
         if transport._crew_watching_writes:
             # pika's own write() watches the socket with its own method, bound before the
             # class changed; ours must take over, or the flag would never be cleared.
             transport._nbio.set_writer(transport._sock.fileno(), transport._on_socket_writable)
+
+
+def flush(connection: Any, *, first_only: bool = False) -> None:
+    """Send what ``connection`` has buffered now (with ``first_only``, see
+    :meth:`CoalescingTransport.flush_first`), if its transport is a
+    :class:`CoalescingTransport`; pika's own transport sends as it goes."""
+    transport = getattr(connection, "_transport", None)
+    if isinstance(transport, CoalescingTransport):
+        if first_only:
+            transport.flush_first()
+        else:
+            transport.flush()
 
 
 def _can_coalesce(transport: Any) -> bool:

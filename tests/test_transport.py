@@ -111,9 +111,12 @@ class _Protocol:
     def __init__(self) -> None:
         self.lost: asyncio.Future[BaseException | None] = \
             asyncio.get_running_loop().create_future()
+        self.received = bytearray()
+        self.got_data = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:
-        pass
+        self.received += data
+        self.got_data.set()
 
     def eof_received(self) -> bool:
         return False
@@ -124,15 +127,26 @@ class _Protocol:
 
 
 class _CountingSocket:
-    """A socket whose sendmsg calls are counted (socket objects take no attributes)."""
+    """A socket whose sendmsg and recv calls are counted (socket objects take no
+    attributes)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self.sendmsg_calls: list[int] = []
+        self.recv_results: list[int | str] = []
 
     def sendmsg(self, buffers: list[bytes]) -> int:
         self.sendmsg_calls.append(len(buffers))
         return self._sock.sendmsg(buffers)
+
+    def recv(self, size: int) -> bytes:
+        try:
+            data = self._sock.recv(size)
+        except BlockingIOError:
+            self.recv_results.append("EAGAIN")
+            raise
+        self.recv_results.append(len(data))
+        return data
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -182,6 +196,50 @@ async def test_writes_of_one_loop_iteration_leave_in_one_sendmsg() -> None:
     assert counting.sendmsg_calls == [3, 1]
     tx.abort()
     peer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_flush_sends_at_once_and_flush_first_once_per_loop_iteration() -> None:
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    counting = _CountingSocket(ours)
+    tx, _, _ = await _tuned(counting)
+    tx.write(b"reply")
+    tx.flush()
+    assert counting.sendmsg_calls == [1]  # sent before the loop iteration ends
+    tx.write(b"call-1")
+    tx.flush_first()
+    tx.write(b"call-2")
+    tx.flush_first()  # a burst: the second waits for the end of the iteration
+    assert counting.sendmsg_calls == [1, 1]
+    assert await _receive(peer, 17) == b"replycall-1call-2"
+    assert counting.sendmsg_calls == [1, 1, 1]
+    tx.write(b"call-3")
+    tx.flush_first()  # a new iteration: a lone call leaves at once again
+    assert counting.sendmsg_calls == [1, 1, 1, 1]
+    assert await _receive(peer, 6) == b"call-3"
+    tx.abort()
+    peer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_short_read_ends_the_readiness_event_without_another_recv() -> None:
+    ours, peer = socket.socketpair()
+    counting = _CountingSocket(ours)
+    tx, protocol, _ = await _tuned(counting)
+    peer.sendall(b"x" * 100)
+    await asyncio.wait_for(protocol.got_data.wait(), 10)
+    # pika reads on until recv raises EAGAIN; a short read says the socket is drained.
+    assert counting.recv_results == [100]
+    big = os.urandom(3 * transport.RECV_BYTES + 5)
+    peer.setblocking(False)
+    await asyncio.get_running_loop().sock_sendall(peer, big)
+    while len(protocol.received) < 100 + len(big):
+        protocol.got_data.clear()
+        await asyncio.wait_for(protocol.got_data.wait(), 10)
+    assert bytes(protocol.received) == b"x" * 100 + big
+    peer.close()  # the end of the stream still ends the connection
+    assert await asyncio.wait_for(protocol.lost, 10) is None
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -291,3 +349,36 @@ async def test_bytes_pika_left_unsent_before_tuning_still_go_out() -> None:
     assert await _receive(peer, 9) == b" and ours"
     plain.abort()
     peer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_lone_call_leaves_before_the_loop_iteration_ends(make_worker, client, uid):
+    make_worker({f"echo.{uid}": lambda x: x})
+    await client.call(f"echo.{uid}", 0)
+    tx = client._connection._connection._transport
+    sent: list[int] = []
+    produce = tx._produce
+    tx._produce = lambda: (sent.append(1), produce())[1]
+    reply = asyncio.ensure_future(client.call(f"echo.{uid}", 1, persistent=False))
+    await asyncio.sleep(0)  # the call's first step (up to its publish) runs, then this
+    assert sent == [1] and not tx._tx_buffers  # flushed in the call's own step
+    assert await reply == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_workers_replies_leave_with_the_batch_that_answers_them(make_worker, client,
+                                                                         uid):
+    worker = make_worker({f"echo.{uid}": lambda x: x}, concurrency=4)
+    await client.call(f"echo.{uid}", 0)
+    handler = worker._calls
+    answer_finished = handler._answer_finished
+    left_unsent: list[int] = []
+
+    def watched() -> None:
+        answer_finished()
+        left_unsent.append(len(handler.channel._channel.connection._transport._tx_buffers))
+
+    handler._answer_finished = watched
+    assert await asyncio.gather(*(client.call(f"echo.{uid}", n) for n in range(20))) == \
+        list(range(20))
+    assert left_unsent and not any(left_unsent)
