@@ -122,22 +122,46 @@ def encode(value: Any, content_type: str = protocol.MSGPACK, gzip: bool | None =
     """Serialize ``value``; return the body and its content encoding (``"gzip"`` or None).
 
     ``gzip=None`` compresses bodies of at least ``threshold`` bytes when a sample shows that
-    it pays; True and False force it on or off.
+    it pays; True and False force it on or off. The three steps are public for a caller
+    that compresses elsewhere (the client, off its event loop).
     """
+    body = serialize(value, content_type)
+    if should_gzip(body, gzip, threshold):
+        return gzip_body(body), protocol.GZIP
+    return check_wire_size(body), None
+
+
+def serialize(value: Any, content_type: str = protocol.MSGPACK) -> bytes:
+    """``value`` in ``content_type``, uncompressed; refused if no receiver would inflate it."""
     body = _serialize(value, content_type)
     if len(body) > protocol.MAX_DECOMPRESSED_BYTES:
         # Compressed, it might fit on the wire, but the receiver would refuse to inflate it.
         raise MessageTooLargeError(
             f"encoded body is {len(body)} bytes, more than the limit of "
             f"{protocol.MAX_DECOMPRESSED_BYTES} before compression")
-    encoding = None
-    if gzip or (gzip is None and len(body) >= threshold and _worth_compressing(body)):
-        body, encoding = gzip_compress(body), protocol.GZIP
+    return body
+
+
+def should_gzip(body: bytes, gzip: bool | None,
+                threshold: int = protocol.GZIP_THRESHOLD) -> bool:
+    """Whether :func:`encode` would compress ``body`` (see there for ``gzip``)."""
+    if gzip is not None:
+        return bool(gzip)
+    return len(body) >= threshold and _worth_compressing(body)
+
+
+def gzip_body(body: bytes) -> bytes:
+    """``body`` compressed with :func:`gzip_compress`, within the size limit of the wire."""
+    return check_wire_size(gzip_compress(body))
+
+
+def check_wire_size(body: bytes) -> bytes:
+    """``body``, unless it is over :data:`~crew.protocol.MAX_BODY_BYTES`."""
     if len(body) > protocol.MAX_BODY_BYTES:
         raise MessageTooLargeError(
             f"encoded body is {len(body)} bytes, more than the limit of {protocol.MAX_BODY_BYTES}"
         )
-    return body, encoding
+    return body
 
 
 def decode(body: bytes, content_type: str | None, content_encoding: str | None = None) -> Any:

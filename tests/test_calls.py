@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import threading
 
 import pytest
 
 import crew
-from crew import Client, RemoteError, UnknownTaskError
+from crew import Client, RemoteError, UnknownTaskError, codec
 from crew.worker import context
 
 
@@ -219,6 +220,36 @@ async def test_large_bodies_round_trip_gzipped_or_not(make_worker, client, uid):
     assert await client.call(f"size.{uid}", b"small", gzip=True) == b"small"
     assert await client.call(f"size.{uid}", text, gzip=False) == text
     assert received == [len(text), len(noise), 5, len(text)]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_client_gzips_and_inflates_large_bodies_off_its_loop(make_worker, client, uid,
+                                                                     monkeypatch):
+    on_the_loop: list[str] = []
+    elsewhere: list[str] = []
+
+    def recording(func):
+        def wrapper(*args, **kwargs):
+            where = on_the_loop if threading.current_thread() is loop_thread else elsewhere
+            where.append(func.__name__)
+            return func(*args, **kwargs)
+        return wrapper
+
+    loop_thread = threading.current_thread()  # the test's loop runs the client
+    monkeypatch.setattr(codec, "gzip_compress", recording(codec.gzip_compress))
+    monkeypatch.setattr(codec, "gzip_decompress", recording(codec.gzip_decompress))
+    make_worker({f"echo.{uid}": lambda x: x})
+    words = [f"word{n}" for n in range(2000)]
+    rng = random.Random(3)
+    text = " ".join(rng.choice(words) for _ in range(300_000))  # ~2.4 MB, ~1 MB gzipped
+    assert await client.call(f"echo.{uid}", text) == text
+    small = "small " * 100
+    assert await client.call(f"echo.{uid}", small, gzip=True) == small
+    # Elsewhere: the client's large call and reply, and the worker's job thread inflating
+    # both calls and compressing the large reply. The small call's compression stays on
+    # the loop (a thread hop would cost more); its small reply is sent plain.
+    assert on_the_loop == ["gzip_compress"]
+    assert sorted(elsewhere) == ["gzip_compress"] * 2 + ["gzip_decompress"] * 3
 
 
 @pytest.mark.gen_test(timeout=60)
