@@ -36,6 +36,11 @@ RESULT = "RESULT "
 
 # --- payloads ---------------------------------------------------------------------------
 
+def link_workload(kind: str, mbit: float) -> str:
+    """The name of the 1 MB ``kind`` ("random", "text") workload through a link of ``mbit``."""
+    return f"1 MB {kind}, {mbit:g} Mbit/s link"
+
+
 def random_bytes(size: int, seed: int = 7) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -92,22 +97,28 @@ class Recorder:
     """Collects ``(workload, figure, value)`` triples and prints them for the parent.
 
     ``worker_pid``: the worker process, whose CPU time :meth:`cpu` reads beside the
-    caller's own.
+    caller's own; ``link_pid``: the rate-limited link (bench/link.py) both go through,
+    if any, whose CPU time it reads too.
     """
 
-    def __init__(self, worker_pid: int | None = None) -> None:
+    def __init__(self, worker_pid: int | None = None, link_pid: int | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
         self.worker_pid = worker_pid
+        self.link_pid = link_pid
 
-    def cpu_mark(self) -> tuple[float, float]:
+    def cpu_mark(self) -> tuple[float, ...]:
         worker = cpu_seconds(self.worker_pid) if self.worker_pid else float("nan")
-        return worker, cpu_seconds(os.getpid())
+        link = cpu_seconds(self.link_pid) if self.link_pid else float("nan")
+        return worker, cpu_seconds(os.getpid()), link
 
-    def cpu(self, workload: str, mark: tuple[float, float], calls: int) -> None:
-        """CPU time per call of the worker and of the caller since ``mark``, in µs."""
+    def cpu(self, workload: str, mark: tuple[float, ...], calls: int) -> None:
+        """CPU time per call of the worker, of the caller (and of the link) since ``mark``,
+        in µs."""
         now = self.cpu_mark()
         self.add(workload, "worker CPU us/call", 1e6 * (now[0] - mark[0]) / calls)
         self.add(workload, "client CPU us/call", 1e6 * (now[1] - mark[1]) / calls)
+        if self.link_pid:
+            self.add(workload, "link proxy CPU us/call", 1e6 * (now[2] - mark[2]) / calls)
 
     def add(self, workload: str, figure: str, value: float) -> None:
         self.rows.append({"workload": workload, "figure": figure, "value": value})

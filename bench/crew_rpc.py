@@ -5,6 +5,10 @@ The worker also serves ``spin`` (``while True: pass``), which the deadline workl
 with a short expiration to see how late :class:`crew.TimeoutError` comes; calls to a task
 whose queue has no consumer show how late :class:`crew.ExpirationError` comes.
 
+With ``"url"`` in their orders, worker and caller connect there instead of ``$BENCH_URL``
+(a rate-limited link, bench/link.py); with ``"link"``, the caller runs the 1 MB workloads
+of the link only.
+
 ``python bench/crew_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
 """
 
@@ -20,7 +24,8 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import experiments
 import pika
 from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, ready_until_signal,
-                    compressible_text, orders, plan_calls, random_bytes, rss_mib)
+                    compressible_text, link_workload, orders, plan_calls, random_bytes,
+                    rss_mib)
 from raw_rpc import record_memory
 
 import crew
@@ -45,7 +50,7 @@ def spin(_data: Any) -> None:
 
 async def serve(spec: dict[str, Any]) -> None:
     task = async_echo if "asyncecho" in spec.get("patches", []) else echo
-    worker = crew.Worker({spec["task"]: task, spec["spin"]: spin}, broker=URL,
+    worker = crew.Worker({spec["task"]: task, spec["spin"]: spin}, broker=spec.get("url", URL),
                          concurrency=spec["concurrency"])
     await worker.start()
     await ready_until_signal()
@@ -105,13 +110,30 @@ def declare_idle_queue(task: str) -> None:
     connection.close()
 
 
+async def link_workloads(client: crew.Client, task: str, persistent: bool, rec: Recorder,
+                         link: dict[str, Any]) -> None:
+    """1 MB of random bytes, then of text, through the link: one call to warm up, then
+    ``link["calls"]`` measured."""
+    for kind, data in (("random", random_bytes(LARGE_BYTES)),
+                       ("text", compressible_text(LARGE_BYTES))):
+        workload = link_workload(kind, link["mbit"])
+        await sequential(client, task, data, 1, persistent)
+        mark, started = rec.cpu_mark(), time.perf_counter()
+        await sequential(client, task, data, link["calls"], persistent)
+        rec.throughput(workload, started, link["calls"])
+        rec.cpu(workload, mark, link["calls"])
+
+
 async def call_all(spec: dict[str, Any]) -> Recorder:
-    rec = Recorder(spec.get("worker_pid"))
+    rec = Recorder(spec.get("worker_pid"), spec.get("link", {}).get("pid"))
     task, persistent, warmup = spec["task"], spec["persistent"], spec["warmup"]
     small = random_bytes(SMALL_BYTES)
-    client = crew.Client(URL)
+    client = crew.Client(spec.get("url", URL))
     await client.connect()
     try:
+        if spec.get("link"):
+            await link_workloads(client, task, persistent, rec, spec["link"])
+            return rec
         if spec.get("memory"):
             mem = spec["memory"]
             await in_flight(client, task, small, mem["warmup"], persistent)

@@ -8,7 +8,9 @@ row, which measures what publisher confirms would cost crew's calls and replies.
 ``"crew_queue"``, the same loop carries what crew asks of the broker: the queue has crew's
 arguments (``x-max-priority``, a dead-letter exchange), calls carry a priority, a per-message
 TTL and crew's three headers and are published ``mandatory``, replies carry a status header:
-the "raw + crew's queue" row, the broker's share of crew's cost.
+the "raw + crew's queue" row, the broker's share of crew's cost. With ``"url"``, both
+connect there instead of ``$BENCH_URL`` (a rate-limited link, bench/link.py); with
+``"link"``, the caller runs the 1 MB workloads of the link only.
 
 ``python bench/raw_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
 """
@@ -24,13 +26,13 @@ from typing import Any, Callable
 import common  # noqa: F401  (puts the repository on sys.path)
 import pika
 from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, announce_ready,
-                    compressible_text, orders, random_bytes, rss_mib)
+                    compressible_text, link_workload, orders, random_bytes, rss_mib)
 
 from crew import protocol
 
 
 def worker(spec: dict[str, Any]) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    connection = pika.BlockingConnection(pika.URLParameters(spec.get("url", URL)))
     channel = connection.channel()
     reply_headers = None
     if spec.get("crew_queue"):
@@ -59,10 +61,11 @@ def worker(spec: dict[str, Any]) -> None:
 
 
 class Caller:
-    def __init__(self, queue: str, confirms: bool = False, crew_queue: bool = False) -> None:
+    def __init__(self, queue: str, confirms: bool = False, crew_queue: bool = False,
+                 url: str = URL) -> None:
         self.queue = queue
         self.crew_queue = crew_queue
-        self.connection = pika.BlockingConnection(pika.URLParameters(URL))
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
         if confirms:  # each publish then waits for the broker's ack
             self.channel.confirm_delivery()
@@ -124,10 +127,16 @@ class Caller:
 
 
 def caller(spec: dict[str, Any]) -> None:
-    rec = Recorder(spec["worker_pid"])
-    rpc = Caller(spec["queue"], spec.get("confirms", False), spec.get("crew_queue", False))
+    rec = Recorder(spec["worker_pid"], spec.get("link", {}).get("pid"))
+    rpc = Caller(spec["queue"], spec.get("confirms", False), spec.get("crew_queue", False),
+                 spec.get("url", URL))
     small = random_bytes(SMALL_BYTES)
     warmup = spec["warmup"]
+    if spec.get("link"):
+        link_workloads(rpc, rec, spec["link"])
+        rpc.connection.close()
+        rec.emit()
+        return
     if spec.get("memory"):
         memory(rpc, rec, spec["memory"], small)
         rec.emit()
@@ -150,6 +159,19 @@ def caller(spec: dict[str, Any]) -> None:
         rec.cpu(workload, mark, spec["large"])
     rpc.connection.close()
     rec.emit()
+
+
+def link_workloads(rpc: Caller, rec: Recorder, link: dict[str, Any]) -> None:
+    """1 MB of random bytes, then of text, through the link: one call to warm up, then
+    ``link["calls"]`` measured."""
+    for kind, body in (("random", random_bytes(LARGE_BYTES)),
+                       ("text", compressible_text(LARGE_BYTES).encode())):
+        workload = link_workload(kind, link["mbit"])
+        rpc.sequential(body, 1)
+        mark, started = rec.cpu_mark(), time.perf_counter()
+        rpc.sequential(body, link["calls"])
+        rec.throughput(workload, started, link["calls"])
+        rec.cpu(workload, mark, link["calls"])
 
 
 def memory(rpc: Caller, rec: Recorder, spec: dict[str, Any], body: bytes) -> None:

@@ -13,7 +13,10 @@ another, against the RabbitMQ at ``$BENCH_URL`` (default guest on 127.0.0.1:5672
   ``pip install -r bench/requirements.txt``).
 
 Workloads: 2000 sequential calls of 100 bytes; 5000 calls with 64 in flight; 200 sequential
-calls of 1 MB of random bytes and 200 of 1 MB of compressible text; HTTP ``POST
+calls of 1 MB of random bytes and 200 of 1 MB of compressible text; the same two, 10 calls
+each, with each process connected to the broker through a link limited to 100 Mbit/s each
+way (``bench/link.py``; ``--link MBIT``, ``--no-link``), for raw, crew transient and the
+``--experiment`` rows: where automatic gzip pays, as it cannot on loopback; HTTP ``POST
 /call/<task>`` through ``crew.gateway`` against the same handler answering inline
 (``bench/http_load.py``); how late ``TimeoutError`` and ``ExpirationError`` arrive after a
 0.2 s deadline; worker and client RSS after 50 000 calls against after warm-up.
@@ -49,16 +52,24 @@ from typing import IO, Any, Iterator
 import common
 import experiments
 import http_load
+import link
 import pika
-from common import BENCH, READY, RESULT, URL, median
+from common import BENCH, READY, RESULT, URL, link_workload, median
 
 from crew import protocol
 
 #: Workload sizes of the full run and of ``--quick`` (a smoke test: no figure means much).
 FULL = {"warmup": 200, "seq": 2000, "inflight_calls": 5000, "large": 200, "deadline": 30,
-        "rounds": 5, "http_seconds": 5.0, "memory_warmup": 5000, "memory_calls": 50_000}
+        "rounds": 5, "http_seconds": 5.0, "memory_warmup": 5000, "memory_calls": 50_000,
+        "link_calls": 10}
 QUICK = {"warmup": 10, "seq": 20, "inflight_calls": 128, "large": 3, "deadline": 2,
-         "rounds": 1, "http_seconds": 1.0, "memory_warmup": 100, "memory_calls": 300}
+         "rounds": 1, "http_seconds": 1.0, "memory_warmup": 100, "memory_calls": 300,
+         "link_calls": 2}
+#: The rate of the link workload's links (Mbit/s each way): where automatic gzip pays (a
+#: 1 MB call crosses four links, about 320 ms), unlike on loopback.
+LINK_MBIT = 100.0
+#: The systems whose 1 MB workloads also run through the link, besides the --experiment rows.
+LINK_SYSTEMS = ("raw", "crew transient")
 HTTP_CONNECTIONS = 32
 REFERENCE = "raw"
 HTTP_REFERENCE = "inline handler"
@@ -214,6 +225,28 @@ def rpc_round(found: dict[str, dict[str, Any]], samples: Samples, log: IO[str]) 
                 common.rss_mib(worker.pid))
 
 
+def link_round(found: dict[str, dict[str, Any]], sizes: dict[str, Any], samples: Samples,
+               log: IO[str]) -> None:
+    """The 1 MB workloads again, each system's worker and caller connected to the broker
+    through a link of ``sizes["link_mbit"]`` each way (bench/link.py, a process of its own,
+    so its CPU time is in neither's figures)."""
+    mbit = sizes["link_mbit"]
+    for system, spec in found.items():
+        if system not in LINK_SYSTEMS and not system.startswith("crew transient +"):
+            continue
+        port = free_port()
+        with step(f"{system}, {mbit:g} Mbit/s link"), contextlib.ExitStack() as stack:
+            proxy = stack.enter_context(child("link.py", "serve", {
+                "port": port, "mbit": mbit, "upstream": link.upstream(URL)}, log))
+            url = link.via(URL, port)
+            worker = stack.enter_context(
+                child(spec["module"], "worker", {**spec["worker"], "url": url}, log))
+            orders = {**spec["caller"], "url": url, "worker_pid": worker.pid, "deadline": 0,
+                      "link": {"mbit": mbit, "calls": sizes["link_calls"], "pid": proxy.pid}}
+            for row in run_caller(spec["module"], orders, log):
+                samples[system, row["workload"], row["figure"]].append(row["value"])
+
+
 def http_round(names: Names, sizes: dict[str, Any], patch_sets: list[list[str]],
                samples: Samples, log: IO[str]) -> None:
     """The inline handler, then the gateway (and one gateway per patch set, its worker and
@@ -355,6 +388,13 @@ def targets(rows: list[dict[str, Any]], sizes: dict[str, Any]) -> list[dict[str,
         ("gateway HTTP requests/s >= 0.5x the inline handler",
          get("crew gateway", http, "requests/s", "ratio"), ">=", 0.5),
     ]
+    mbit = sizes.get("link_mbit")
+    if mbit:  # informational: where automatic gzip pays, unlike on loopback (the line above)
+        checks.append((
+            f"(link) crew transient 1 MB text faster than 1 MB random through {mbit:g} Mbit/s "
+            "links (ratio text/random)",
+            _div(get("crew transient", link_workload("text", mbit), "calls/s"),
+                 get("crew transient", link_workload("random", mbit), "calls/s")), ">", 1.0))
     judged = []
     for name, value, op, limit in checks:
         holds = None if value is None else (value >= limit if op == ">=" else value > limit
@@ -413,6 +453,11 @@ def main() -> int:
                         help="skip the RPC workloads (sequential, in flight, 1 MB, deadlines)")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP workload")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory workload")
+    parser.add_argument("--link", type=float, default=LINK_MBIT, metavar="MBIT",
+                        help="the rate of each link of the link workload, Mbit/s each way "
+                             f"(default {LINK_MBIT:g})")
+    parser.add_argument("--no-link", action="store_true",
+                        help="skip the link workload (1 MB calls through rate-limited links)")
     parser.add_argument("--out", type=Path, default=BENCH / "results.json",
                         help="where the figures go (default bench/results.json)")
     parser.add_argument("--experiment", action="append", default=[], metavar="PATCHES",
@@ -432,6 +477,9 @@ def main() -> int:
     sizes = dict(QUICK if options.quick else FULL)
     if options.rounds:
         sizes["rounds"] = options.rounds
+    if options.link <= 0:
+        parser.error(f"--link must be a rate in Mbit/s above 0, not {options.link:g}")
+    sizes["link_mbit"] = None if options.no_link else options.link
     with_aio = importlib.util.find_spec("aio_pika") is not None
     if not with_aio:
         print(f"NOTE: {AIO_PIKA_MISSING}", flush=True)
@@ -451,6 +499,8 @@ def main() -> int:
                 print(f"round {number + 1} of {sizes['rounds']}", flush=True)
                 if not options.no_rpc:
                     rpc_round(found, samples, log)
+                if not options.no_link:
+                    link_round(found, sizes, samples, log)
                 if not options.no_http:
                     http_round(names, sizes, patch_sets, samples, log)
             if not options.no_memory:
