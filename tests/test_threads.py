@@ -181,19 +181,30 @@ class _Pool:
 
     _count = 0
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, holdable: bool = False) -> None:
         _Pool._count += 1
         self.name = f"test-pool-{_Pool._count}"
         self.pool = JobThreads(size, self.name, self._done)
+        if holdable:
+            # Reentrant, so that the test can submit while it holds the pool's lock and no
+            # thread of the pool can look at the queue (see hold()).
+            self.pool._lock = threading.RLock()  # type: ignore[assignment]
         self.ran_on: dict[str, threading.Thread] = {}  # correlation id -> thread
         self.started: queue.SimpleQueue = queue.SimpleQueue()  # correlation ids, in order
         self.done: dict[str, threading.Event] = {}  # set once on_done got the reply
         self.statuses: dict[str, str] = {}
         self.gates: dict[str, threading.Event] = {}
+        self.finished: list[str] = []  # correlation ids, once per on_done
 
     def _done(self, job, reply) -> None:
+        self.finished.append(job.correlation_id)
         self.statuses[job.correlation_id] = reply.status
         self.done[job.correlation_id].set()
+
+    def hold(self):
+        """Hold the pool's lock: jobs submitted meanwhile wait, and every thread that is woken
+        or spawned stops before it looks at the queue, until the hold ends."""
+        return self.pool._lock
 
     def submit(self, cid: str, *, gated: bool = False) -> Job:
         """Submit job ``cid``; a gated one runs until ``release(cid)``."""
@@ -226,6 +237,16 @@ class _Pool:
 
     def next_started(self) -> str:
         return self.started.get(timeout=10)
+
+    def make_idle(self, count: int) -> list[threading.Thread]:
+        """Leave ``count`` idle threads; return them, the most recently idle last."""
+        cids = [f"idle{i}" for i in range(count)]
+        for cid in cids:
+            self.submit(cid, gated=True)
+        assert {self.next_started() for _ in cids} == set(cids)  # a thread each
+        for cid in cids:
+            self.release(cid)
+        return [self.ran_on[cid] for cid in cids]
 
     def threads(self) -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name.startswith(self.name + "-")]
@@ -322,6 +343,177 @@ def test_an_abandoned_job_frees_its_slot_and_its_thread_retires_when_it_returns(
     assert not stuck.thread.is_alive() and pool.pool.stuck == set()
     assert not pool.done["stuck"].is_set()  # the loop answers an abandoned job, not the pool
     pool.close()
+
+
+def test_a_burst_submitted_before_any_thread_looks_at_the_queue_spawns_one_thread():
+    pool = _Pool(64, holdable=True)
+    cids = [f"j{i}" for i in range(64)]
+    with pool.hold():
+        for cid in cids:
+            pool.submit(cid)
+        assert len(pool.threads()) == 1  # the others would find the jobs taken already
+    for cid in cids:
+        assert pool.done[cid].wait(10)
+    assert sorted(pool.finished) == sorted(cids)
+    pool.close()
+
+
+def test_a_burst_wakes_only_the_most_recently_idle_thread():
+    pool = _Pool(8, holdable=True)
+    idle = pool.make_idle(4)
+    with pool.hold():
+        for cid in ("a", "b", "c", "d"):
+            pool.submit(cid)
+        assert len(pool.pool._idle) == 3  # one woken, for all four
+    for cid in ("a", "b", "c", "d"):
+        assert pool.done[cid].wait(10)
+    # The woken thread is the only one that can look at the queue first: it takes "a".
+    assert pool.ran_on["a"] is idle[-1]
+    assert len(pool.threads()) == 4
+    pool.close()
+
+
+def test_blocking_jobs_of_a_burst_each_get_a_thread_though_one_was_woken():
+    """The woken thread wakes (or spawns) the next before it runs its own job, and so on:
+    jobs that block do not wait behind each other while a slot is free."""
+    pool = _Pool(8, holdable=True)
+    pool.run("warm")  # one idle thread
+    cids = ["a", "b", "c", "d", "e", "f"]
+    with pool.hold():
+        for cid in cids:
+            pool.submit(cid, gated=True)
+        assert len(pool.threads()) == 1
+    assert {pool.next_started() for _ in cids} == set(cids)  # all six at once
+    assert len(pool.threads()) == 6 and len({pool.ran_on[cid] for cid in cids}) == 6
+    assert pool.ran_on["a"] is pool.ran_on["warm"]
+    pool.run("short")  # two slots are free: no wait behind the six
+    for cid in cids:
+        pool.release(cid)
+    assert sorted(pool.finished) == sorted(cids + ["warm", "short"])
+    pool.close()
+
+
+def test_one_thread_runs_the_waiting_jobs_in_submission_order_once_each():
+    pool = _Pool(1)
+    pool.submit("first", gated=True)
+    assert pool.next_started() == "first"
+    cids = [f"j{i}" for i in range(30)]
+    for cid in cids:
+        pool.submit(cid)
+    pool.release("first")
+    assert [pool.next_started() for _ in cids] == cids
+    for cid in cids:
+        assert pool.done[cid].wait(10)
+    assert pool.finished == ["first"] + cids
+    assert len(pool.threads()) == 1
+    pool.close()
+
+
+def test_close_during_a_cascade_leaves_no_job_behind_and_no_thread_running():
+    pool = _Pool(4, holdable=True)
+    pool.make_idle(3)
+    with pool.hold():
+        pool.submit("x", gated=True)
+        pool.submit("y", gated=True)
+        pool.pool.close()  # wakes the other idle threads too; the one without a job exits
+    assert {pool.next_started(), pool.next_started()} == {"x", "y"}
+    pool.release("x")
+    pool.release("y")
+    pool.close()  # joins every thread of the pool
+    assert sorted(pool.finished) == ["idle0", "idle1", "idle2", "x", "y"]
+
+
+def test_a_job_waiting_for_the_slot_of_an_abandoned_job_gets_a_new_thread():
+    pool = _Pool(1)
+    stuck = pool.submit("stuck", gated=True)
+    pool.next_started()
+    pool.submit("next")
+    assert stuck.watch.abandon(JobKilled) == "running"
+    pool.pool.replace(stuck.thread)
+    assert pool.done["next"].wait(10)  # while the stuck job still blocks
+    assert pool.ran_on["next"] is not stuck.thread and stuck.thread.is_alive()
+    pool.gates["stuck"].set()
+    stuck.thread.join(10)
+    assert pool.pool.stuck == set() and pool.finished == ["next"]
+    pool.close()
+
+
+def test_an_abandoned_thread_that_ends_before_replace_passes_its_slot_on():
+    """The loop calls replace() just after the kill; the killed thread may end first."""
+    pool = _Pool(1)
+    killed = pool.submit("killed", gated=True)
+    pool.next_started()
+    pool.submit("next")
+    assert killed.watch.abandon(JobKilled) == "running"  # lands as the task's wait returns
+    pool.gates["killed"].set()
+    killed.thread.join(10)
+    assert not killed.thread.is_alive()
+    assert pool.done["next"].wait(10)
+    pool.pool.replace(killed.thread)  # too late: changes nothing
+    assert pool.pool.stuck == set() and pool.finished == ["next"]
+    pool.close()
+
+
+def test_no_job_waits_while_a_thread_could_take_it():
+    """Short and blocking jobs from three threads, some abandoned at once, with threads
+    switched as often as CPython can: whenever the pool's lock is free, a job that waits has
+    a thread on its way to it, or every slot is busy; every job ends once."""
+    pool = _Pool(4)
+    pools = pool.pool
+    lost: list = []
+    stop = threading.Event()
+
+    def watch():  # takes the pool's lock as often as it can and checks the pool's state
+        while not stop.is_set():
+            with pools._lock:
+                if pools._pending and not pools._waking and (
+                        pools._idle or len(pools._threads) < pools._size):
+                    lost.append((len(pools._pending), len(pools._idle), len(pools._threads)))
+
+    def task(_argument):
+        if random.random() < 0.2:
+            time.sleep(0.0005)  # blocks, the GIL released
+        else:
+            for _ in range(random.randint(0, 300)):
+                pass
+        return None
+
+    abandoned: dict[str, str] = {}
+
+    def submit_jobs(prefix: str) -> None:
+        for i in range(300):
+            cid = f"{prefix}{i}"
+            body, _ = codec.encode(None)
+            job = Job(None, "t", task, 1, cid, "reply", protocol.MSGPACK, None, body, {},
+                      time.monotonic() + 60)
+            pool.done[cid] = threading.Event()
+            pools.submit(job)
+            if random.random() < 0.1:
+                abandoned[cid] = state = job.watch.abandon(JobKilled)
+                if state == "running":
+                    pools.replace(job.thread)
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        submitters = [threading.Thread(target=submit_jobs, args=(p,)) for p in "abc"]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join(30)
+        for cid, done in pool.done.items():
+            if abandoned.get(cid, "ended") == "ended":
+                assert done.wait(10), cid
+    finally:
+        stop.set()
+        watcher.join(10)
+        sys.setswitchinterval(switch_interval)
+    assert lost == []
+    pool.close()
+    expected = [cid for cid in pool.done if abandoned.get(cid, "ended") == "ended"]
+    assert sorted(pool.finished) == sorted(expected)
 
 
 def test_kills_at_random_moments_never_break_the_pool():
