@@ -83,9 +83,12 @@ def function(frame: str) -> str:
 
 
 def waits() -> re.Pattern[str]:
-    """Innermost frames that are waits: the loop's ``select``, a job thread's ``get``."""
+    """Innermost frames that are waits: the loop's ``select``, an idle job thread's
+    ``wake.acquire()`` in ``JobThreads._serve``."""
     jobs = (common.ROOT / "crew" / "jobs.py").read_text(encoding="utf-8").splitlines()
-    get_lines = [str(n) for n, line in enumerate(jobs, 1) if "inbox.get()" in line]
+    get_lines = [str(n) for n, line in enumerate(jobs, 1)
+                 if line.strip() == "wake.acquire()" and n > 1
+                 and "def _serve" in "".join(jobs[max(0, n - 15):n])]
     return re.compile(r"^(EpollSelector\.select \(|_worker \(concurrent/futures/thread\.py|"
                       r"Condition\.wait \(|"
                       rf"JobThreads\._serve \(crew/jobs\.py:({'|'.join(get_lines) or '0'})\))")

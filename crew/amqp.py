@@ -170,11 +170,10 @@ class Channel:
         """Hand a message to the connection's write buffer (no broker round trip)."""
         self._channel.basic_publish(exchange, routing_key, body, properties, mandatory)
 
-    def flush(self, *, first_only: bool = False) -> None:
+    def flush(self) -> None:
         """Send what was published on this channel's connection now rather than at the end
-        of the loop iteration; with ``first_only``, only if no earlier publish of this
-        iteration was sent so (see :mod:`crew.transport`)."""
-        transport.flush(self._channel.connection, first_only=first_only)
+        of the loop iteration (see :mod:`crew.transport`)."""
+        transport.flush(self._channel.connection)
 
     def ack(self, delivery_tag: int) -> None:
         if self._channel.is_open:

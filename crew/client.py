@@ -308,9 +308,11 @@ class Client(PubSub):
         channel = self._channel
         channel.publish(  # type: ignore[union-attr]  # connected, checked above
             "", protocol.task_queue(call.task), body, properties, mandatory=True)
-        # A lone call leaves now; the calls of a burst leave together at the end of the
-        # loop iteration.
-        channel.flush(first_only=True)  # type: ignore[union-attr]
+        if len(self._pending) == 1:
+            # A lone call leaves now. Calls made while others are under way (a server's
+            # concurrent requests) leave together at the end of the loop iteration: one
+            # system call, one wake-up of the broker.
+            channel.flush()  # type: ignore[union-attr]
 
     def parallel(self) -> "Parallel":
         """Gather several calls: ``with client.parallel() as mc: ...; await mc.result()``."""

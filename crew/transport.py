@@ -17,7 +17,7 @@ pika 1.x moves bytes in ways that cost crew most of its time per call:
   (the frames of all the calls or replies made in that iteration), and waits for
   writability only when the socket did not take it all. Where waiting for the end of
   the iteration gains nothing, crew flushes sooner (:func:`flush`): the worker after
-  each batch of replies, the client after the first call of an iteration.
+  each batch of replies, the client after a call made while no other is under way.
 
 Both lean on pika internals (pika is pinned below 2). :func:`connection_class` and
 :func:`tune` check that what they need is there and otherwise leave pika's own code in
@@ -168,7 +168,6 @@ class CoalescingTransport(_PlainTransport):
     _crew_loop: asyncio.AbstractEventLoop
     _crew_flush_pending: bool
     _crew_watching_writes: bool
-    _crew_sent_first: bool
 
     def _consume(self) -> None:
         """Hand what the socket holds to pika, stopping at the first short read.
@@ -210,22 +209,8 @@ class CoalescingTransport(_PlainTransport):
                 and not self._crew_watching_writes):
             self._send_buffered()
 
-    def flush_first(self) -> None:
-        """Send what is buffered now if nothing was sent this way yet in this loop
-        iteration; else leave it for the end of the iteration.
-
-        For a client's calls: a lone call leaves at once, and a burst (calls made in one
-        loop iteration) costs two ``sendmsg`` instead of one.
-        """
-        if not self._crew_sent_first:
-            self._crew_sent_first = True
-            self.flush()
-
     def _flush(self) -> None:
-        # write() schedules this when the buffer becomes non-empty, so it runs in the loop
-        # iteration after any flush_first() that sent what was buffered.
         self._crew_flush_pending = False
-        self._crew_sent_first = False
         self.flush()
 
     def _on_socket_writable(self) -> None:
@@ -290,7 +275,6 @@ def tune(connection: AsyncioConnection) -> None:
         transport.__class__ = CoalescingTransport
         transport._crew_loop = loop
         transport._crew_flush_pending = False
-        transport._crew_sent_first = False
         transport._crew_watching_writes = bool(transport._tx_buffers)
         if transport._crew_watching_writes:
             # pika's own write() watches the socket with its own method, bound before the
@@ -298,16 +282,12 @@ def tune(connection: AsyncioConnection) -> None:
             transport._nbio.set_writer(transport._sock.fileno(), transport._on_socket_writable)
 
 
-def flush(connection: Any, *, first_only: bool = False) -> None:
-    """Send what ``connection`` has buffered now (with ``first_only``, see
-    :meth:`CoalescingTransport.flush_first`), if its transport is a
+def flush(connection: Any) -> None:
+    """Send what ``connection`` has buffered now, if its transport is a
     :class:`CoalescingTransport`; pika's own transport sends as it goes."""
     transport = getattr(connection, "_transport", None)
     if isinstance(transport, CoalescingTransport):
-        if first_only:
-            transport.flush_first()
-        else:
-            transport.flush()
+        transport.flush()
 
 
 def _can_coalesce(transport: Any) -> bool:

@@ -9,6 +9,7 @@ import itertools
 import os
 import random
 import socket
+import threading
 from typing import Any
 
 import pika.exceptions
@@ -199,25 +200,17 @@ async def test_writes_of_one_loop_iteration_leave_in_one_sendmsg() -> None:
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_flush_sends_at_once_and_flush_first_once_per_loop_iteration() -> None:
+async def test_flush_sends_at_once() -> None:
     ours, peer = socket.socketpair()
     peer.setblocking(False)
     counting = _CountingSocket(ours)
     tx, _, _ = await _tuned(counting)
     tx.write(b"reply")
+    tx.write(b"ack")
     tx.flush()
-    assert counting.sendmsg_calls == [1]  # sent before the loop iteration ends
-    tx.write(b"call-1")
-    tx.flush_first()
-    tx.write(b"call-2")
-    tx.flush_first()  # a burst: the second waits for the end of the iteration
-    assert counting.sendmsg_calls == [1, 1]
-    assert await _receive(peer, 17) == b"replycall-1call-2"
-    assert counting.sendmsg_calls == [1, 1, 1]
-    tx.write(b"call-3")
-    tx.flush_first()  # a new iteration: a lone call leaves at once again
-    assert counting.sendmsg_calls == [1, 1, 1, 1]
-    assert await _receive(peer, 6) == b"call-3"
+    assert counting.sendmsg_calls == [2]  # sent before the loop iteration ends
+    assert await _receive(peer, 8) == b"replyack"
+    assert counting.sendmsg_calls == [2]  # the end-of-iteration flush found nothing left
     tx.abort()
     peer.close()
 
@@ -352,17 +345,29 @@ async def test_bytes_pika_left_unsent_before_tuning_still_go_out() -> None:
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_lone_call_leaves_before_the_loop_iteration_ends(make_worker, client, uid):
-    make_worker({f"echo.{uid}": lambda x: x})
+async def test_a_lone_call_leaves_at_once_and_concurrent_calls_together(make_worker, client,
+                                                                         uid):
+    gate = threading.Event()
+    make_worker({f"echo.{uid}": lambda x: x, f"wait.{uid}": lambda _: gate.wait(30)},
+                concurrency=2)
     await client.call(f"echo.{uid}", 0)
     tx = client._connection._connection._transport
     sent: list[int] = []
     produce = tx._produce
     tx._produce = lambda: (sent.append(1), produce())[1]
-    reply = asyncio.ensure_future(client.call(f"echo.{uid}", 1, persistent=False))
+    waiting = asyncio.ensure_future(client.call(f"wait.{uid}", None, persistent=False))
     await asyncio.sleep(0)  # the call's first step (up to its publish) runs, then this
-    assert sent == [1] and not tx._tx_buffers  # flushed in the call's own step
-    assert await reply == 1
+    assert sent == [1] and not tx._tx_buffers  # alone: flushed in the call's own step
+    second = asyncio.ensure_future(client.call(f"echo.{uid}", 1, persistent=False))
+    await asyncio.sleep(0)
+    try:
+        assert sent == [1] and tx._tx_buffers  # another is under way: it waits for the end
+        await asyncio.sleep(0)  # of the loop iteration, with whatever else is written
+        assert sent == [1, 1] and not tx._tx_buffers
+        assert await second == 1
+    finally:
+        gate.set()
+    assert await waiting is True
 
 
 @pytest.mark.gen_test(timeout=60)
