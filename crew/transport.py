@@ -201,9 +201,9 @@ class CoalescingTransport(_PlainTransport):
     def flush(self) -> None:
         """Send what is buffered now, rather than at the end of the loop iteration.
 
-        For a caller that knows it has written all it will write for a while (the worker,
-        after a batch of replies): the reply leaves without waiting for the selector to be
-        polled once more.
+        For a caller that knows it has written all it will write for a while (the worker
+        after a batch of replies, a client after a lone call): the message leaves without
+        waiting for the selector to be polled once more.
         """
         if (self._state == self._STATE_ACTIVE and self._tx_buffers
                 and not self._crew_watching_writes):
@@ -292,7 +292,8 @@ def flush(connection: Any) -> None:
 
 def _can_coalesce(transport: Any) -> bool:
     needed = ("_sock", "_nbio", "_state", "_STATE_ACTIVE", "_tx_buffers",
-              "_tx_buffered_byte_count", "_buffer_tx_data", "_initiate_abort")
+              "_tx_buffered_byte_count", "_buffer_tx_data", "_initiate_abort",
+              "_protocol", "_sigint_safe_recv", "_MAX_CONSUME_BYTES", "RxEndOfFile")
     return (all(hasattr(transport, name) for name in needed)
             and hasattr(transport._sock, "sendmsg")
             and isinstance(getattr(transport._nbio, "get_native_ioloop", lambda: None)(),
