@@ -14,7 +14,7 @@ context switches (about one per thread put to sleep, so a count of wake-ups). An
 spawned by the round in all, and by its first 50 sequential jobs. On a machine with few
 noisy cores, trust the ratios of pools measured in the same run, not the absolute figures.
 
-Pools: ``new`` is ``crew.jobs.JobThreads``; ``lifo`` each job to the most recently idle
+Pools: ``new`` is ``crew.pool.JobThreads``; ``lifo`` each job to the most recently idle
 thread's own inbox (crew 0b0c752 to 0534235); ``shared`` one ``SimpleQueue`` that every
 thread blocks on, a thread per slot spawned as jobs arrive (before 0b0c752).
 """
@@ -35,7 +35,8 @@ from typing import Any, Callable
 import common  # noqa: F401  (puts the repository on sys.path)
 
 from crew import JobKilled, codec, protocol
-from crew.jobs import Job, JobThreads, Reply
+from crew.jobs import Job, Reply
+from crew.pool import JobThreads
 
 
 class LifoThreads:

@@ -49,7 +49,7 @@ HTTP_CONNECTIONS = 32
 #: Areas of the code, by the file a frame is in (first match wins).
 AREAS = [
     ("crew client", r"crew/client\.py"), ("crew worker", r"crew/worker\.py"),
-    ("crew jobs/threads", r"crew/(jobs|threads|context)\.py"),
+    ("crew jobs/threads", r"crew/(jobs|pool|threads|context)\.py"),
     ("crew codec", r"crew/codec\.py"), ("crew protocol", r"crew/protocol\.py"),
     ("crew amqp", r"crew/amqp\.py"), ("crew other", r"crew/"),
     ("pika frames/spec", r"pika/(frame|spec|data|amqp_object)\.py"),
@@ -85,13 +85,13 @@ def function(frame: str) -> str:
 def waits() -> re.Pattern[str]:
     """Innermost frames that are waits: the loop's ``select``, an idle job thread's
     ``wake.acquire()`` in ``JobThreads._serve``."""
-    jobs = (common.ROOT / "crew" / "jobs.py").read_text(encoding="utf-8").splitlines()
+    jobs = (common.ROOT / "crew" / "pool.py").read_text(encoding="utf-8").splitlines()
     get_lines = [str(n) for n, line in enumerate(jobs, 1)
                  if line.strip() == "wake.acquire()" and n > 1
                  and "def _serve" in "".join(jobs[max(0, n - 15):n])]
     return re.compile(r"^(EpollSelector\.select \(|_worker \(concurrent/futures/thread\.py|"
                       r"Condition\.wait \(|"
-                      rf"JobThreads\._serve \(crew/jobs\.py:({'|'.join(get_lines) or '0'})\))")
+                      rf"JobThreads\._serve \(crew/pool\.py:({'|'.join(get_lines) or '0'})\))")
 
 
 def summarize(path: Path, title: str, top: int) -> None:

@@ -1,7 +1,7 @@
 """The call path of a worker: from a delivered call to its reply and acknowledgement.
 
 :class:`CallHandler` takes each delivery off a task queue, checks it, starts its job (in a
-job thread of :mod:`crew.jobs`, or as a coroutine for ``async`` tasks), arms a loop timer
+job thread of :mod:`crew.pool`, or as a coroutine for ``async`` tasks), arms a loop timer
 for its deadline and ends the call exactly once: reply then ack, or requeue on a graceful
 stop, or drop (cancelled by its caller, or its channel lost). It also remembers cancel
 notices for calls not delivered yet. docs/PROTOCOL.md, section 6, is this module in prose.
@@ -27,7 +27,8 @@ from pika.spec import Basic, BasicProperties
 from . import protocol
 from .amqp import Channel
 from .exceptions import ConnectionLostError, EncodeError, JobKilled
-from .jobs import Job, JobThreads, Reply
+from .jobs import Job, Reply
+from .pool import JobThreads
 from .registry import TaskFunction
 
 if TYPE_CHECKING:

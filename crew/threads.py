@@ -7,7 +7,7 @@ loops (the exception lands when the call returns, if ever), nor code that catche
 ``BaseException`` and carries on. The worker therefore never waits for an interrupted job:
 it answers the caller at the deadline, frees the slot for a fresh thread, and counts the stuck
 thread; past a limit it drains and exits so a supervisor can start a fresh process
-(see :mod:`crew.jobs`).
+(see :mod:`crew.pool`).
 
 An exception sent just as the job returns could land later in the worker's own code
 (CPython issue 139622); :class:`Interruptible` sends it only while the job is running, under

@@ -13,7 +13,7 @@
 
 :class:`Worker` is the explicit API (embedding, tests); :func:`run` parses the command line
 around it. One asyncio loop owns the AMQP connection and never runs sync task code: jobs run
-in threads (:mod:`crew.jobs`), ``async def`` tasks as coroutines on the loop (they must not
+in threads (:mod:`crew.pool`), ``async def`` tasks as coroutines on the loop (they must not
 block it). Each call is acknowledged only once its reply is published, so a worker that dies
 mid-job leaves the call to be redelivered. What happens to each call, from delivery to
 reply, is :mod:`crew.calls`; this module connects, reconnects and stops.
@@ -80,7 +80,7 @@ class Worker:
     broker, in priority order, for any worker to take. ``max_priority``: ``x-max-priority``
     of the task queues (must match every other worker's). ``settings``: what jobs see as
     ``context.settings``. ``max_stuck``: stuck job threads tolerated before the worker drains
-    and exits (see :mod:`crew.jobs`). ``grace``: seconds running jobs get on a graceful stop.
+    and exits (see :mod:`crew.pool`). ``grace``: seconds running jobs get on a graceful stop.
     """
 
     def __init__(self, tasks: Mapping[str, TaskFunction] | None = None, *,

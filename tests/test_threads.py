@@ -1,4 +1,4 @@
-"""The thread kill (crew.threads) and the job thread pool (crew.jobs), without a broker."""
+"""The thread kill (crew.threads) and the job thread pool (crew.pool), without a broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import threading
 import time
 
 from crew import JobKilled, codec, protocol
-from crew.jobs import Job, JobThreads
+from crew.jobs import Job
+from crew.pool import JobThreads
 from crew.threads import Interruptible
 
 
@@ -174,7 +175,7 @@ def test_end_clears_a_kill_that_is_still_pending():
     assert outcome == {"after": "clean", "abandoned": True}
 
 
-# --- the job thread pool (crew.jobs.JobThreads) -------------------------------------------
+# --- the job thread pool (crew.pool.JobThreads) ------------------------------------------
 
 class _Pool:
     """A JobThreads pool of real threads running real jobs, with what it did recorded."""
