@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import pika
 import pika.data
 import pika.exceptions
+import pika.frame
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
                                                      AMQPConnectorPhaseErrorBase)
@@ -174,6 +175,28 @@ class Channel:
         """Send what was published on this channel's connection now rather than at the end
         of the loop iteration (see :mod:`crew.transport`)."""
         transport.flush(self._channel.connection)
+
+    def publish_and_ack_now(self, exchange: str, routing_key: str, body: bytes,
+                            properties: BasicProperties, mandatory: bool,
+                            delivery_tag: int) -> bool:
+        """From any thread: publish a message and then acknowledge ``delivery_tag``, both
+        sent at once, in that order. False, and nothing sent, when this channel or its
+        connection is closed or cannot send from a thread (TLS, pika's own transport): use
+        :meth:`publish` and :meth:`ack` on the loop then. Raises what pika raises for
+        properties it cannot encode.
+        """
+        channel = self._channel
+        connection = channel.connection
+        if not isinstance(connection, transport.FrameReadingConnection):
+            return False
+        number = channel.channel_number
+        frames = transport.marshal_message(
+            number, Basic.Publish(exchange=exchange, routing_key=routing_key,
+                                  mandatory=mandatory),
+            properties, body, connection.params.frame_max)
+        frames.append(pika.frame.Method(number, Basic.Ack(delivery_tag)).marshal())
+        # Asked again under the connection's send lock: the loop may be closing it.
+        return connection.send_now(frames, lambda: channel.is_open)
 
     def ack(self, delivery_tag: int) -> None:
         if self._channel.is_open:

@@ -22,6 +22,7 @@ from .exceptions import CodecError, JobKilled
 from .threads import Interruptible
 
 if TYPE_CHECKING:
+    from .amqp import Channel
     from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Job:
 
     __slots__ = ("worker", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
-                 "deadline", "watch", "answered", "timer", "coroutine", "thread")
+                 "deadline", "watch", "answered", "timer", "coroutine", "thread", "channel")
 
     def __init__(self, worker: "Worker", task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
@@ -69,6 +70,8 @@ class Job:
         self.timer: asyncio.TimerHandle | None = None
         self.coroutine: asyncio.Task[Any] | None = None
         self.thread: threading.Thread | None = None
+        #: The channel it was delivered on: its delivery tag means nothing on another.
+        self.channel: Channel | None = None
 
     @classmethod
     def from_delivery(cls, worker: "Worker", task: str, func: Callable[[Any], Any],

@@ -387,3 +387,141 @@ async def test_a_workers_replies_leave_with_the_batch_that_answers_them(make_wor
     assert await asyncio.gather(*(client.call(f"echo.{uid}", n) for n in range(20))) == \
         list(range(20))
     assert left_unsent and not any(left_unsent)
+
+
+# --- sends from another thread (a worker's job thread answering a lone call) ------------
+
+def _lock(tx: Any) -> Any:
+    return tx._crew_lock
+
+
+async def _send_from_thread(tx: Any, frames: list[bytes]) -> bool:
+    """``tx.send_now(frames)`` from a thread of its own, with the send lock held there."""
+    def send() -> bool:
+        with _lock(tx):
+            return tx.send_now(frames)
+    return await asyncio.to_thread(send)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_thread_sends_at_once_when_nothing_waits() -> None:
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    counting = _CountingSocket(ours)
+    tx, _, watched = await _tuned(counting)
+    assert await _send_from_thread(tx, [b"reply", b"ack"])
+    assert counting.sendmsg_calls == [2]  # sent by the thread itself, in one sendmsg
+    assert await _receive(peer, 8) == b"replyack"
+    assert counting.sendmsg_calls == [2] and watched == [] and not tx._tx_buffers
+    tx.abort()
+    peer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_threads_frames_queue_behind_bytes_that_wait() -> None:
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    counting = _CountingSocket(ours)
+    tx, _, _ = await _tuned(counting)
+    tx.write(b"first")  # buffered until the end of this loop iteration
+    with _lock(tx):  # as a thread would, but before the loop can run its flush
+        assert tx.send_now([b"second", b"third"])
+    assert counting.sendmsg_calls == []  # not ahead of what waited
+    assert await _receive(peer, 16) == b"firstsecondthird"
+    assert counting.sendmsg_calls == [3]
+    tx.abort()
+    peer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_what_a_full_socket_did_not_take_from_a_thread_is_sent_by_the_loop() -> None:
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    peer.setblocking(False)
+    tx, _, watched = await _tuned(ours)
+    frames = [os.urandom(1024 * 1024) for _ in range(4)]
+    assert await _send_from_thread(tx, frames)
+    assert tx._tx_buffers  # the socket took part; the rest waits for the loop
+    expected = b"".join(frames)
+    assert await _receive(peer, len(expected)) == expected
+    assert watched  # the loop watched for writability, which only it may do
+    assert not tx._tx_buffers and not tx._crew_watching_writes
+    tx.abort()
+    peer.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_closed_transport_refuses_a_threads_send() -> None:
+    ours, peer = socket.socketpair()
+    tx, _, _ = await _tuned(ours)
+    tx.abort()
+    assert not await _send_from_thread(tx, [b"late"])
+    peer.close()
+
+
+class _Frames:
+    """Stands in for a pika connection in ``Connection._send_message``: keeps the frames."""
+
+    def __init__(self, frame_max: int) -> None:
+        self._body_max_length = frame_max - 8
+        self.frames: list[bytes] = []
+
+    def _output_marshaled_frames(self, frames: list[bytes]) -> None:
+        self.frames.extend(frames)
+
+
+@pytest.mark.parametrize("size", [0, 1, 131_064, 131_065, 300_000])
+def test_messages_are_marshalled_as_pika_marshals_them(size: int) -> None:
+    frame_max = 131_072
+    method = pika.spec.Basic.Publish(exchange="", routing_key="q", mandatory=True)
+    props = pika.spec.BasicProperties(correlation_id="c", headers={"crew-status": "ok"})
+    body = os.urandom(size)
+    pikas = _Frames(frame_max)
+    pika.connection.Connection._send_message(pikas, 3, method, (props, body))
+    assert transport.marshal_message(3, method, props, body, frame_max) == pikas.frames
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_the_loop_writes_and_processes_frames_under_the_send_lock(client, uid):
+    connection = client._connection._connection
+    lock, tx = connection._crew_send_lock, connection._transport
+    held: list[bool] = []
+    write, process = tx.write, connection._process_frame
+    tx.write = lambda data: (held.append(lock._is_owned()), write(data))[1]
+    connection._process_frame = lambda value: (held.append(lock._is_owned()), process(value))[1]
+    try:
+        await client.subscribe(f"locked.{uid}", lambda data: None)
+        await client.publish(f"locked.{uid}", "x")
+    finally:
+        tx.write, connection._process_frame = write, process
+    # A thread's frames can then never land inside a message, nor between pika's CloseOk
+    # and the moment pika marks the channel closed.
+    assert len(held) >= 4 and all(held)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_connection_sends_a_threads_frames_only_while_the_channel_is_open(client):
+    connection = client._connection._connection
+    heartbeat = [pika.frame.Heartbeat().marshal()]  # harmless to send to the broker
+    sent_before = connection.bytes_sent
+    assert not await asyncio.to_thread(connection.send_now, heartbeat, lambda: False)
+    assert connection.bytes_sent == sent_before
+    assert await asyncio.to_thread(connection.send_now, heartbeat, lambda: True)
+    assert connection.bytes_sent == sent_before + len(heartbeat[0])
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_on_pikas_own_transport_the_worker_loop_sends_every_reply(
+        io_path, make_worker, client, uid, monkeypatch):
+    from crew.amqp import Channel
+
+    answered: list[bool] = []
+    send = Channel.publish_and_ack_now
+    monkeypatch.setattr(Channel, "publish_and_ack_now",
+                        lambda self, *a: (answered.append(send(self, *a)), answered[-1])[1])
+    make_worker({f"echo.{uid}": lambda x: x})
+    for n in range(3):
+        assert await client.call(f"echo.{uid}", n) == n
+    # Sequential calls are answered by their job thread on crew's transport; on pika's
+    # own (as on TLS) the thread's send is refused and the loop answers.
+    assert answered == ([True] * 3 if io_path == "crew" else [False] * 3)
