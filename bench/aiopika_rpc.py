@@ -4,7 +4,8 @@ default), no publisher confirms, prefetch 64, an ``async def`` echo.
 A dependency of the benchmark only (``pip install -r bench/requirements.txt``); without it
 ``bench/run.py`` skips these rows and says so.
 
-``python bench/aiopika_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
+``python bench/aiopika_rpc.py worker|caller|turns '<orders as JSON>'`` (``bench/run.py`` does
+it; ``turns``: the sequential workload, in turns with the other systems, see common.Turns).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import time
 from typing import Any
 
 import common  # noqa: F401  (puts the repository on sys.path)
-from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, ready_until_signal,
-                    compressible_text, orders, percentile, plan_calls, random_bytes, rss_mib)
+from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, Turns,
+                    ready_until_signal, compressible_text, orders, percentile, plan_calls,
+                    random_bytes, rss_mib)
 from raw_rpc import record_memory
 
 import aio_pika
@@ -92,9 +94,6 @@ async def call_all(spec: dict[str, Any]) -> Recorder:
         await in_flight(rpc, queue, small, warmup)
         await sequential(rpc, queue, small, warmup)
         mark, started = rec.cpu_mark(), time.perf_counter()
-        rec.latency("sequential 100 B", started, await sequential(rpc, queue, small, spec["seq"]))
-        rec.cpu("sequential 100 B", mark, spec["seq"])
-        mark, started = rec.cpu_mark(), time.perf_counter()
         await in_flight(rpc, queue, small, spec["inflight_calls"])
         rec.throughput("64 in flight 100 B", started, spec["inflight_calls"])
         rec.cpu("64 in flight 100 B", mark, spec["inflight_calls"])
@@ -116,8 +115,28 @@ async def call_all(spec: dict[str, Any]) -> Recorder:
     return rec
 
 
+async def take_turns(spec: dict[str, Any]) -> None:
+    """The sequential workload, in the turns ``bench/run.py`` gives (common.Turns)."""
+    rec = Recorder(spec["worker_pid"])
+    queue, warmup = spec["queue"], spec["warmup"]
+    small = random_bytes(SMALL_BYTES)
+    connection, rpc = await open_rpc()
+    try:
+        await in_flight(rpc, queue, small, warmup)
+        await sequential(rpc, queue, small, warmup)
+        turns = Turns(rec)
+        while (calls := await asyncio.to_thread(turns.block)) is not None:
+            turns.done(await sequential(rpc, queue, small, calls))
+    finally:
+        await connection.close()
+    turns.record()
+    rec.emit()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
         asyncio.run(serve(orders()))
+    elif sys.argv[1] == "turns":
+        asyncio.run(take_turns(orders()))
     else:
         asyncio.run(call_all(orders())).emit()

@@ -137,6 +137,53 @@ class Recorder:
         print(RESULT + json.dumps(self.rows), flush=True)
 
 
+class Turns:
+    """A caller's half of the sequential workload, which every system's caller runs in turns
+    (``bench/run.py``, ``sequential_round``), so that each block of calls of one system runs
+    on the same machine, at nearly the same moment, as the blocks of the others.
+
+    Once warmed up the caller announces READY; :meth:`block` then reads how many calls to
+    make (a line on stdin; ``end`` or EOF: no more) and returns that plus :attr:`WARM`, and
+    :meth:`done` takes the per-call seconds of the block and tells ``run.py`` (``done``). The
+    first :attr:`WARM` calls of each block are not counted: after an idle spell, while the
+    others took their turns, they run on cold caches, which would penalise the systems with
+    more code on the path. :attr:`rec` gets calls/s (from the counted calls' time), p50 and
+    p99 over all the blocks, and CPU time per call from the first block to the last (between
+    its turns the worker and the caller are idle).
+    """
+
+    WORKLOAD = "sequential 100 B"
+    WARM = 5
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+        self.samples: list[float] = []
+        self._mark: tuple[float, ...] | None = None
+        self._calls = 0
+        announce_ready()
+
+    def block(self) -> int | None:
+        line = sys.stdin.readline().strip()
+        if line in ("", "end"):
+            return None
+        if self._mark is None:
+            self._mark = self.rec.cpu_mark()
+        self._calls += int(line) + self.WARM
+        return int(line) + self.WARM
+
+    def done(self, samples: list[float]) -> None:
+        self.samples += samples[self.WARM:]
+        print("done", flush=True)
+
+    def record(self) -> None:
+        if not self.samples or self._mark is None:
+            return
+        self.rec.add(self.WORKLOAD, "calls/s", len(self.samples) / sum(self.samples))
+        self.rec.add(self.WORKLOAD, "p50 ms", 1000 * percentile(self.samples, 50))
+        self.rec.add(self.WORKLOAD, "p99 ms", 1000 * percentile(self.samples, 99))
+        self.rec.cpu(self.WORKLOAD, self._mark, self._calls)
+
+
 # --- child processes --------------------------------------------------------------------
 
 def orders() -> dict[str, Any]:

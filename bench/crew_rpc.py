@@ -9,7 +9,8 @@ With ``"url"`` in their orders, worker and caller connect there instead of ``$BE
 (a rate-limited link, bench/link.py); with ``"link"``, the caller runs the 1 MB workloads
 of the link only.
 
-``python bench/crew_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
+``python bench/crew_rpc.py worker|caller|turns '<orders as JSON>'`` (``bench/run.py`` does it;
+``turns``: the sequential workload, in turns with the other systems, see common.Turns).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 import common  # noqa: F401  (puts the repository on sys.path)
 import experiments
 import pika
-from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, ready_until_signal,
-                    compressible_text, link_workload, orders, plan_calls, random_bytes,
-                    rss_mib)
+from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, Turns,
+                    ready_until_signal, compressible_text, link_workload, orders, plan_calls,
+                    random_bytes, rss_mib)
 from raw_rpc import record_memory
 
 import crew
@@ -148,10 +149,6 @@ async def call_all(spec: dict[str, Any]) -> Recorder:
             await one_workload(client, task, spec["workload"], spec["calls"], persistent)
             return rec
         mark, started = rec.cpu_mark(), time.perf_counter()
-        samples = await sequential(client, task, small, spec["seq"], persistent)
-        rec.latency("sequential 100 B", started, samples)
-        rec.cpu("sequential 100 B", mark, spec["seq"])
-        mark, started = rec.cpu_mark(), time.perf_counter()
         await in_flight(client, task, small, spec["inflight_calls"], persistent)
         rec.throughput("64 in flight 100 B", started, spec["inflight_calls"])
         rec.cpu("64 in flight 100 B", mark, spec["inflight_calls"])
@@ -174,6 +171,26 @@ async def call_all(spec: dict[str, Any]) -> Recorder:
     return rec
 
 
+async def take_turns(spec: dict[str, Any]) -> None:
+    """The sequential workload, in the turns ``bench/run.py`` gives (common.Turns)."""
+    rec = Recorder(spec["worker_pid"])
+    task, persistent, warmup = spec["task"], spec["persistent"], spec["warmup"]
+    small = random_bytes(SMALL_BYTES)
+    client = crew.Client(URL)
+    await client.connect()
+    try:
+        await in_flight(client, task, small, warmup, persistent)
+        await sequential(client, task, small, warmup, persistent)
+        turns = Turns(rec)
+        # Read in a thread: the loop keeps the connection's heartbeats going meanwhile.
+        while (calls := await asyncio.to_thread(turns.block)) is not None:
+            turns.done(await sequential(client, task, small, calls, persistent))
+    finally:
+        await client.close()
+    turns.record()
+    rec.emit()
+
+
 def caller(spec: dict[str, Any]) -> None:
     if spec.get("deadline"):
         declare_idle_queue(spec["idle"])
@@ -185,5 +202,7 @@ if __name__ == "__main__":
     experiments.apply(spec.get("patches", []))
     if sys.argv[1] == "worker":
         asyncio.run(serve(spec))
+    elif sys.argv[1] == "turns":
+        asyncio.run(take_turns(spec))
     else:
         caller(spec)

@@ -12,7 +12,8 @@ the "raw + crew's queue" row, the broker's share of crew's cost. With ``"url"``,
 connect there instead of ``$BENCH_URL`` (a rate-limited link, bench/link.py); with
 ``"link"``, the caller runs the 1 MB workloads of the link only.
 
-``python bench/raw_rpc.py worker|caller '<orders as JSON>'`` (``bench/run.py`` does it).
+``python bench/raw_rpc.py worker|caller|turns '<orders as JSON>'`` (``bench/run.py`` does it;
+``turns``: the sequential workload, in turns with the other systems, see common.Turns).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from typing import Any, Callable
 
 import common  # noqa: F401  (puts the repository on sys.path)
 import pika
-from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, announce_ready,
-                    compressible_text, link_workload, orders, random_bytes, rss_mib)
+from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, Turns,
+                    announce_ready, compressible_text, link_workload, orders, random_bytes,
+                    rss_mib)
 
 from crew import protocol
 
@@ -144,9 +146,6 @@ def caller(spec: dict[str, Any]) -> None:
     rpc.in_flight(small, warmup, PREFETCH)
     rpc.sequential(small, warmup)
     mark, started = rec.cpu_mark(), time.perf_counter()
-    rec.latency("sequential 100 B", started, rpc.sequential(small, spec["seq"]))
-    rec.cpu("sequential 100 B", mark, spec["seq"])
-    mark, started = rec.cpu_mark(), time.perf_counter()
     rpc.in_flight(small, spec["inflight_calls"], PREFETCH)
     rec.throughput("64 in flight 100 B", started, spec["inflight_calls"])
     rec.cpu("64 in flight 100 B", mark, spec["inflight_calls"])
@@ -158,6 +157,21 @@ def caller(spec: dict[str, Any]) -> None:
         rec.throughput(workload, started, spec["large"])
         rec.cpu(workload, mark, spec["large"])
     rpc.connection.close()
+    rec.emit()
+
+
+def take_turns(spec: dict[str, Any]) -> None:
+    """The sequential workload, in the turns ``bench/run.py`` gives (common.Turns)."""
+    rec = Recorder(spec["worker_pid"])
+    rpc = Caller(spec["queue"], spec.get("confirms", False), spec.get("crew_queue", False))
+    small = random_bytes(SMALL_BYTES)
+    rpc.in_flight(small, spec["warmup"], PREFETCH)
+    rpc.sequential(small, spec["warmup"])
+    turns = Turns(rec)
+    while (calls := turns.block()) is not None:
+        turns.done(rpc.sequential(small, calls))
+    rpc.connection.close()
+    turns.record()
     rec.emit()
 
 
@@ -192,4 +206,4 @@ def record_memory(rec: Recorder, calls: int, before: tuple[float, float],
 
 
 if __name__ == "__main__":
-    {"worker": worker, "caller": caller}[sys.argv[1]](orders())
+    {"worker": worker, "caller": caller, "turns": take_turns}[sys.argv[1]](orders())

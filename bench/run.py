@@ -22,7 +22,9 @@ way (``bench/link.py``; ``--link MBIT``, ``--no-link``), for raw, crew transient
 0.2 s deadline; worker and client RSS after 50 000 calls against after warm-up.
 
 The systems run one after another, interleaved in rounds (raw, crew, ..., raw, crew, ...),
-and each figure is the median of its rounds, so background load hits all alike. The table
+and each figure is the median of its rounds, so background load hits all alike. The
+sequential workload, the most sensitive to it, is interleaved finer: in each round every
+system's caller makes its calls in blocks of 100, taking turns with the others. The table
 shows each figure with its ratio to raw in the same run (to the inline handler for HTTP);
 ``bench/results.json`` gets the same rows. Queues get a run id in their names and are all
 deleted at the end. See docs/BENCHMARKS.md.
@@ -59,12 +61,12 @@ from common import BENCH, READY, RESULT, URL, link_workload, median
 from crew import protocol
 
 #: Workload sizes of the full run and of ``--quick`` (a smoke test: no figure means much).
-FULL = {"warmup": 200, "seq": 2000, "inflight_calls": 5000, "large": 200, "deadline": 30,
-        "rounds": 5, "http_seconds": 5.0, "memory_warmup": 5000, "memory_calls": 50_000,
-        "link_calls": 10}
-QUICK = {"warmup": 10, "seq": 20, "inflight_calls": 128, "large": 3, "deadline": 2,
-         "rounds": 1, "http_seconds": 1.0, "memory_warmup": 100, "memory_calls": 300,
-         "link_calls": 2}
+FULL = {"warmup": 200, "seq": 2000, "seq_block": 100, "inflight_calls": 5000, "large": 200,
+        "deadline": 30, "rounds": 5, "http_seconds": 5.0, "memory_warmup": 5000,
+        "memory_calls": 50_000, "link_calls": 10}
+QUICK = {"warmup": 10, "seq": 20, "seq_block": 10, "inflight_calls": 128, "large": 3,
+         "deadline": 2, "rounds": 1, "http_seconds": 1.0, "memory_warmup": 100,
+         "memory_calls": 300, "link_calls": 2}
 #: The rate of the link workload's links (Mbit/s each way): where automatic gzip pays (a
 #: 1 MB call crosses four links, about 320 ms), unlike on loopback.
 LINK_MBIT = 100.0
@@ -108,7 +110,7 @@ def systems(names: Names, sizes: dict[str, Any], with_aio: bool,
     """Each system: its module, what its worker and its caller are told. ``patch_sets``
     add "crew transient +<patches>" systems (bench/experiments.py); ``only`` keeps those
     systems (and raw, the reference)."""
-    common_orders = {k: sizes[k] for k in ("warmup", "seq", "inflight_calls", "large")}
+    common_orders = {k: sizes[k] for k in ("warmup", "inflight_calls", "large")}
 
     def crew_system(kind: str, concurrency: int, persistent: bool, deadline: bool,
                     patches: list[str] | None = None) -> dict[str, Any]:
@@ -151,10 +153,13 @@ def systems(names: Names, sizes: dict[str, Any], with_aio: bool,
 # --- child processes --------------------------------------------------------------------
 
 @contextlib.contextmanager
-def child(module: str, role: str, orders: dict[str, Any], log: IO[str]) -> Iterator[Any]:
-    """A worker or server process, from the moment it prints READY until it is stopped."""
+def child(module: str, role: str, orders: dict[str, Any], log: IO[str],
+          stdin: bool = False) -> Iterator[Any]:
+    """A worker or server process (or, with ``stdin``, a caller taking turns), from the
+    moment it prints READY until it is stopped."""
     proc = subprocess.Popen([sys.executable, str(BENCH / module), role, json.dumps(orders)],
-                            stdout=subprocess.PIPE, stderr=log, text=True)
+                            stdin=subprocess.PIPE if stdin else None, stdout=subprocess.PIPE,
+                            stderr=log, text=True)
     watchdog = threading.Timer(60, proc.kill)
     watchdog.start()
     line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -223,6 +228,42 @@ def rpc_round(found: dict[str, dict[str, Any]], samples: Samples, log: IO[str]) 
             # The 1 MB bodies leave their mark on the worker's heap.
             samples[system, "memory", "worker MiB after the workloads"].append(
                 common.rss_mib(worker.pid))
+
+
+def sequential_round(found: dict[str, dict[str, Any]], sizes: dict[str, Any],
+                     samples: Samples, log: IO[str]) -> None:
+    """The sequential workload, every system's caller taking turns: a block of
+    ``sizes["seq_block"]`` calls each, in an order that rotates, until each made
+    ``sizes["seq"]``. A sequential call is a chain of wake-ups whose cost moves with what the
+    machine does from one second to the next; in blocks a fraction of a second apart, all
+    systems meet the same machine, where one system's 2000 calls at a time, seconds after
+    another's, let its ratio to raw move by 0.1 between identical runs."""
+    with step("sequential, in turns"), contextlib.ExitStack() as stack:
+        callers = {}
+        for system, spec in found.items():
+            worker = stack.enter_context(child(spec["module"], "worker", spec["worker"], log))
+            orders = {**spec["caller"], "worker_pid": worker.pid}
+            callers[system] = stack.enter_context(
+                child(spec["module"], "turns", orders, log, stdin=True))
+        order = list(callers)
+        for turn in range(max(1, sizes["seq"] // sizes["seq_block"])):
+            shift = turn % len(order)
+            for system in order[shift:] + order[:shift]:
+                _command(callers[system], str(sizes["seq_block"]), "done", system)
+        for system, proc in callers.items():
+            for row in json.loads(_command(proc, "end", RESULT, system)[len(RESULT):]):
+                samples[system, row["workload"], row["figure"]].append(row["value"])
+
+
+def _command(proc: Any, command: str, answer: str, system: str) -> str:
+    """Send a caller taking turns a command; return its answer, which must start so."""
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line.startswith(answer):
+        raise RuntimeError(f"the {system} caller taking turns answered {line.strip()!r} "
+                           f"to {command!r}")
+    return line.strip()
 
 
 def link_round(found: dict[str, dict[str, Any]], sizes: dict[str, Any], samples: Samples,
@@ -498,6 +539,7 @@ def main() -> int:
             for number in range(sizes["rounds"]):
                 print(f"round {number + 1} of {sizes['rounds']}", flush=True)
                 if not options.no_rpc:
+                    sequential_round(found, sizes, samples, log)
                     rpc_round(found, samples, log)
                 if not options.no_link:
                     link_round(found, sizes, samples, log)
