@@ -97,19 +97,8 @@ def _asyncecho() -> None:
 def _directall() -> None:
     from crew import calls
 
-    def _thread_done(self, job, reply):  # type: ignore[no-untyped-def]  # as crew's own,
-        # but for the condition: no batch pending instead of no other call being served
-        if not self._finished_scheduled and self._send_now(job, reply):
-            with self._finished_lock:
-                self._sent.append(job)
-                wake = self.stopping and not self._finished_scheduled
-                self._finished_scheduled = self._finished_scheduled or wake
-            if wake:
-                self._wake_loop(job)
-            return
-        self._job_done(job, reply)
-
-    calls.CallHandler._thread_done = _thread_done
+    # A job thread answers by itself unless a batch of replies already waits for the loop.
+    calls.CallHandler._alone = lambda self: not self._finished_scheduled  # type: ignore
 
 
 PATCHES: dict[str, Callable[[], None]] = {

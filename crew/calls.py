@@ -222,7 +222,7 @@ class CallHandler:
         (:meth:`_settle_sent`); only a stop, which waits for it, wakes the loop. With other
         calls under way the loop is busy anyway, and answering them in batches is cheaper.
         """
-        if len(self._jobs) == 1 and self._send_now(job, reply):
+        if self._alone() and self._send_now(job, reply):
             with self._finished_lock:
                 self._sent.append(job)
                 wake = self.stopping and not self._finished_scheduled
@@ -231,6 +231,10 @@ class CallHandler:
                 self._wake_loop(job)
             return
         self._job_done(job, reply)
+
+    def _alone(self) -> bool:
+        """Whether the job that just ended (in the calling thread) is the only call served."""
+        return len(self._jobs) == 1
 
     def _send_now(self, job: Job, reply: Reply) -> bool:
         """Publish ``reply`` and acknowledge the call from the current thread; False, and

@@ -300,6 +300,9 @@ class CoalescingTransport(_PlainTransport):
     def _send_buffered(self) -> None:
         """Send what the socket takes; watch for writability only while something is left."""
         failed: OSError | None = None
+        # All under the lock, the watch's change included: a thread that found bytes
+        # waiting or the watch on queues its frames for the loop, which must not then
+        # drop the watch they count on.
         with self._crew_lock:
             try:
                 self._produce()
@@ -308,16 +311,15 @@ class CoalescingTransport(_PlainTransport):
             except OSError as error:
                 failed = error
             left = bool(self._tx_buffers)
+            if failed is None and left != self._crew_watching_writes:
+                self._crew_watching_writes = left
+                if left:
+                    self._nbio.set_writer(self._sock.fileno(), self._on_socket_writable)
+                else:
+                    self._nbio.remove_writer(self._sock.fileno())
         if failed is not None:
             log.debug("send failed, aborting the connection: %r", failed)
             self._initiate_abort(failed)
-            return
-        if left != self._crew_watching_writes:
-            self._crew_watching_writes = left
-            if left:
-                self._nbio.set_writer(self._sock.fileno(), self._on_socket_writable)
-            else:
-                self._nbio.remove_writer(self._sock.fileno())
 
     def _produce(self) -> None:
         """Send buffered frames, many per system call, until done or the socket is full."""

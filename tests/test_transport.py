@@ -450,6 +450,28 @@ async def test_what_a_full_socket_did_not_take_from_a_thread_is_sent_by_the_loop
     peer.close()
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_the_loop_turns_the_writability_watch_on_and_off_under_the_send_lock() -> None:
+    # A thread that finds the watch on queues its frames behind the waiting bytes: were the
+    # watch turned off between the loop's last send and that check, they would wait there
+    # for the loop's next write, with no flush and no watch to send them.
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    peer.setblocking(False)
+    tx, _, _ = await _tuned(ours)
+    held: list[bool] = []
+    nbio = tx._nbio
+    set_writer, remove_writer = nbio.set_writer, nbio.remove_writer
+    nbio.set_writer = lambda fd, cb: (held.append(_lock(tx)._is_owned()), set_writer(fd, cb))[1]
+    nbio.remove_writer = lambda fd: (held.append(_lock(tx)._is_owned()), remove_writer(fd))[1]
+    data = os.urandom(4 * 1024 * 1024)
+    tx.write(data)
+    assert await _receive(peer, len(data)) == data
+    assert held == [True, True]  # on when the socket filled, off once it took the rest
+    tx.abort()
+    peer.close()
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_a_closed_transport_refuses_a_threads_send() -> None:
     ours, peer = socket.socketpair()
