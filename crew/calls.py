@@ -85,7 +85,8 @@ class CallHandler:
 
     @property
     def serving(self) -> int:
-        """How many calls are being served (running, or waiting for a job thread)."""
+        """How many calls are being served (running, or waiting for a job thread), once
+        the calls that job threads answered themselves are forgotten. On the loop only."""
         self._settle_sent()
         return len(self._jobs)
 
