@@ -227,7 +227,8 @@ class CallHandler:
             with self._finished_lock:
                 self._sent.append(job)
                 wake = self.stopping and not self._finished_scheduled
-                self._finished_scheduled = self._finished_scheduled or wake
+                if wake:
+                    self._finished_scheduled = True
             if wake:
                 self._wake_loop(job)
             return
@@ -246,7 +247,7 @@ class CallHandler:
         try:
             return channel.publish_and_ack_now(
                 "", job.reply_to, reply.body, self._reply_properties(job, reply, job.headers),
-                True, job.delivery_tag)
+                mandatory=True, delivery_tag=job.delivery_tag)
         except Exception:  # pika cannot encode a header the task set: the loop's path says so
             return False
 

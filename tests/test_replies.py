@@ -22,8 +22,8 @@ def thread_sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
     sends: list[tuple[str, bool]] = []
     send = Channel.publish_and_ack_now
 
-    def recorded(self: Channel, *args: Any) -> bool:
-        sent = send(self, *args)
+    def recorded(self: Channel, *args: Any, **kwargs: Any) -> bool:
+        sent = send(self, *args, **kwargs)
         sends.append((threading.current_thread().name, sent))
         return sent
 
@@ -133,15 +133,15 @@ def held_sends(monkeypatch: pytest.MonkeyPatch) -> dict[str, threading.Event]:
     events = {name: threading.Event() for name in ("holding", "proceed", "sent")}
     send = Channel.publish_and_ack_now
 
-    def held(self: Channel, *args: Any) -> bool:
+    def held(self: Channel, *args: Any, **kwargs: Any) -> bool:
         if b"hold" in args[2] and not events["holding"].is_set():
             events["holding"].set()
             events["proceed"].wait(30)
             try:
-                return send(self, *args)
+                return send(self, *args, **kwargs)
             finally:
                 events["sent"].set()
-        return send(self, *args)
+        return send(self, *args, **kwargs)
 
     monkeypatch.setattr(Channel, "publish_and_ack_now", held)
     return events

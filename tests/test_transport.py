@@ -540,7 +540,8 @@ async def test_on_pikas_own_transport_the_worker_loop_sends_every_reply(
     answered: list[bool] = []
     send = Channel.publish_and_ack_now
     monkeypatch.setattr(Channel, "publish_and_ack_now",
-                        lambda self, *a: (answered.append(send(self, *a)), answered[-1])[1])
+                        lambda self, *a, **k: (answered.append(send(self, *a, **k)),
+                                               answered[-1])[1])
     make_worker({f"echo.{uid}": lambda x: x})
     for n in range(3):
         assert await client.call(f"echo.{uid}", n) == n
