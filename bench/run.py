@@ -255,11 +255,21 @@ def sequential_round(found: dict[str, dict[str, Any]], sizes: dict[str, Any],
                 samples[system, row["workload"], row["figure"]].append(row["value"])
 
 
+#: Seconds a caller taking turns may take to answer one command (a block of 100 calls takes
+#: well under one); past it the caller is killed, and the step fails instead of hanging.
+TURN_TIMEOUT = 120
+
+
 def _command(proc: Any, command: str, answer: str, system: str) -> str:
     """Send a caller taking turns a command; return its answer, which must start so."""
     proc.stdin.write(command + "\n")
     proc.stdin.flush()
-    line = proc.stdout.readline()
+    watchdog = threading.Timer(TURN_TIMEOUT, proc.kill)
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+    finally:
+        watchdog.cancel()
     if not line.startswith(answer):
         raise RuntimeError(f"the {system} caller taking turns answered {line.strip()!r} "
                            f"to {command!r}")
