@@ -24,7 +24,9 @@ way (``bench/link.py``; ``--link MBIT``, ``--no-link``), for raw, crew transient
 The systems run one after another, interleaved in rounds (raw, crew, ..., raw, crew, ...),
 and each figure is the median of its rounds, so background load hits all alike. The
 sequential workload, the most sensitive to it, is interleaved finer: in each round every
-system's caller makes its calls in blocks of 100, taking turns with the others. The table
+system's caller makes its calls in blocks of 100, taking turns with the others. So is the
+HTTP workload: every server (and the gateways' workers) stays up for the round, and ``wrk``
+loads them in bursts of 1 s, taking turns likewise (5 counted bursts each). The table
 shows each figure with its ratio to raw in the same run (to the inline handler for HTTP);
 ``bench/results.json`` gets the same rows. Queues get a run id in their names and are all
 deleted at the end. See docs/BENCHMARKS.md.
@@ -49,7 +51,7 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator, NamedTuple
 
 import common
 import experiments
@@ -203,6 +205,9 @@ Samples = dict[tuple[str, str, str], list[float]]
 
 #: What went wrong, one line per failed system and round; the run goes on without them.
 failures: list[str] = []
+#: What a failed step raises: a child that did not start, a caller or wrk that failed or
+#: timed out.
+STEP_ERRORS = (RuntimeError, OSError, subprocess.SubprocessError)
 
 
 @contextlib.contextmanager
@@ -212,7 +217,7 @@ def step(name: str) -> Iterator[None]:
     started = time.monotonic()
     try:
         yield
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+    except STEP_ERRORS as exc:
         failures.append(f"{name}: {exc}")
         print(f" FAILED: {exc}", flush=True)
     else:
@@ -245,11 +250,8 @@ def sequential_round(found: dict[str, dict[str, Any]], sizes: dict[str, Any],
             orders = {**spec["caller"], "worker_pid": worker.pid}
             callers[system] = stack.enter_context(
                 child(spec["module"], "turns", orders, log, stdin=True))
-        order = list(callers)
-        for turn in range(max(1, sizes["seq"] // sizes["seq_block"])):
-            shift = turn % len(order)
-            for system in order[shift:] + order[:shift]:
-                _command(callers[system], str(sizes["seq_block"]), "done", system)
+        for system in _rotating(list(callers), max(1, sizes["seq"] // sizes["seq_block"])):
+            _command(callers[system], str(sizes["seq_block"]), "done", system)
         for system, proc in callers.items():
             for row in json.loads(_command(proc, "end", RESULT, system)[len(RESULT):]):
                 samples[system, row["workload"], row["figure"]].append(row["value"])
@@ -298,36 +300,121 @@ def link_round(found: dict[str, dict[str, Any]], sizes: dict[str, Any], samples:
                 samples[system, row["workload"], row["figure"]].append(row["value"])
 
 
+#: Seconds of each burst of load of the HTTP workload in turns, and of each warm-up.
+HTTP_BURST_SECONDS = 1
+
+
+class HttpServer(NamedTuple):
+    """One variant of the HTTP workload, up: where to load it, its processes' pids by role."""
+
+    port: int
+    path: str
+    pids: dict[str, int]
+
+
 def http_round(names: Names, sizes: dict[str, Any], patch_sets: list[list[str]],
                samples: Samples, log: IO[str]) -> None:
-    """The inline handler, then the gateway (and one gateway per patch set, its worker and
-    server patched alike), each under the same load."""
-    task, spin = names.crew("http")
+    """The HTTP workload in turns: the inline handler's server, the gateway's (and its
+    worker) and one gateway per patch set (its worker and server patched alike) are all up
+    together; each gets an uncounted burst of load, then they take turns, a burst of
+    ``HTTP_BURST_SECONDS`` each in an order that rotates, until each had
+    ``round(sizes["http_seconds"])`` (at least 1). Run seconds apart, the inline handler's
+    rate moved by a third between runs while the gateway's held; bursts a second apart
+    meet the same machine.
+
+    A variant's figures for the round combine its bursts (:func:`_combine_bursts`):
+    requests/s over the seconds wrk measured, errors summed, CPU time per request of the
+    server and the worker over the bursts only (between its turns a variant is idle); p50
+    and p99 are the medians of the bursts' own, as wrk gives percentiles, not request
+    times. A variant that fails to start or in a burst sits out the rest of the round, and
+    the step fails naming it; the others go on."""
     workload = f"HTTP POST /call, {HTTP_CONNECTIONS} connections"
-    variants = [(HTTP_REFERENCE, "inline", []), ("crew gateway", "gateway", [])] + [
-        ("crew gateway +" + "+".join(patches), "gateway", patches) for patches in patch_sets]
-    for system, mode, patches in variants:
+    variants: list[tuple[str, str, str, list[str]]] = [  # system, task kind, mode, patches
+        (HTTP_REFERENCE, "http", "inline", []), ("crew gateway", "http", "gateway", [])]
+    variants += [("crew gateway +" + "+".join(patches), f"http-x{number}", "gateway", patches)
+                 for number, patches in enumerate(patch_sets)]
+    order = [system for system, *_ in variants]
+    with step("http, in turns"), contextlib.ExitStack() as stack:
+        servers: dict[str, HttpServer] = {}
+        failed: dict[str, str] = {}
+        for system, kind, mode, patches in variants:
+            with _dropping(failed, system):
+                # A task of its own: the workers of all the gateways are up together.
+                servers[system] = _http_server(stack, names.crew(kind), mode, patches, log)
+        bursts: dict[str, list[dict[str, float]]] = {system: [] for system in servers}
+        for system in order:  # the warm-up
+            if system not in failed:
+                with _dropping(failed, system):
+                    _http_burst(servers[system])
+        for system in _rotating(order, max(1, round(sizes["http_seconds"]))):
+            if system not in failed:
+                with _dropping(failed, system):
+                    bursts[system].append(_http_burst(servers[system]))
+        for system, runs in bursts.items():
+            if system not in failed:
+                for figure, value in _combine_bursts(runs, servers[system].pids).items():
+                    samples[system, workload, figure].append(value)
+        if failed:
+            raise RuntimeError("; ".join(f"{system}: {why}" for system, why in failed.items()))
+
+
+def _http_server(stack: contextlib.ExitStack, tasks: tuple[str, str], mode: str,
+                 patches: list[str], log: IO[str]) -> HttpServer:
+    """Start one variant's server (``mode`` "inline" or "gateway") and, for a gateway, the
+    crew worker of its echo and spin ``tasks``, until ``stack`` closes."""
+    task, spin = tasks
+    port = free_port()
+    pids: dict[str, int] = {}
+    if mode == "gateway":
         worker = {"task": task, "spin": spin, "concurrency": common.PREFETCH,
                   "patches": patches}
-        port = free_port()
-        with step(f"http, {system}"), contextlib.ExitStack() as stack:
-            pids = {}
-            if mode == "gateway":
-                pids["worker"] = stack.enter_context(
-                    child("crew_rpc.py", "worker", worker, log)).pid
-            pids["server"] = stack.enter_context(child(
-                "http_load.py", "serve", {"mode": mode, "port": port, "patches": patches},
-                log)).pid
-            http_load.run_load(port, f"/call/{task}", HTTP_CONNECTIONS, 1)  # warm-up
-            before = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
-            figures = http_load.run_load(port, f"/call/{task}", HTTP_CONNECTIONS,
-                                         sizes["http_seconds"])
-            requests = figures.pop("requests")
-            for name, pid in pids.items():
-                figures[f"{name} CPU us/request"] = (
-                    1e6 * (common.cpu_seconds(pid) - before[name]) / max(1, requests))
-            for figure, value in figures.items():
-                samples[system, workload, figure].append(value)
+        pids["worker"] = stack.enter_context(child("crew_rpc.py", "worker", worker, log)).pid
+    pids["server"] = stack.enter_context(child(
+        "http_load.py", "serve", {"mode": mode, "port": port, "patches": patches}, log)).pid
+    return HttpServer(port, f"/call/{task}", pids)
+
+
+def _http_burst(server: HttpServer) -> dict[str, float]:
+    """One burst of load on one variant: run_load's figures, and ``<role> CPU s``, the CPU
+    seconds each of its processes spent meanwhile."""
+    before = {role: common.cpu_seconds(pid) for role, pid in server.pids.items()}
+    figures = http_load.run_load(server.port, server.path, HTTP_CONNECTIONS,
+                                 HTTP_BURST_SECONDS)
+    for role, pid in server.pids.items():
+        figures[f"{role} CPU s"] = common.cpu_seconds(pid) - before[role]
+    return figures
+
+
+def _combine_bursts(bursts: list[dict[str, float]], roles: Iterable[str]) -> dict[str, float]:
+    """One variant's figures for a round, from its bursts."""
+    requests = sum(burst["requests"] for burst in bursts)
+    figures = {"requests/s": requests / sum(burst["seconds"] for burst in bursts),
+               # wrk prints each burst's percentiles, not its request times, so the round's
+               # cannot be taken over all its requests: the median burst's stand for them.
+               "p50 ms": median(burst["p50 ms"] for burst in bursts),
+               "p99 ms": median(burst["p99 ms"] for burst in bursts),
+               "errors": sum(burst["errors"] for burst in bursts)}
+    for role in roles:
+        figures[f"{role} CPU us/request"] = (
+            1e6 * sum(burst[f"{role} CPU s"] for burst in bursts) / max(1, requests))
+    return figures
+
+
+def _rotating(order: list[str], turns: int) -> Iterator[str]:
+    """``turns`` turns of everyone in ``order``, turn k starting with the k-th (mod n)."""
+    for turn in range(turns):
+        shift = turn % len(order)
+        yield from order[shift:] + order[:shift]
+
+
+@contextlib.contextmanager
+def _dropping(failed: dict[str, str], system: str) -> Iterator[None]:
+    """Run part of ``system``'s round; should it fail, note why in ``failed`` (the system
+    then sits out the rest of the round) instead of raising."""
+    try:
+        yield
+    except STEP_ERRORS as exc:
+        failed[system] = str(exc)
 
 
 def memory_phase(found: dict[str, dict[str, Any]], sizes: dict[str, Any], samples: Samples,
