@@ -33,12 +33,14 @@ gateway's calls).
 - ``directall``: every job thread sends its own reply and ack unless a batch of replies
   already waits for the loop, where crew does so only for the one call being served: one
   ``sendmsg`` per reply instead of one per batch, and no wake-up of the loop.
+- ``pikacodec``: the reverse of a candidate, to measure what crew has: the frames of calls,
+  replies and acks encoded and decoded by pika's own codec, as before ``crew/wire.py``.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from typing import Any, Callable
 
 import common  # noqa: F401  (puts the repository on sys.path)
 
@@ -101,9 +103,32 @@ def _directall() -> None:
     calls.CallHandler._alone = lambda self: not self._finished_scheduled  # type: ignore
 
 
+def _pikacodec() -> None:
+    import pika.frame
+    from pika.spec import Basic
+
+    from crew import wire
+
+    def publish_frames(channel: int, exchange: str, routing_key: str, mandatory: bool,
+                       properties: Any, body: bytes, frame_max: int) -> list[bytes]:
+        frames = [pika.frame.Method(channel, Basic.Publish(
+                      exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                  ).marshal(),
+                  pika.frame.Header(channel, len(body), properties).marshal()]
+        room = frame_max - 8
+        for start in range(0, len(body), room):
+            frames.append(pika.frame.Body(channel, body[start:start + room]).marshal())
+        return frames
+
+    wire.publish_frames = publish_frames
+    wire.ack_frame = lambda channel, tag: pika.frame.Method(channel, Basic.Ack(tag)).marshal()
+    wire.decode = lambda buffer, offset, end: None  # every frame to pika's decode_frame
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "arena": _arena, "mmap": _mmap, "switch": _switch, "asyncecho": _asyncecho,
     "nogzip": _nogzip, "huffman": _huffman, "isal": _isal, "directall": _directall,
+    "pikacodec": _pikacodec,
 }
 
 

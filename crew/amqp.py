@@ -18,14 +18,13 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import pika
 import pika.data
 import pika.exceptions
-import pika.frame
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
                                                      AMQPConnectorPhaseErrorBase)
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
-from . import transport
+from . import transport, wire
 from .exceptions import AuthenticationError, BrokerError, ConnectionLostError
 from .settings import BrokerSettings
 
@@ -169,7 +168,15 @@ class Channel:
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: BasicProperties, mandatory: bool = False) -> None:
         """Hand a message to the connection's write buffer (no broker round trip)."""
-        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory)
+        channel = self._channel
+        connection = channel.connection
+        if channel.is_open and isinstance(connection, transport.FrameReadingConnection):
+            # crew's codec (crew.wire) marshals the frames pika's basic_publish would.
+            connection._output_marshaled_frames(wire.publish_frames(
+                channel.channel_number, exchange, routing_key, mandatory, properties, body,
+                connection.params.frame_max))
+        else:
+            channel.basic_publish(exchange, routing_key, body, properties, mandatory)
 
     def flush(self) -> None:
         """Send what was published on this channel's connection now rather than at the end
@@ -190,17 +197,22 @@ class Channel:
         if not isinstance(connection, transport.FrameReadingConnection):
             return False
         number = channel.channel_number
-        frames = transport.marshal_message(
-            number, Basic.Publish(exchange=exchange, routing_key=routing_key,
-                                  mandatory=mandatory),
-            properties, body, connection.params.frame_max)
-        frames.append(pika.frame.Method(number, Basic.Ack(delivery_tag)).marshal())
+        frames = wire.publish_frames(number, exchange, routing_key, mandatory, properties,
+                                     body, connection.params.frame_max)
+        frames.append(wire.ack_frame(number, delivery_tag))
         # Asked again under the connection's send lock: the loop may be closing it.
         return connection.send_now(frames, lambda: channel.is_open)
 
     def ack(self, delivery_tag: int) -> None:
-        if self._channel.is_open:
-            self._channel.basic_ack(delivery_tag)
+        channel = self._channel
+        if not channel.is_open:
+            return
+        connection = channel.connection
+        if isinstance(connection, transport.FrameReadingConnection) and not connection.is_closed:
+            connection._output_marshaled_frames(
+                [wire.ack_frame(channel.channel_number, delivery_tag)])
+        else:
+            channel.basic_ack(delivery_tag)  # pika's, which raises on a closed connection
 
     def reject(self, delivery_tag: int, requeue: bool) -> None:
         if self._channel.is_open:

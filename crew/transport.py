@@ -51,6 +51,8 @@ import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import io_services_utils
 
+from . import wire
+
 log = logging.getLogger(__name__)
 
 #: Bytes asked of the socket per recv(), and at most per readiness event before the loop
@@ -60,7 +62,6 @@ CONSUME_BYTES = 1024 * 1024
 
 _HEADER = struct.Struct(">BHL")  # frame type, channel, payload size
 _HEADER_SIZE = _HEADER.size  # 7
-_END = bytes([pika.spec.FRAME_END])
 _PROTOCOL_HEADER = b"AMQP"  # the broker's 8-byte protocol header (version mismatch only)
 #: Buffers per sendmsg(): the kernel refuses more than IOV_MAX (1024 on Linux).
 _MAX_IOV = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
@@ -88,10 +89,9 @@ def _frame_size(buffer: bytes | memoryview, offset: int, max_payload: int) -> in
 
 def _decode(buffer: bytes, offset: int, end: int) -> Any:
     """One frame of ``buffer[offset:end]``, as pika's ``decode_frame`` makes it."""
-    kind, channel, _size = _HEADER.unpack_from(buffer, offset)
-    if kind == pika.spec.FRAME_BODY and buffer[end - 1:end] == _END:
-        # The payload is sliced once; pika would slice the frame, then the payload.
-        return pika.frame.Body(channel, buffer[offset + _HEADER_SIZE:end - 1])
+    frame = wire.decode(buffer, offset, end)
+    if frame is not None:
+        return frame
     whole = buffer if offset == 0 and end == len(buffer) else buffer[offset:end]
     return pika.frame.decode_frame(whole)[1]
 
@@ -182,18 +182,6 @@ class FrameReadingConnection(AsyncioConnection):
             self.bytes_sent += sum(map(len, frames))
             self.frames_sent += len(frames)
         return True
-
-
-def marshal_message(channel: int, method: Any, properties: pika.spec.BasicProperties,
-                    body: bytes, frame_max: int) -> list[bytes]:
-    """The frames of a message, as pika's ``Connection._send_message`` makes them: the
-    method, the content header, and the body cut to fit ``frame_max``."""
-    frames = [pika.frame.Method(channel, method).marshal(),
-              pika.frame.Header(channel, len(body), properties).marshal()]
-    room = frame_max - pika.spec.FRAME_HEADER_SIZE - pika.spec.FRAME_END_SIZE
-    for start in range(0, len(body), room):
-        frames.append(pika.frame.Body(channel, body[start:start + room]).marshal())
-    return frames
 
 
 def connection_class() -> type[AsyncioConnection]:

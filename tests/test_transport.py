@@ -481,28 +481,6 @@ async def test_a_closed_transport_refuses_a_threads_send() -> None:
     peer.close()
 
 
-class _Frames:
-    """Stands in for a pika connection in ``Connection._send_message``: keeps the frames."""
-
-    def __init__(self, frame_max: int) -> None:
-        self._body_max_length = frame_max - 8
-        self.frames: list[bytes] = []
-
-    def _output_marshaled_frames(self, frames: list[bytes]) -> None:
-        self.frames.extend(frames)
-
-
-@pytest.mark.parametrize("size", [0, 1, 131_064, 131_065, 300_000])
-def test_messages_are_marshalled_as_pika_marshals_them(size: int) -> None:
-    frame_max = 131_072
-    method = pika.spec.Basic.Publish(exchange="", routing_key="q", mandatory=True)
-    props = pika.spec.BasicProperties(correlation_id="c", headers={"crew-status": "ok"})
-    body = os.urandom(size)
-    pikas = _Frames(frame_max)
-    pika.connection.Connection._send_message(pikas, 3, method, (props, body))
-    assert transport.marshal_message(3, method, props, body, frame_max) == pikas.frames
-
-
 @pytest.mark.gen_test(timeout=30)
 async def test_the_loop_writes_and_processes_frames_under_the_send_lock(client, uid):
     connection = client._connection._connection
