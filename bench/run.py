@@ -1,4 +1,4 @@
-"""crew's benchmark (issue 7): ``python bench/run.py`` (about 13 minutes) or ``--quick``.
+"""crew's benchmark (issue 7): ``python bench/run.py`` (about 17 minutes) or ``--quick``.
 
 Measures, in one run and side by side, each system's worker in one process and its caller in
 another, against the RabbitMQ at ``$BENCH_URL`` (default guest on 127.0.0.1:5672):
