@@ -33,9 +33,9 @@ __all__ = ["ack_frame", "decode", "publish_frames"]
 _END = bytes([pika.spec.FRAME_END])
 _FRAME = struct.Struct(">BHL")  # frame type, channel, payload size
 _FRAME_SIZE = _FRAME.size  # 7
-_HEADER = struct.Struct(">BHLHHQH")  # ... class id, weight, body size, property flags
+_HEADER = struct.Struct(">BHLHHQH")  # _FRAME, then class id, weight, body size, flags
 _HEADER_START = struct.Struct(">HHQH")  # a content header's payload up to its properties
-_ACK = struct.Struct(">BHLLQB")  # a whole Basic.Ack frame but its end octet
+_ACK = struct.Struct(">BHLLQB")  # _FRAME, method id, delivery tag, bits: all but the end
 _PUBLISH_TICKET = b"\x00\x00"  # Basic.Publish's reserved ticket field
 _U32 = struct.Struct(">L")
 _U64 = struct.Struct(">Q")
@@ -102,8 +102,8 @@ def publish_frames(channel: int, exchange: str, routing_key: str, mandatory: boo
 
 def ack_frame(channel: int, delivery_tag: int) -> bytes:
     """A ``Basic.Ack`` of one delivery, as pika's ``basic_ack`` makes it."""
-    return _ACK.pack(pika.spec.FRAME_METHOD, channel, 13, Basic.Ack.INDEX, delivery_tag,
-                     0) + _END
+    return _ACK.pack(pika.spec.FRAME_METHOD, channel, _ACK.size - _FRAME_SIZE, Basic.Ack.INDEX,
+                     delivery_tag, 0) + _END
 
 
 def _short(value: Any) -> bytes:
