@@ -6,8 +6,9 @@ pika 1.x moves bytes in ways that cost crew most of its time per call:
   frame buffer, then cuts every parsed frame off the front of it. A 128 KiB body frame is
   copied about 32 times while it arrives, and a read holding hundreds of small frames is
   copied once per frame. :class:`FrameReader` keeps received chunks in a list until the
-  frame under way is complete, joins them once and parses frames at an offset. And where
-  pika reads on until ``recv`` fails with ``EAGAIN``, crew stops at the first short read.
+  frame under way is complete, joins them once and parses frames at an offset (the frames
+  of calls and replies with crew's own codec, :mod:`crew.wire`). And where pika reads on
+  until ``recv`` fails with ``EAGAIN``, crew stops at the first short read.
 - **Writes.** pika hands each frame (method, header, body; each ack) to its transport
   separately. The transport registers the socket for writability on the first one
   (``add_writer``: an ``epoll_ctl``), waits for the next loop iteration, sends each frame

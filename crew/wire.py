@@ -147,7 +147,8 @@ def _content_header(channel: int, body_size: int, properties: BasicProperties) -
         else:
             pieces.append(_U64.pack(value))
     payload = b"".join(pieces)
-    return _HEADER.pack(pika.spec.FRAME_HEADER, channel, 14 + len(payload),
+    return _HEADER.pack(pika.spec.FRAME_HEADER, channel,
+                        _HEADER.size - _FRAME_SIZE + len(payload),
                         BasicProperties.INDEX, 0, body_size, flags) + payload + _END
 
 
@@ -184,7 +185,8 @@ def _table(table: Any) -> bytes:
 def decode(buffer: bytes, offset: int, end: int) -> Any | None:
     """The frame ``buffer[offset:end]`` as pika's ``decode_frame`` makes it, if it is a body,
     a content header or a ``Basic.Deliver`` that this codec reads; None leaves the frame to
-    pika's ``decode_frame`` (any other frame, a value of another kind, malformed bytes)."""
+    pika's ``decode_frame`` (any other frame, a value of another kind, bytes that cannot be
+    read without an error, which pika then raises)."""
     if end - offset < _FRAME_SIZE + 1 or buffer[end - 1] != pika.spec.FRAME_END:
         return None  # pika raises its InvalidFrameError
     kind, channel, _size = _FRAME.unpack_from(buffer, offset)
