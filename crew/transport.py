@@ -250,6 +250,7 @@ class CoalescingTransport(_PlainTransport):
         """
         if self._state != self._STATE_ACTIVE:
             return False
+        left_over = False
         if not self._tx_buffers and not self._crew_watching_writes:
             try:
                 sent = self._sock.sendmsg(frames)
@@ -260,11 +261,15 @@ class CoalescingTransport(_PlainTransport):
             if sent == sum(map(len, frames)):
                 return True
             frames = _unsent(frames, sent)
-            # Watching for writability is the loop's business (its selector is not
-            # thread-safe): it flushes the rest, and watches if the socket is still full.
-            self._crew_loop.call_soon_threadsafe(self._flush)
+            left_over = True
         for frame in frames:
             self._buffer_tx_data(frame)
+        if left_over:
+            # Watching for writability is the loop's business (its selector is not
+            # thread-safe): it flushes the rest, and watches if the socket is still full.
+            # Asked only now that the rest is buffered: flush() looks at the buffer before
+            # it takes the lock, and asked sooner it could find it empty and do nothing.
+            self._crew_loop.call_soon_threadsafe(self._flush)
         return True
 
     def flush(self) -> None:

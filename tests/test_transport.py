@@ -451,6 +451,35 @@ async def test_what_a_full_socket_did_not_take_from_a_thread_is_sent_by_the_loop
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_a_thread_buffers_what_a_full_socket_left_before_it_asks_the_loop_to_flush(
+) -> None:
+    # The loop's flush looks at the buffer before it takes the send lock: asked first, it
+    # could find it empty, send nothing and watch nothing, and the rest would wait for the
+    # connection's next write (a heartbeat, a minute later).
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    peer.setblocking(False)
+    tx, _, _ = await _tuned(ours)
+    loop = tx._crew_loop
+    buffered_when_asked: list[int] = []
+
+    class Loop:
+        def call_soon_threadsafe(self, callback: Any, *args: Any) -> Any:
+            buffered_when_asked.append(sum(map(len, tx._tx_buffers)))
+            return loop.call_soon_threadsafe(callback, *args)
+
+    tx._crew_loop = Loop()
+    frames = [os.urandom(1024 * 1024) for _ in range(4)]
+    assert await _send_from_thread(tx, frames)
+    tx._crew_loop = loop
+    assert len(buffered_when_asked) == 1 and buffered_when_asked[0] > 0
+    expected = b"".join(frames)
+    assert await _receive(peer, len(expected)) == expected
+    tx.abort()
+    peer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_the_loop_turns_the_writability_watch_on_and_off_under_the_send_lock() -> None:
     # A thread that finds the watch on queues its frames behind the waiting bytes: were the
     # watch turned off between the loop's last send and that check, they would wait there
