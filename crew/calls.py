@@ -362,6 +362,8 @@ class CallHandler:
 
     @staticmethod
     def _reply_properties(job: Job, reply: Reply, headers: dict[str, Any]) -> BasicProperties:
+        if headers:
+            headers = _sendable(job, headers)
         return BasicProperties(
             correlation_id=job.correlation_id, content_type=job.reply_type,
             content_encoding=reply.encoding,
@@ -428,3 +430,15 @@ class CallHandler:
         for handle in self._cancelled.values():
             handle.cancel()
         self._cancelled.clear()
+
+
+def _sendable(job: Job, headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers a task left in ``context.headers``, without reserved names: crew's own
+    would confuse the caller, and the broker acts on some (``CC`` copies a message to other
+    queues)."""
+    kept = protocol.user_headers(headers)
+    if len(kept) != len(headers):
+        log.warning("reply to call %r: reserved header(s) %s set by task %s not sent",
+                    job.correlation_id, sorted(map(str, headers.keys() - kept.keys())),
+                    job.task)
+    return kept

@@ -24,6 +24,11 @@ EXPIRED_EXCHANGE: Final = "crew.expired"
 #: Fanout exchange for control messages to every worker (cancellation).
 CONTROL_EXCHANGE: Final = "crew.control"
 
+#: Stream bound to ``crew.control`` that keeps the cancel notices, so that a worker which
+#: connects after a notice was sent still reads it (docs/PROTOCOL.md, section 7). A stream,
+#: not a queue: every worker reads every notice, and reading does not consume it.
+CANCEL_STREAM: Final = "crew.cancels"
+
 #: Topic exchange for pubsub; the channel name is the routing key.
 PUBSUB_EXCHANGE: Final = "crew.pubsub"
 
@@ -47,8 +52,27 @@ STATUS_TIMEOUT: Final = "timeout"  # the job ran past its deadline and was inter
 STATUS_EXPIRED: Final = "expired"  # the deadline passed before a worker started the job
 STATUSES: Final = frozenset({STATUS_OK, STATUS_ERROR, STATUS_TIMEOUT, STATUS_EXPIRED})
 
+#: On calls: the caller's gzip choice for the reply, a boolean; absent means automatic.
+GZIP_HEADER: Final = "crew-gzip"
+
+#: Header names the broker writes on messages or acts on, reserved like crew's own ``crew-*``:
+#: dead-lettering's ``x-death``, quorum queues' delivery count, federation's and shovels'
+#: hop records, streams' offsets, MQTT's and AMQP 1.0's sections, and the sender-selected
+#: routing keys ``CC`` and ``BCC`` (a ``CC`` header on a call would copy it to other
+#: queues). Every other name, ``x-request-id`` included, is the user's.
+BROKER_HEADERS: Final = frozenset({
+    "x-death", "x-delivery-count", "x-received-from", "x-shovelled",
+    "x-shovelled-timestamp", "x-stream-offset", "x-mqtt-publish-qos", "CC", "BCC",
+})
+#: Prefixes of header names the broker writes (``x-first-death-reason``, ...).
+BROKER_HEADER_PREFIXES: Final = ("x-first-death-", "x-last-death-", "x-amqp-1.0-", "x-opt-")
+_RESERVED_PREFIXES: Final = (HEADER_PREFIX, *BROKER_HEADER_PREFIXES)
+
 #: AMQP ``type`` property of control messages.
 CANCEL_TYPE: Final = "crew.cancel"
+#: AMQP ``type`` of the marker a worker writes to :data:`CANCEL_STREAM` and reads back to
+#: know that it has read every notice sent before it connected.
+MARKER_TYPE: Final = "crew.marker"
 
 # --- Content ----------------------------------------------------------------------------
 
@@ -85,6 +109,13 @@ DEFAULT_EXPIRATION: Final = 60.0
 #: closes the channel of a worker that holds a delivery unacknowledged longer than that.
 MAX_EXPIRATION: Final = 25 * 60.0
 
+#: How long :data:`CANCEL_STREAM` keeps a notice: longer than any call can live. The broker
+#: deletes a segment once all of it is older, hence small segments.
+CANCEL_STREAM_MAX_AGE: Final = "1800s"
+#: The most the stream keeps, about 150 000 notices; past it the oldest segments go.
+CANCEL_STREAM_MAX_BYTES: Final = 32 * 1024 * 1024
+CANCEL_STREAM_SEGMENT_BYTES: Final = 1024 * 1024
+
 
 def task_queue(task: str) -> str:
     """The queue name of ``task``."""
@@ -103,6 +134,19 @@ def task_queue_arguments(max_priority: int) -> dict[str, Any]:
         "x-max-priority": max_priority,
         "x-dead-letter-exchange": EXPIRED_EXCHANGE,
         "x-queue-type": "classic",  # quorum queues refuse x-max-priority on RabbitMQ 3.x
+    }
+
+
+def cancel_stream_arguments() -> dict[str, Any]:
+    """Arguments :data:`CANCEL_STREAM` is declared with (durable, like every stream).
+
+    Declaring it again with other values fails with 406 PRECONDITION_FAILED.
+    """
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": CANCEL_STREAM_MAX_AGE,
+        "x-max-length-bytes": CANCEL_STREAM_MAX_BYTES,
+        "x-stream-max-segment-size-bytes": CANCEL_STREAM_SEGMENT_BYTES,
     }
 
 
@@ -184,18 +228,21 @@ def validate_max_priority(value: object) -> int:
     return value
 
 
+def is_reserved_header(name: str) -> bool:
+    """Whether ``name`` is crew's (``crew-*``) or the broker's (:data:`BROKER_HEADERS`)."""
+    return name in BROKER_HEADERS or name.startswith(_RESERVED_PREFIXES)
+
+
 def user_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
-    """The headers of a message without crew's own and the broker's ``x-`` ones."""
+    """The headers of a message without crew's own and the broker's reserved ones."""
     if not headers:
         return {}
-    return {
-        k: v for k, v in headers.items()
-        if isinstance(k, str) and not k.startswith(HEADER_PREFIX) and not k.startswith("x-")
-    }
+    return {k: v for k, v in headers.items()
+            if isinstance(k, str) and not is_reserved_header(k)}
 
 
 def validate_user_headers(headers: object) -> dict[str, Any]:
-    """Return a copy of caller-supplied headers, refusing crew's reserved names."""
+    """Return a copy of caller-supplied headers, refusing crew's and the broker's names."""
     if headers is None:
         return {}
     if not isinstance(headers, dict):
@@ -203,6 +250,8 @@ def validate_user_headers(headers: object) -> dict[str, Any]:
     for key in headers:
         if not isinstance(key, str):
             raise TypeError(f"header names must be str, got {key!r}")
-        if key.startswith(HEADER_PREFIX) or key.startswith("x-"):
-            raise ValueError(f"header name {key!r} is reserved (crew-* and x-* are not for users)")
+        if is_reserved_header(key):
+            raise ValueError(f"header name {key!r} is reserved (crew-* are crew's; x-death, "
+                             "x-delivery-count, CC, BCC and the other names the broker "
+                             "writes or acts on are the broker's)")
     return dict(headers)

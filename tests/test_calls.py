@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
+from typing import Iterator
 
+import pika
 import pytest
 
 import crew
 from crew import Client, RemoteError, UnknownTaskError, codec
 from crew.worker import context
+
+
+@contextlib.contextmanager
+def raw_channel(url: str) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
+    """A plain pika channel on the test vhost, for what crew itself would not do."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        yield connection.channel()
+    finally:
+        connection.close()
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -50,6 +63,35 @@ async def test_headers_reach_the_task_and_come_back(make_worker, client, uid):
                                         return_headers=True)
     assert result == {"request": "abc"}
     assert headers == {"request": "abc", "x_served_by": "stat"}
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_x_headers_travel_both_ways_and_reserved_names_do_not(make_worker, client, uid,
+                                                                    broker_url, caplog):
+    # The README's own example: x- names are the commonest custom headers there are.
+    decoy = f"crew.test.decoy.{uid}"
+    with raw_channel(broker_url) as channel:
+        channel.queue_declare(decoy, durable=True)  # RabbitMQ 4.3 refuses transient ones
+
+    def stat(_):
+        seen = dict(context.headers)
+        context.headers["x-answer"] = 42
+        context.headers["CC"] = [decoy]  # the broker would copy the reply there
+        context.headers["crew-status"] = "forged"
+        return seen
+
+    make_worker({f"stat.{uid}": stat})
+    try:
+        result, headers = await client.call(f"stat.{uid}", None, return_headers=True,
+                                            headers={"x-request": "abc", "x-request-id": "r1"})
+        assert result == {"x-request": "abc", "x-request-id": "r1"}
+        assert headers == {"x-request": "abc", "x-request-id": "r1", "x-answer": 42}
+        assert "reserved header(s) ['CC', 'crew-status'] set by task" in caplog.text
+        with raw_channel(broker_url) as channel:
+            assert channel.queue_declare(decoy, passive=True).method.message_count == 0
+    finally:
+        with raw_channel(broker_url) as channel:
+            channel.queue_delete(decoy)
 
 
 @pytest.mark.gen_test(timeout=30)

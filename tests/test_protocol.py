@@ -138,11 +138,15 @@ def test_ttl_property_is_never_below_one(offset_ms):
 def test_user_headers_strip_crew_and_broker_headers():
     headers = {
         "crew-deadline": 1, "crew-client": "q", "crew-task": "t", "crew-status": "ok",
-        "x-death": [], "x-first-death-reason": "expired",
+        "crew-gzip": False, "x-death": [], "x-first-death-reason": "expired",
+        "x-last-death-queue": "q", "x-delivery-count": 2, "x-received-from": [],
+        "x-stream-offset": 7, "x-opt-anything": 1, "CC": ["crew.tasks.other"], "BCC": [],
         "trace": "abc", "Crew-Case": 1, "xylophone": 2, "mycrew-": 3,
+        "x-request-id": "r1", "x-tenant": "t1", "x-answer": 42, "cc": "lower case is mine",
     }
-    assert protocol.user_headers(headers) == {"trace": "abc", "Crew-Case": 1, "xylophone": 2,
-                                              "mycrew-": 3}
+    assert protocol.user_headers(headers) == {
+        "trace": "abc", "Crew-Case": 1, "xylophone": 2, "mycrew-": 3, "x-request-id": "r1",
+        "x-tenant": "t1", "x-answer": 42, "cc": "lower case is mine"}
 
 
 @pytest.mark.parametrize("headers", [None, {}])
@@ -157,10 +161,19 @@ def test_validate_user_headers_returns_a_copy():
     assert protocol.validate_user_headers(None) == {}
 
 
-@pytest.mark.parametrize("name", ["crew-deadline", "crew-anything", "x-death", "x-match"])
+@pytest.mark.parametrize("name", [
+    "crew-deadline", "crew-anything", "crew-gzip", "x-death", "x-first-death-reason",
+    "x-last-death-exchange", "x-delivery-count", "x-received-from", "x-shovelled",
+    "x-stream-offset", "x-amqp-1.0-properties", "x-opt-foo", "CC", "BCC"])
 def test_validate_user_headers_refuses_reserved_names(name):
     with pytest.raises(ValueError, match=f"header name '{name}' is reserved"):
         protocol.validate_user_headers({"fine": 1, name: 2})
+
+
+@pytest.mark.parametrize("name", ["x-request", "x-request-id", "x-tenant", "x-match",
+                                  "x-deathly", "cc", "Crew-Case"])
+def test_validate_user_headers_lets_other_names_through(name):
+    assert protocol.validate_user_headers({name: 1}) == {name: 1}
 
 
 def test_validate_user_headers_refuses_non_dicts_and_non_str_names():
