@@ -223,7 +223,8 @@ class Client(PubSub):
 
         ``priority`` 0-255 (a queue's maximum caps it); ``expiration`` seconds from now until
         the call must be answered, queue time included; ``persistent`` survives a broker
-        restart while queued; ``gzip`` None compresses large bodies when it pays;
+        restart while queued; ``gzip`` None compresses large bodies (the call's and the
+        reply's) when it pays, True compresses both always, False neither;
         ``headers`` reach the task as ``context.headers``. With ``return_headers`` the result
         is ``(value, headers)``, the headers being the task's ``context.headers``.
         ``retry``: the call is safe to run twice, so if the connection is lost while it
@@ -253,6 +254,8 @@ class Client(PubSub):
         call = _Call(task, loop.create_future(), deadline_ms, retry)
         user_headers[protocol.DEADLINE_HEADER] = deadline_ms
         user_headers[protocol.TASK_HEADER] = task
+        if gzip is not None:  # the worker compresses the reply as the caller chose
+            user_headers[protocol.GZIP_HEADER] = bool(gzip)
         properties = BasicProperties(
             content_type=self.content_type, content_encoding=encoding,
             correlation_id=correlation_id, priority=priority, headers=user_headers,

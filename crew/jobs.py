@@ -42,12 +42,13 @@ class Job:
 
     __slots__ = ("worker", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
-                 "deadline", "watch", "answered", "timer", "coroutine", "thread", "channel")
+                 "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread", "channel")
 
     def __init__(self, worker: "Worker", task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
                  content_type: str | None, content_encoding: str | None, body: bytes,
-                 headers: dict[str, Any], deadline: float) -> None:
+                 headers: dict[str, Any], deadline: float,
+                 reply_gzip: bool | None = None) -> None:
         self.worker = worker
         self.task = task
         self.func = func
@@ -62,6 +63,8 @@ class Job:
         self.body = body
         #: The call's user headers; the task may change them and they go back with the reply.
         self.headers = headers
+        #: The caller's gzip choice for the reply (``crew-gzip``); None: compress if it pays.
+        self.reply_gzip = reply_gzip
         #: When the job must be over, on the ``time.monotonic()`` clock.
         self.deadline = deadline
         self.watch = Interruptible()
@@ -95,9 +98,14 @@ class Job:
             deadline = deadline_ms(headers, props.expiration)
         except CodecError as exc:
             refusal, deadline = exc, deadline_ms({}, props.expiration)
+        reply_gzip = headers.get(protocol.GZIP_HEADER)
+        if reply_gzip is not None and not isinstance(reply_gzip, bool):
+            refusal, reply_gzip = CodecError(
+                f"header {protocol.GZIP_HEADER} must be a boolean, not "
+                f"{type(reply_gzip).__name__}"), None
         job = cls(worker, task, func, delivery_tag, props.correlation_id, props.reply_to,
                   props.content_type, props.content_encoding, body,
-                  protocol.user_headers(headers), monotonic_deadline(deadline))
+                  protocol.user_headers(headers), monotonic_deadline(deadline), reply_gzip)
         return job, refusal
 
     @property
@@ -116,11 +124,12 @@ class Job:
         down to one that can: the caller gets an answer whatever the task raised.
         """
         try:
-            body, encoding = codec.encode(value, self.reply_type)
+            body, encoding = codec.encode(value, self.reply_type, self.reply_gzip)
         except CodecError as exc:
             if status == protocol.STATUS_OK:
                 return self.error_reply(exc, with_traceback=False)
-            body, encoding = codec.encode(codec.encodable_envelope(value), self.reply_type)
+            body, encoding = codec.encode(codec.encodable_envelope(value), self.reply_type,
+                                          self.reply_gzip)
         return Reply(status, body, encoding)
 
     def decode_argument(self) -> Any:

@@ -95,6 +95,27 @@ async def test_x_headers_travel_both_ways_and_reserved_names_do_not(make_worker,
 
 
 @pytest.mark.gen_test(timeout=30)
+@pytest.mark.parametrize("gzip", [None, True, False])
+async def test_the_callers_gzip_choice_holds_for_the_call_and_its_reply(
+        make_worker, client, uid, monkeypatch, gzip):
+    decoded: list[tuple[int, str | None]] = []  # (body size, content encoding), both ends
+    real_decode = codec.decode
+
+    def recording_decode(body, content_type, content_encoding=None):
+        decoded.append((len(body), content_encoding))
+        return real_decode(body, content_type, content_encoding)
+
+    monkeypatch.setattr(codec, "decode", recording_decode)
+    text = "Wake up Neo.\n" * 10_000  # 130 kB of text: automatic gzip compresses it
+    make_worker({f"echo.{uid}": lambda x: x})
+    assert await client.call(f"echo.{uid}", text, gzip=gzip) == text
+    encodings = [encoding for _, encoding in decoded]
+    assert len(encodings) == 2  # the call, at the worker; the reply, at the client
+    expected = None if gzip is False else "gzip"
+    assert encodings == [expected, expected]
+
+
+@pytest.mark.gen_test(timeout=30)
 async def test_concurrent_jobs_never_see_each_others_headers(make_worker, client, uid):
     together = threading.Barrier(4, timeout=10)
 
@@ -288,10 +309,11 @@ async def test_a_client_gzips_and_inflates_large_bodies_off_its_loop(make_worker
     small = "small " * 100
     assert await client.call(f"echo.{uid}", small, gzip=True) == small
     # Elsewhere: the client's large call and reply, and the worker's job thread inflating
-    # both calls and compressing the large reply. The small call's compression stays on
-    # the loop (a thread hop would cost more); its small reply is sent plain.
-    assert on_the_loop == ["gzip_compress"]
-    assert sorted(elsewhere) == ["gzip_compress"] * 2 + ["gzip_decompress"] * 3
+    # both calls and compressing both replies (gzip=True holds for the reply too). The
+    # small call's compression and its small reply's inflation stay on the loop (a thread
+    # hop would cost more).
+    assert on_the_loop == ["gzip_compress", "gzip_decompress"]
+    assert sorted(elsewhere) == ["gzip_compress"] * 3 + ["gzip_decompress"] * 3
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -7,6 +7,7 @@ fail. The workers are real crew workers on the test vhost.
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -133,6 +134,35 @@ def test_json_call_gets_an_ok_reply_with_user_headers(make_worker, caller, uid):
     assert reply.properties.content_type == JSON
     assert reply.properties.headers == {"trace-id": "abc", "crew-status": "ok"}
     assert reply.json() == {"got": {"a": [1, "é"]}}
+
+
+@pytest.mark.parametrize("crew_gzip, result, compressed", [
+    (None, "x" * 100_000, True),       # absent: automatic, and 100 kB of text pays
+    (None, "small", False),
+    (False, "x" * 100_000, False),     # the caller's choice holds for the reply
+    (True, "small", True),
+])
+def test_crew_gzip_header_decides_how_the_reply_is_compressed(make_worker, caller, uid,
+                                                              crew_gzip, result, compressed):
+    task = f"text.{uid}"
+    make_worker({task: lambda _: result})
+    headers = {} if crew_gzip is None else {"crew-gzip": crew_gzip}
+    cid, _ = caller.call(task, None, headers=headers)
+    reply = caller.wait(cid)
+    assert reply is not None and reply.properties.headers == {"crew-status": "ok"}
+    assert reply.properties.content_encoding == ("gzip" if compressed else None)
+    body = gzip.decompress(reply.body) if compressed else reply.body
+    assert json.loads(body) == result
+
+
+def test_crew_gzip_that_is_not_a_boolean_is_refused(make_worker, caller, uid):
+    task = f"echo.{uid}"
+    make_worker({task: lambda x: x})
+    cid, _ = caller.call(task, None, headers={"crew-gzip": "no"})
+    reply = caller.wait(cid)
+    assert reply is not None and reply.properties.headers["crew-status"] == "error"
+    assert reply.json()["type"] == "CodecError"
+    assert "crew-gzip must be a boolean" in reply.json()["message"]
 
 
 def test_task_exception_comes_back_as_an_error_envelope(make_worker, caller, uid):
