@@ -155,10 +155,11 @@ class Channel:
                         global_qos=global_qos)
 
     async def consume(self, queue: str, on_message: MessageCallback, *,
-                      auto_ack: bool = False, exclusive: bool = False) -> str:
+                      auto_ack: bool = False, exclusive: bool = False,
+                      arguments: dict[str, Any] | None = None) -> str:
         """Start consuming ``queue``; return the consumer tag once the broker confirmed it."""
         tag, fut = self._start(self._channel.basic_consume, queue, on_message,
-                               auto_ack=auto_ack, exclusive=exclusive)
+                               auto_ack=auto_ack, exclusive=exclusive, arguments=arguments)
         await self._wait(fut)
         return tag
 
@@ -220,6 +221,11 @@ class Channel:
 
     def on_return(self, callback: ReturnCallback) -> None:
         self._channel.add_on_return_callback(callback)
+
+    def on_cancel(self, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(frame)`` when the broker cancels a consumer of this channel (its
+        queue was deleted, or its node went away); the consumer gets nothing more."""
+        self._channel.add_on_cancel_callback(callback)
 
     async def close(self) -> None:
         if self._channel.is_open:

@@ -4,7 +4,8 @@
 job thread of :mod:`crew.pool`, or as a coroutine for ``async`` tasks), arms a loop timer
 for its deadline and ends the call exactly once: reply then ack, or requeue on a graceful
 stop, or drop (cancelled by its caller, or its channel lost). It also remembers cancel
-notices for calls not delivered yet. docs/PROTOCOL.md, section 6, is this module in prose.
+notices for calls not delivered yet (:mod:`crew.cancels` reads them). docs/PROTOCOL.md,
+section 6, is this module in prose.
 
 Everything here runs on the worker's loop, except :meth:`CallHandler._thread_done` and
 :meth:`CallHandler._job_done`, which job threads call. A job thread whose job is the only one
@@ -31,6 +32,7 @@ from pika.spec import Basic, BasicProperties
 
 from . import protocol
 from .amqp import Channel
+from .cancels import Key, Remembered
 from .exceptions import ConnectionLostError, EncodeError, JobKilled
 from .jobs import Job, Reply
 from .pool import JobThreads
@@ -43,8 +45,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds after an interruption at which a job thread that has not returned counts as stuck.
 STUCK_AFTER = 1.0
-#: Cancel notices for calls not (yet) seen that a worker remembers at most.
-MAX_REMEMBERED_CANCELS = 100_000
 
 
 class CallHandler:
@@ -68,7 +68,8 @@ class CallHandler:
         self.idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: dict[tuple[str, str], Job] = {}
-        self._cancelled: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        #: Cancel notices of calls not delivered (yet); made by :meth:`start`.
+        self._cancelled: Remembered | None = None
         self._threads = JobThreads(worker.concurrency, f"crew-job-{worker.uuid[:6]}",
                                    self._thread_done)
         self._finished: list[tuple[Job, Reply]] = []
@@ -82,6 +83,7 @@ class CallHandler:
         self._loop = loop
         self.idle = asyncio.Event()
         self.idle.set()
+        self._cancelled = Remembered(loop)
 
     @property
     def serving(self) -> int:
@@ -138,10 +140,9 @@ class CallHandler:
             channel.ack(method.delivery_tag)
             return True
         key = (reply_to, correlation_id)
-        if key in self._cancelled:
+        if self._cancelled is not None and self._cancelled.take(key):
             log.info("call %r to %s was cancelled before it started; dropped",
                      correlation_id, name)
-            self._cancelled.pop(key).cancel()
             channel.ack(method.delivery_tag)
             return True
         if key in self._jobs:
@@ -177,38 +178,20 @@ class CallHandler:
             return  # the loop answered (deadline) or dropped (cancel) the call already
         self._job_done(job, reply)
 
-    def on_control(self, _ch: Any, _method: Basic.Deliver, props: BasicProperties,
-                   _body: bytes) -> None:
-        """A message from the control exchange: a caller cancels its call."""
-        if props.type != protocol.CANCEL_TYPE or not props.correlation_id or not props.reply_to:
-            log.warning("control message of unknown type %r ignored", props.type)
-            return
+    def on_cancel(self, key: Key, deadline_ms: int | None) -> None:
+        """A caller cancelled its call ``key``: stop its job here, or remember the notice
+        until ``deadline_ms`` in case the call is delivered to this worker later."""
         self._settle_sent()
-        key = (props.reply_to, props.correlation_id)
         job = self._jobs.get(key)
-        if job is not None:
-            if self._abandon(job) == "ended":
-                return  # it ended just now: its thread answers it
-            log.info("call %s to %s cancelled by its caller; job stopped",
-                     job.correlation_id, job.task)
-            self._forget(job)
-            self.channel.ack(job.delivery_tag)  # type: ignore[union-attr]
+        if job is None:
+            self._cancelled.add(key, deadline_ms)  # type: ignore[union-attr]  # by start()
             return
-        # Not here (yet): remember it until its deadline, in case it is delivered to us.
-        deadline_ms = (props.headers or {}).get(protocol.DEADLINE_HEADER)
-        delay = ((deadline_ms - protocol.now_ms()) / 1000 if isinstance(deadline_ms, int)
-                 else protocol.MAX_EXPIRATION)
-        if delay <= 0 or key in self._cancelled:
-            return
-        if len(self._cancelled) >= MAX_REMEMBERED_CANCELS:
-            # A flood of cancel notices (forged ones need no crew-deadline) must not grow
-            # without bound; the oldest is forgotten and its call may then still run.
-            oldest = next(iter(self._cancelled))
-            self._cancelled.pop(oldest).cancel()
-            log.warning("more than %d cancel notices remembered; forgetting the oldest",
-                        MAX_REMEMBERED_CANCELS)
-        self._cancelled[key] = self._loop.call_later(  # type: ignore[union-attr]
-            delay, self._cancelled.pop, key, None)
+        if self._abandon(job) == "ended":
+            return  # it ended just now: its thread answers it
+        log.info("call %s to %s cancelled by its caller; job stopped", job.correlation_id,
+                 job.task)
+        self._forget(job)
+        self.channel.ack(job.delivery_tag)  # type: ignore[union-attr]
 
     # --- ending jobs -------------------------------------------------------------------
 
@@ -427,9 +410,8 @@ class CallHandler:
     def close(self) -> None:
         """Let idle job threads exit and forget the remembered cancel notices."""
         self._threads.close()
-        for handle in self._cancelled.values():
-            handle.cancel()
-        self._cancelled.clear()
+        if self._cancelled is not None:
+            self._cancelled.clear()
 
 
 def _sendable(job: Job, headers: dict[str, Any]) -> dict[str, Any]:

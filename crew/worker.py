@@ -31,8 +31,9 @@ from typing import Any, Callable, Mapping
 from pika.spec import BasicProperties
 
 from . import codec, protocol
-from .amqp import Connection, Stopped, connect_retrying
+from .amqp import Channel, Connection, Stopped, connect_retrying
 from .calls import CallHandler
+from .cancels import CancelFeed
 from .context import context
 from .exceptions import BrokerError, ConnectionLostError, CrewError
 from .registry import Settings, Task, TaskFunction, TaskRegistry, tasks
@@ -111,6 +112,8 @@ class Worker:
         self.pubsub = Publisher(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connection: Connection | None = None
+        #: The channel that reads cancel notices, set by :meth:`_setup`.
+        self._control: Channel | None = None
         self._consumers: list[str] = []
         self._calls = CallHandler(self, self._call_in_loop, self._on_too_many_stuck)
         self._stop_requested: asyncio.Event | None = None
@@ -158,6 +161,8 @@ class Worker:
         # (406); the connection stays up and the worker would otherwise serve nothing.
         self._calls.channel.closed.add_done_callback(  # type: ignore[union-attr]  # by _setup
             partial(self._on_lost, connection, "task channel"))
+        self._control.closed.add_done_callback(  # type: ignore[union-attr]  # by _setup
+            partial(self._on_lost, connection, "cancel notice channel"))
         log.info("worker %s serving %s on %s (concurrency %d)", self.uuid,
                  ", ".join(sorted(self.tasks)), self.broker.safe_url, self.concurrency)
 
@@ -190,12 +195,12 @@ class Worker:
                     f"cannot declare {queue}: {exc.text}. It exists with other arguments; every "
                     f"worker of a task must use the same max_priority (this one: "
                     f"{self.max_priority}), or delete the queue", exc.code, exc.text) from None
-        # Control messages get a channel of their own: the task channel's prefetch limit
-        # holds back every delivery on it, auto-acked ones included, while jobs run.
-        control_channel = await connection.channel()
-        control = await control_channel.declare_queue("", exclusive=True, auto_delete=True)
-        await control_channel.bind(control, protocol.CONTROL_EXCHANGE)
-        await control_channel.consume(control, self._calls.on_control, auto_ack=True)
+        # Cancel notices get a channel of their own: the task channel's prefetch limit
+        # holds back every delivery on it while jobs run. They are read up to now before
+        # any call is taken, so that a notice sent while no worker ran still holds.
+        control = await connection.channel()
+        await CancelFeed(control, self._calls.on_cancel, self.uuid).start()
+        self._control = control
         for name, func in self.tasks.items():
             on_message = self._calls.consumer(name, func)
             self._consumers.append(await channel.consume(protocol.task_queue(name), on_message))

@@ -151,9 +151,9 @@ def held_sends(monkeypatch: pytest.MonkeyPatch) -> dict[str, threading.Event]:
 async def test_a_cancel_that_comes_as_the_job_ends_leaves_the_answer_to_its_thread(
         make_worker, client, uid, held_sends, monkeypatch):
     cancels = threading.Event()
-    on_control = CallHandler.on_control
-    monkeypatch.setattr(CallHandler, "on_control",
-                        lambda self, *a: (on_control(self, *a), cancels.set())[0])
+    on_cancel = CallHandler.on_cancel
+    monkeypatch.setattr(CallHandler, "on_cancel",
+                        lambda self, *a: (on_cancel(self, *a), cancels.set())[0])
     worker = make_worker({f"echo.{uid}": lambda x: x}, concurrency=1)
     assert await client.call(f"echo.{uid}", "warm") == "warm"
     channel = worker._calls.channel

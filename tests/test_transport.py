@@ -553,5 +553,7 @@ async def test_on_pikas_own_transport_the_worker_loop_sends_every_reply(
     for n in range(3):
         assert await client.call(f"echo.{uid}", n) == n
     # Sequential calls are answered by their job thread on crew's transport; on pika's
-    # own (as on TLS) the thread's send is refused and the loop answers.
-    assert answered == ([True] * 3 if io_path == "crew" else [False] * 3)
+    # own (as on TLS) the thread's send is refused and the loop answers. (A call that
+    # arrives before the loop forgot the previous one, which its thread answered, is not
+    # alone and goes the loop's way from the start: on a loaded machine, one of three.)
+    assert answered and (all(answered) if io_path == "crew" else not any(answered))

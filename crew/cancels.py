@@ -1,0 +1,184 @@
+"""Cancel notices: a caller's word that its call must not run, kept until the call's deadline.
+
+A caller cancels a call by publishing a notice to the ``crew.control`` fanout exchange
+(docs/PROTOCOL.md, section 7). The exchange is bound to the stream ``crew.cancels``, which
+keeps every notice for longer than any call can live; reading a stream does not consume it,
+so every worker reads every notice:
+
+- On each connection a worker reads the stream from :data:`~crew.protocol.MAX_EXPIRATION`
+  ago, so a worker that starts after a notice was sent still learns of it. It consumes its
+  task queues only once it has read everything sent before it connected: AMQP 0-9-1 has no
+  "end of stream", so it writes a marker of its own to the stream and waits to read it back.
+- Then it follows the stream as notices come. If the broker cancels that consumer (the
+  stream was deleted, or its node went away), the worker declares and reads it again.
+
+:class:`Remembered` keeps the notices of calls not (yet) delivered to this worker until
+their deadlines; :class:`CancelFeed` reads the stream and hands each notice to the worker's
+call handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from pika.spec import Basic, BasicProperties
+
+from . import protocol
+from .amqp import Channel
+from .exceptions import BrokerError, CrewError
+
+__all__ = ["CancelFeed", "Remembered"]
+
+log = logging.getLogger(__name__)
+
+#: Cancel notices for calls not (yet) seen that a worker remembers at most.
+MAX_REMEMBERED_CANCELS = 100_000
+#: Seconds a worker waits to read its marker back before it serves calls all the same.
+CATCH_UP_TIMEOUT = 30.0
+#: Unacknowledged notices the broker sends ahead: a stream consumer needs a prefetch limit.
+_PREFETCH = 1000
+
+#: A call, as a cancel notice names it: ``(reply_to, correlation_id)``.
+Key = tuple[str, str]
+#: ``on_cancel(key, deadline_ms)``: deadline_ms is None when the notice carries none.
+OnCancel = Callable[[Key, "int | None"], None]
+
+
+class Remembered:
+    """Cancel notices of calls this worker has not seen, each until its call's deadline.
+
+    At most ``limit`` at once: past it the oldest is forgotten (its call may then run if
+    it is delivered later; its caller ignores the reply), and that is logged once per
+    flood, not once per notice.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 limit: int = MAX_REMEMBERED_CANCELS) -> None:
+        self._loop = loop
+        self._limit = limit
+        self._notices: dict[Key, asyncio.TimerHandle] = {}
+        self._flooded = False
+
+    def __len__(self) -> int:
+        return len(self._notices)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._notices
+
+    def add(self, key: Key, deadline_ms: int | None) -> None:
+        """Remember ``key`` until ``deadline_ms`` (or :data:`~crew.protocol.MAX_EXPIRATION`
+        from now without one); a notice whose deadline has passed is not kept."""
+        delay = ((deadline_ms - protocol.now_ms()) / 1000 if deadline_ms is not None
+                 else protocol.MAX_EXPIRATION)
+        if delay <= 0 or key in self._notices:
+            return
+        if len(self._notices) >= self._limit:
+            oldest = next(iter(self._notices))
+            self._notices.pop(oldest).cancel()
+            if not self._flooded:
+                log.warning("more than %d cancel notices remembered: forgetting the oldest "
+                            "(a flood of notices?); their calls may run if delivered later",
+                            self._limit)
+                self._flooded = True
+        elif self._flooded and len(self._notices) < self._limit // 2:
+            self._flooded = False  # the flood is over: warn again at the next one
+        self._notices[key] = self._loop.call_later(delay, self._notices.pop, key, None)
+
+    def take(self, key: Key) -> bool:
+        """Forget ``key``; True if it was remembered (its call was cancelled)."""
+        handle = self._notices.pop(key, None)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    def clear(self) -> None:
+        for handle in self._notices.values():
+            handle.cancel()
+        self._notices.clear()
+
+
+class CancelFeed:
+    """Reads :data:`~crew.protocol.CANCEL_STREAM` on ``channel`` and calls ``on_cancel``
+    (on the loop) for each notice; ``name`` makes the markers of this worker unique."""
+
+    def __init__(self, channel: Channel, on_cancel: OnCancel, name: str) -> None:
+        self._channel = channel
+        self._on_cancel = on_cancel
+        self._name = name
+        self._markers = itertools.count(1)
+        self._marker = ""
+        self._caught_up: asyncio.Future[None] | None = None
+        #: The re-read started after the broker cancelled the consumer, while under way.
+        self._again: asyncio.Task[None] | None = None
+        channel.on_cancel(self._on_broker_cancel)
+
+    async def start(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
+        """Declare and bind the stream, read it from the longest deadline ago, and return
+        once every notice sent before now was handed over (or after ``timeout``, logged)."""
+        channel = self._channel
+        try:
+            await channel.qos(_PREFETCH)  # per consumer: streams refuse a global prefetch
+            await channel.declare_queue(protocol.CANCEL_STREAM, durable=True,
+                                        arguments=protocol.cancel_stream_arguments())
+        except BrokerError as exc:
+            raise BrokerError(
+                f"cannot declare the stream {protocol.CANCEL_STREAM}: {exc.text}. It exists "
+                "with other arguments (delete it), or streams are off on this broker "
+                "(RabbitMQ 3.9 or later, feature flag stream_queue)", exc.code,
+                exc.text) from None
+        await channel.bind(protocol.CANCEL_STREAM, protocol.CONTROL_EXCHANGE)
+        self._marker = f"{self._name}.{next(self._markers)}"
+        self._caught_up = asyncio.get_running_loop().create_future()
+        since = datetime.fromtimestamp(time.time() - protocol.MAX_EXPIRATION, timezone.utc)
+        await channel.consume(protocol.CANCEL_STREAM, self._on_message,
+                              arguments={"x-stream-offset": since})
+        channel.publish("", protocol.CANCEL_STREAM, b"", BasicProperties(
+            type=protocol.MARKER_TYPE, correlation_id=self._marker, delivery_mode=1))
+        channel.flush()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._caught_up), timeout)
+        except asyncio.TimeoutError:
+            log.warning("cancel notices: marker %s not read back within %.0f s; serving "
+                        "calls before every earlier notice is known", self._marker, timeout)
+        else:
+            log.info("cancel notices read from %s up to marker %s", protocol.CANCEL_STREAM,
+                     self._marker)
+
+    def _on_message(self, channel: Any, method: Basic.Deliver, props: BasicProperties,
+                    _body: bytes) -> None:
+        # A stream counts acknowledgements as credit for more; they delete nothing.
+        channel.basic_ack(method.delivery_tag)
+        if props.type == protocol.MARKER_TYPE:
+            caught_up = self._caught_up
+            if props.correlation_id == self._marker and caught_up and not caught_up.done():
+                caught_up.set_result(None)
+            return  # another worker's marker, or an old one of ours
+        if (props.type != protocol.CANCEL_TYPE or not isinstance(props.correlation_id, str)
+                or not isinstance(props.reply_to, str) or not props.correlation_id
+                or not props.reply_to):
+            log.warning("control message of unknown type %r ignored", props.type)
+            return
+        deadline = (props.headers or {}).get(protocol.DEADLINE_HEADER)
+        if not isinstance(deadline, int) or isinstance(deadline, bool):
+            deadline = None
+        self._on_cancel((props.reply_to, props.correlation_id), deadline)
+
+    def _on_broker_cancel(self, _frame: Any) -> None:
+        if self._again is not None and not self._again.done():
+            return
+        log.warning("the broker cancelled the reading of %s (deleted, or its node went "
+                    "away); reading it again", protocol.CANCEL_STREAM)
+        self._again = asyncio.ensure_future(self._start_again())
+
+    async def _start_again(self) -> None:
+        try:
+            await self.start()
+        except CrewError as exc:  # the channel is gone too: the worker reconnects
+            log.warning("cancel notices: could not read %s again: %s",
+                        protocol.CANCEL_STREAM, exc)
