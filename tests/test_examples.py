@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
-import subprocess
-import threading
 from typing import Any
 
 import pytest
@@ -20,7 +17,7 @@ from tornado.tcpclient import TCPClient
 
 import master_example
 import worker_example
-from conftest import spawn_python, until
+from conftest import Output, spawn_python, stop, until
 from crew.worker import Worker, serve_in_thread
 
 
@@ -109,52 +106,6 @@ async def test_long_poll_client_that_leaves_stops_waiting(app, http_server, http
 
 
 # --- as processes -------------------------------------------------------------------
-
-class Output:
-    """A child's output lines, read by a thread; ``await wait_for(text)`` for the next line
-    that contains ``text``."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self.seen: list[str] = []
-        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self.thread.start()
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, line)
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
-
-    async def wait_for(self, text: str, timeout: float = 20.0) -> str:
-        while True:
-            line = await asyncio.wait_for(self.queue.get(), timeout)
-            if line is None:
-                raise AssertionError(f"exited before printing {text!r}:\n{''.join(self.seen)}")
-            self.seen.append(line)
-            if text in line:
-                return line
-
-    def everything(self) -> str:
-        """All the output read so far, once the process has exited."""
-        while not self.queue.empty():
-            self.seen.append(self.queue.get_nowait() or "")
-        return "".join(self.seen)
-
-
-async def stop(proc: subprocess.Popen[str], output: Output) -> int:
-    """SIGTERM ``proc`` and return its exit status (it is killed if it does not exit)."""
-    loop = asyncio.get_running_loop()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = await loop.run_in_executor(None, proc.wait, 30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = await loop.run_in_executor(None, proc.wait)
-    await loop.run_in_executor(None, output.thread.join, 10)
-    return code
-
 
 @pytest.mark.gen_test(timeout=90)
 async def test_worker_and_master_as_processes(broker_url):
