@@ -26,6 +26,8 @@ from crew import Client
 from crew.worker import Worker, serve_in_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: What the article's ``stat`` task answers: the worker's uuid, the calls it has served.
+STAT = r"I'm worker \"([0-9a-f]{32})\"\. And I serve (\d+) tasks"
 
 
 def _broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:

@@ -17,10 +17,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
-from conftest import Output, spawn_python, stop
-
-#: What ``/stat`` answers: the worker's uuid and how many calls it has served.
-STAT = r"I'm worker \"([0-9a-f]{32})\"\. And I serve (\d+) tasks"
+from conftest import STAT, Output, spawn_python, stop
 
 
 def free_port() -> int:
