@@ -186,7 +186,8 @@ class Client(PubSub):
             return  # connected; or closed, which failed the waiting calls itself
         self._connector = None
         if not connector.cancelled():
-            log.error("client could not connect; calls waiting for it fail: %s", error)
+            log.error("client could not connect (%d call(s) waiting for it fail): %s",
+                      len(self._pending), error)
         self._fail_all(error)  # they were all waiting for this connection
 
     async def _reconnect(self) -> None:
