@@ -1,7 +1,7 @@
 """The article's master and worker (``article/``), run as printed, as real processes.
 
 The worker is started the article's way (``python article/worker.py -H 127.0.0.1``), the
-master with ``python article/master.py --port N``; both find the test vhost in
+master with ``python article/master.py --port=N``; both find the test vhost in
 ``$CREW_URL``. Every endpoint is then checked over HTTP.
 """
 
