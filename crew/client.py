@@ -3,7 +3,7 @@
 ::
 
     client = Client()              # or Client('amqp://user:pass@host:5672/vhost')
-    await client.connect()
+    await client.connect()         # or client.connect() before the loop runs, as the article
     resp = await client.call('test', data, priority=100)
     with client.parallel() as mc:
         mc.call('test')
@@ -35,6 +35,7 @@ from .amqp import Channel, Connection, connect_retrying
 from .exceptions import (CallError, CodecError, ConnectionLostError,
                          CrewError, DecodeError, ExpirationError, RemoteError, TimeoutError,
                          UnknownTaskError)
+from .loops import thread_loop
 from .pubsub import Callback, PubSub
 from .settings import BrokerSettings
 
@@ -120,7 +121,8 @@ class Client(PubSub):
         self.reconnect = reconnect
         #: Set while connected; calls made while reconnecting wait for it.
         self._ready = asyncio.Event()
-        #: None before connect() and after close(); the task that (re)connects otherwise.
+        #: None before connect(), after close() and after a connect that failed; otherwise
+        #: the task that connects or last reconnected, under way or done.
         self._connector: asyncio.Task[None] | None = None
         self._closing = False
         # Correlation ids: a random prefix per client and a counter, unique and cheaper
@@ -135,18 +137,58 @@ class Client(PubSub):
     def connected(self) -> bool:
         return self._channel is not None and self._channel.is_open
 
-    async def connect(self, timeout: float | None = None) -> None:
-        """Connect, declare the private reply queue and start receiving replies.
+    def connect(self, timeout: float | None = None) -> "asyncio.Future[None]":
+        """Start connecting: declare the private reply queue and receive replies.
+
+        Returns a future that is done once connected: ``await client.connect()`` (or
+        ``yield`` it in a ``@gen.coroutine``) waits for that. Or call it plainly, and even
+        before the event loop runs, as the article does before ``IOLoop.instance().start()``:
+        the client connects on this thread's loop (the running one, else the one Tornado's
+        ``IOLoop.current()`` will run), and calls made meanwhile wait for the connection, up
+        to their deadline.
 
         While the broker does not answer, retries with capped, jittered backoff, logging
-        each attempt; ``timeout`` (seconds, None = no limit) bounds that, after which
-        :class:`~crew.ConnectionLostError` is raised. A refused login or certificate raises
-        :class:`~crew.AuthenticationError` at once (later reconnections keep retrying it).
+        each attempt; ``timeout`` (seconds, None = no limit) bounds that, after which the
+        future fails with :class:`~crew.ConnectionLostError`. A refused login or certificate
+        fails it with :class:`~crew.AuthenticationError` at once (later reconnections keep
+        retrying it). A connect that fails is logged, and the calls waiting for it fail with
+        its error. While a connect is under way, this returns it (waited for up to this
+        ``timeout``, if given); when connected, a done future. :meth:`close` stops a connect
+        under way, which then fails with :class:`~crew.ConnectionLostError`.
         """
-        if self.connected:
-            return
+        connector = self._connector
+        if connector is not None and not connector.done():
+            return connector if timeout is None else _bounded(connector, timeout)
+        if connector is not None and self.connected:
+            return connector
         self._closing = False
-        await connect_retrying(self._open, who="client", timeout=timeout)
+        connector = thread_loop().create_task(self._connect(timeout))
+        connector.add_done_callback(self._connect_done)
+        self._connector = connector
+        return connector
+
+    async def _connect(self, timeout: float | None) -> None:
+        try:
+            await connect_retrying(self._open, who="client", timeout=timeout)
+        except asyncio.CancelledError:
+            if asyncio.current_task() is not self._connector:
+                # close() stopped it: tell whoever awaits connect() why, rather than
+                # cancelling them.
+                raise ConnectionLostError("the client was closed before it connected") from None
+            raise
+
+    def _connect_done(self, connector: "asyncio.Task[None]") -> None:
+        # exception() marks the error as retrieved: no "Task exception was never retrieved"
+        # from asyncio when nobody awaited the connect.
+        error = (ConnectionLostError("connect() was cancelled before the client connected")
+                 if connector.cancelled() else connector.exception())
+        if error is None or connector is not self._connector:
+            return  # connected; or closed, which failed the waiting calls itself
+        self._connector = None
+        if not connector.cancelled():
+            log.error("client could not connect (%d call(s) waiting for it fail): %s",
+                      len(self._pending), error)
+        self._fail_all(error)  # they were all waiting for this connection
 
     async def _reconnect(self) -> None:
         await connect_retrying(self._open, who="client", retry_auth=True)
@@ -177,7 +219,8 @@ class Client(PubSub):
         log.info("client connected to %s, reply queue %s", self.broker.safe_url, queue)
 
     async def close(self) -> None:
-        """Fail every pending call with :class:`~crew.ConnectionLostError` and disconnect."""
+        """Fail every pending call with :class:`~crew.ConnectionLostError`, stop a connect
+        or reconnection under way and disconnect."""
         self._closing = True
         self._ready.clear()
         if self._connector is not None:
@@ -208,8 +251,10 @@ class Client(PubSub):
                 "it may or may not have run"))
         if self.reconnect:
             self._connector = self._spawn(self._reconnect(), "reconnecting")
+        else:
+            self._connector = None  # calls fail at once, not at their deadline
 
-    def _fail_all(self, error: CrewError) -> None:
+    def _fail_all(self, error: BaseException) -> None:
         for call in list(self._pending.values()):
             call.settle(error)
 
@@ -395,6 +440,20 @@ class Client(PubSub):
                 decoding.add_done_callback(functools.partial(_settle_decoded, call))
                 return
         call.settle(_outcome(props, body))
+
+
+def _bounded(connector: "asyncio.Task[None]", timeout: float) -> "asyncio.Task[None]":
+    """A task that waits up to ``timeout`` for ``connector`` (which it leaves running)."""
+    async def wait() -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(connector), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionLostError(f"the client did not connect within {timeout} s") from None
+
+    waiter = connector.get_loop().create_task(wait())
+    # Retrieved, so that a waiter nobody awaits fails quietly: the connect logs its own error.
+    waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return waiter
 
 
 def _settle_decoded(call: _Call, decoding: asyncio.Future[Any]) -> None:

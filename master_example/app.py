@@ -1,12 +1,16 @@
 """The handlers of the article's master, and :func:`make_app` that puts them together.
 
-Each handler is the article's, written with ``async def`` instead of ``@gen.coroutine``.
+Each handler is the article's (``article/master.py``): its class name, route, calls and
+texts. They are written with ``async def`` instead of ``@gen.coroutine``, which crew's
+client also serves (``article/master.py`` uses it), and get the client from the
+application's settings instead of an attribute set on the application, so that
+:func:`make_app` can build the application around any client. Where else they differ, a
+comment says why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -61,8 +65,8 @@ class Handler(RequestHandler):
 
 class MainHandler(Handler):
     async def get(self) -> None:
-        # Call task test with priority 100
-        resp = await self.crew.call("test", priority=100)
+        # Call task test with priority 100 and a megabyte of data, which crew gzips.
+        resp = await self.crew.call("test", "*" * 1000000, priority=100)
         self.write(f"{type(resp).__name__}: {resp}")
 
 
@@ -76,7 +80,8 @@ class FastHandler(Handler):
     async def get(self) -> None:
         try:
             # The call and its job must be over within 3 seconds.
-            resp = await self.crew.call("dead", priority=255, expiration=3)
+            resp = await self.crew.call("dead", persistent=False, priority=255,
+                                        expiration=3)
         except crew.TimeoutError:
             self.write("Timeout")  # a worker ran it and interrupted it at the deadline
         except crew.ExpirationError:
@@ -85,8 +90,13 @@ class FastHandler(Handler):
             self.write(f"{type(resp).__name__}: {resp}")
 
 
-class LongPollHandler(Handler):
-    """Answers with the next message on channel ``test``, or 204 after the poll timeout."""
+class LongPoolingHandler(Handler):
+    """Answers with the next message on channel ``test``, or 204 after the poll timeout.
+
+    The article's kept a class-wide list of waiting requests, none of which ever gave up:
+    a request whose client had left waited for the next message, and a client could wait
+    forever. Here each request waits with a timeout and stops when its client leaves.
+    """
 
     waiter: asyncio.Future[Any] | None = None
 
@@ -113,36 +123,37 @@ class LongPollHandler(Handler):
 
 class PublishHandler(Handler):
     async def post(self) -> None:
-        # The worker's task publishes the body on channel test.
+        # The worker's task publishes the body on channel test, and returns None.
         resp = await self.crew.call("publish", _text(self.request.body))
-        self.write(str(resp))
+        self.finish(str(resp))
 
 
 class PublishHandler2(Handler):
     def post(self) -> None:
         # Published from here, without awaiting: the client sends it at once either way.
         self.crew.publish(CHANNEL, _text(self.request.body))
-        self.write("published")
 
 
-class ParallelHandler(Handler):
+class Multitaskhandler(Handler):
     async def get(self) -> None:
         with self.crew.parallel() as mc:
             mc.call("test")
             mc.call("stat")
+            # A call that failed has its exception in its place, which prints its message.
             test_result, stat_result = await mc.result()
-        for result in (test_result, stat_result):
-            if isinstance(result, BaseException):
-                raise result
-        self.set_header("Content-Type", "application/json")
-        self.write(json.dumps({"test": test_result, "stat": stat_result}, indent=1))
+        self.set_header("Content-Type", "text/plain")
+        self.write(f"Test result: {test_result}\nStat result: {stat_result}")
 
 
 _GONE = object()
 
 
 def _text(body: bytes) -> str:
-    """A request body as text, so that subscribers print ``hello``, not ``b'hello'``."""
+    """A request body as text, so that subscribers print ``hello``, not ``b'hello'``.
+
+    The article passes the body on as it is; crew carries bytes as bytes, which ``str()``
+    shows as ``b'hello'``.
+    """
     return body.decode("utf-8", errors="replace")
 
 
@@ -158,9 +169,10 @@ def make_app(client: Client, *, poll_timeout: float = POLL_TIMEOUT,
     return Application([
         (r"/", MainHandler),
         (r"/stat", StatHandler),
+        (r"/stat2", StatHandler),
         (r"/fast", FastHandler),
-        (r"/subscribe", LongPollHandler),
+        (r"/subscribe", LongPoolingHandler),
         (r"/publish", PublishHandler),
         (r"/publish2", PublishHandler2),
-        (r"/parallel", ParallelHandler),
+        (r"/parallel", Multitaskhandler),
     ], crew=client, listeners=listeners, poll_timeout=poll_timeout, **settings)

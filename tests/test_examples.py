@@ -7,11 +7,7 @@ worker serving ``worker_example.tasks``; one test runs both examples as real pro
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import signal
-import subprocess
-import threading
 from typing import Any
 
 import pytest
@@ -20,7 +16,7 @@ from tornado.tcpclient import TCPClient
 
 import master_example
 import worker_example
-from conftest import spawn_python, until
+from conftest import STAT, Output, spawn_python, stop, until
 from crew.worker import Worker, serve_in_thread
 
 
@@ -46,18 +42,25 @@ async def waiting(app: Any, count: int) -> None:
 
 # --- in-process ---------------------------------------------------------------------
 
+def stat_text(worker: Worker, served: int) -> str:
+    return f'I\'m worker "{worker.uuid}". And I serve {served} tasks'
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_main_stat_and_parallel(worker, http_client, base_url):
     main = await http_client.fetch(f"{base_url}/")
     assert main.body == b"str: Wake up Neo.\n"
+    # Both tasks count their calls, as in the article.
     stat = await http_client.fetch(f"{base_url}/stat")
-    assert stat.body.decode() == f"dict: {{'worker': '{worker.uuid}', 'counter': 1}}"
+    assert stat.body.decode() == f"str: {stat_text(worker, 2)}"
+    stat2 = await http_client.fetch(f"{base_url}/stat2")
+    assert stat2.body.decode() == f"str: {stat_text(worker, 3)}"
     parallel = await http_client.fetch(f"{base_url}/parallel")
-    assert parallel.headers["Content-Type"] == "application/json"
-    result = json.loads(parallel.body)
-    assert result["test"] == "Wake up Neo.\n"
-    assert result["stat"]["worker"] == worker.uuid
-    assert result["stat"]["counter"] in (1, 2)  # the two calls run in either order
+    assert parallel.headers["Content-Type"].startswith("text/plain")
+    # The two calls run in either order.
+    assert parallel.body.decode() in (
+        f"Test result: Wake up Neo.\n\nStat result: {stat_text(worker, served)}"
+        for served in (4, 5))
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -81,11 +84,12 @@ async def test_fast_without_workers(broker_url, http_client, base_url):
 @pytest.mark.gen_test(timeout=30)
 async def test_long_poll_gets_what_both_publish_endpoints_send(worker, app, http_client,
                                                                base_url):
-    for path, text in (("/publish", "via the worker"), ("/publish2", "from the master")):
+    for path, text, answer in (("/publish", "via the worker", b"None"),
+                               ("/publish2", "from the master", b"")):
         polls = [http_client.fetch(f"{base_url}/subscribe") for _ in range(2)]
         await waiting(app, 2)
         published = await http_client.fetch(base_url + path, method="POST", body=text)
-        assert published.body == b"published"
+        assert published.body == answer  # the task returns None; /publish2 says nothing
         for poll in polls:
             assert (await poll).body == text.encode()
         await waiting(app, 0)
@@ -110,52 +114,6 @@ async def test_long_poll_client_that_leaves_stops_waiting(app, http_server, http
 
 # --- as processes -------------------------------------------------------------------
 
-class Output:
-    """A child's output lines, read by a thread; ``await wait_for(text)`` for the next line
-    that contains ``text``."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self.seen: list[str] = []
-        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self.thread.start()
-
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, line)
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
-
-    async def wait_for(self, text: str, timeout: float = 20.0) -> str:
-        while True:
-            line = await asyncio.wait_for(self.queue.get(), timeout)
-            if line is None:
-                raise AssertionError(f"exited before printing {text!r}:\n{''.join(self.seen)}")
-            self.seen.append(line)
-            if text in line:
-                return line
-
-    def everything(self) -> str:
-        """All the output read so far, once the process has exited."""
-        while not self.queue.empty():
-            self.seen.append(self.queue.get_nowait() or "")
-        return "".join(self.seen)
-
-
-async def stop(proc: subprocess.Popen[str], output: Output) -> int:
-    """SIGTERM ``proc`` and return its exit status (it is killed if it does not exit)."""
-    loop = asyncio.get_running_loop()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = await loop.run_in_executor(None, proc.wait, 30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        code = await loop.run_in_executor(None, proc.wait)
-    await loop.run_in_executor(None, output.thread.join, 10)
-    return code
-
-
 @pytest.mark.gen_test(timeout=90)
 async def test_worker_and_master_as_processes(broker_url):
     worker = spawn_python(["-m", "worker_example", "-H", "127.0.0.1"], broker_url)
@@ -170,14 +128,15 @@ async def test_worker_and_master_as_processes(broker_url):
 
         assert (await http.fetch(f"{base}/")).body == b"str: Wake up Neo.\n"
         stat = (await http.fetch(f"{base}/stat")).body.decode()
-        assert re.fullmatch(r"dict: \{'worker': '[0-9a-f]{32}', 'counter': 1\}", stat)
-        parallel = json.loads((await http.fetch(f"{base}/parallel")).body)
-        assert parallel["test"] == "Wake up Neo.\n" and parallel["stat"]["counter"] in (1, 2)
-        for path, text in (("/publish", "via the worker"), ("/publish2", "from the master")):
+        assert re.fullmatch(f"str: {STAT}", stat) and stat.endswith(" 2 tasks")
+        parallel = (await http.fetch(f"{base}/parallel")).body.decode()
+        assert re.fullmatch(f"Test result: Wake up Neo.\n\nStat result: {STAT}", parallel)
+        for path, text, answer in (("/publish", "via the worker", b"None"),
+                                   ("/publish2", "from the master", b"")):
             polls = [http.fetch(f"{base}/subscribe") for _ in range(2)]
             await master_output.wait_for("2 request(s) wait")
             published = await http.fetch(base + path, method="POST", body=text)
-            assert published.body == b"published"
+            assert published.body == answer
             for poll in polls:
                 assert (await poll).body == text.encode()
         assert (await http.fetch(f"{base}/fast")).body == b"Timeout"

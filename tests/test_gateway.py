@@ -75,8 +75,8 @@ async def test_call_answers_the_result_as_json(make_worker, http_client, base_ur
 async def test_the_example_tasks_over_the_gateway(make_worker, http_client, base_url):
     worker = make_worker(worker_example.tasks, settings=worker_example.settings)
     assert json_of(await post(http_client, f"{base_url}/call/test")) == "Wake up Neo.\n"
-    assert json_of(await post(http_client, f"{base_url}/call/stat")) == {
-        "worker": worker.uuid, "counter": 1}
+    assert json_of(await post(http_client, f"{base_url}/call/stat")) == (
+        f'I\'m worker "{worker.uuid}". And I serve 2 tasks')
     slept = json_of(await post(http_client, f"{base_url}/call/sleep", 0.1))
     assert 0.1 <= slept < 5
 

@@ -1,9 +1,9 @@
-"""The example's tasks.
+"""The example's tasks: the article's four (``article/worker.py``), and ``sleep``.
 
-A worker module of one's own is the article's three lines: ``@Task('test')`` on each
-function and ``run(counter=0)`` at the end. Here each ``@Task`` names a registry of the
-package's own instead of crew's default one, so the tasks can be imported without being
-served and served beside others.
+A worker module of one's own is the article's: ``@Task('test')`` on each function and
+``run(counter=0)`` at the end. Here each ``@Task`` names a registry of the package's own
+instead of crew's default one, so the tasks can be imported without being served and served
+beside others; the functions, their names and texts are the article's.
 """
 
 from __future__ import annotations
@@ -24,22 +24,28 @@ settings: Mapping[str, Any] = MappingProxyType({"counter": 0})
 #: The channel the ``publish`` task publishes on; the master's ``/subscribe`` listens there.
 CHANNEL = "test"
 
-# With --concurrency above 1 several job threads count at once; += is not atomic.
+# Unlike the article's, the counter is locked: with --concurrency above 1 several job
+# threads count at once, and += is not atomic.
 _counter_lock = threading.Lock()
+
+
+def _count() -> int:
+    with _counter_lock:
+        context.settings.counter += 1
+        return context.settings.counter
 
 
 @Task("test", registry=tasks)
 def long_task(req: Any) -> str:
     """Count the call and wake Neo up."""
-    with _counter_lock:
-        context.settings.counter += 1
+    _count()
     return "Wake up Neo.\n"
 
 
 @Task("stat", registry=tasks)
-def get_counter(req: Any) -> dict[str, Any]:
-    """Which worker answered, and how many ``test`` calls it has served."""
-    return {"worker": context.settings.uuid, "counter": context.settings.counter}
+def get_counter(req: Any) -> str:
+    """Count the call; say which worker answered and how many calls it has served."""
+    return 'I\'m worker "%s". And I serve %s tasks' % (context.settings.uuid, _count())
 
 
 @Task("dead", registry=tasks)
@@ -50,10 +56,10 @@ def infinite_loop_task(req: Any) -> None:
 
 
 @Task("publish", registry=tasks)
-def publish(req: Any) -> str:
-    """Publish the argument on :data:`CHANNEL` to every subscribed client."""
+def publish(req: Any) -> None:
+    """Publish the argument on :data:`CHANNEL` to every subscribed client (and return
+    nothing, as in the article)."""
     context.pubsub.publish(CHANNEL, req)
-    return "published"
 
 
 @Task("sleep", registry=tasks)
