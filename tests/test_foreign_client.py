@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pika
@@ -308,6 +309,49 @@ def _raw_call(caller: ForeignCaller, task: str, body: bytes, content_type: str) 
         expiration="3000", headers={"crew-deadline": time.time_ns() // 1_000_000 + 3000,
                                     "crew-client": caller.reply_queue}), mandatory=True)
     return correlation_id
+
+
+CANCEL_STREAM_ARGUMENTS = {
+    "x-queue-type": "stream",
+    "x-max-age": "1800s",
+    "x-max-length-bytes": 33554432,
+    "x-stream-max-segment-size-bytes": 1048576,
+}
+
+
+def test_a_worker_of_another_language_reads_notices_sent_before_it_started(
+        make_worker, caller, broker_url, uid):
+    # Section 7's recipe for a worker of your own, with plain pika: a notice sent while it
+    # was not running is read before the marker it writes comes back.
+    make_worker({f"echo.{uid}": lambda x: x})  # a crew worker has declared the stream
+    caller.cancel(f"early.{uid}", time.time_ns() // 1_000_000 + 60_000)
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1000, global_qos=False)
+        channel.queue_declare("crew.cancels", durable=True, arguments=CANCEL_STREAM_ARGUMENTS)
+        channel.queue_bind("crew.cancels", CONTROL_EXCHANGE, routing_key="")
+        since = datetime.fromtimestamp(time.time() - 25 * 60, timezone.utc)
+        read: list[tuple[str, str]] = []
+        marker = f"foreign.{uid}"
+
+        def on_notice(ch: Any, method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+            ch.basic_ack(method.delivery_tag)
+            read.append((props.type, props.correlation_id))
+            if props.type == "crew.marker" and props.correlation_id == marker:
+                ch.stop_consuming()
+
+        channel.basic_consume("crew.cancels", on_notice,
+                              arguments={"x-stream-offset": since})
+        channel.basic_publish("", "crew.cancels", b"", pika.BasicProperties(
+            type="crew.marker", correlation_id=marker, delivery_mode=1))
+        timer = connection.call_later(10, channel.stop_consuming)
+        channel.start_consuming()
+        connection.remove_timeout(timer)
+    finally:
+        connection.close()
+    assert ("crew.marker", marker) in read, "the marker did not come back within 10 s"
+    assert read.index(("crew.cancel", f"early.{uid}")) < read.index(("crew.marker", marker))
 
 
 def test_x_msgpack_call_gets_a_reply(make_worker, caller, uid):
