@@ -80,12 +80,13 @@ class PrivateBroker(PrivateNode):
             advanced=f"[{{rabbit, [{{channel_tick_interval, {CHANNEL_TICK_MS}}}]}}].\n")
 
     def queues(self) -> list[tuple[str, int, int, int]]:
-        """Every queue as ``(name, messages_ready, messages_unacknowledged, consumers)``."""
-        rows = json.loads(self.ctl("list_queues", "--formatter", "json", "name",
+        """Every queue as ``(name, messages_ready, messages_unacknowledged, consumers)``,
+        streams aside: a stream keeps what it holds by design (crew.cancels, the notices)."""
+        rows = json.loads(self.ctl("list_queues", "--formatter", "json", "name", "type",
                                    "messages_ready", "messages_unacknowledged", "consumers")
                           or "[]")
         return [(r["name"], int(r["messages_ready"]), int(r["messages_unacknowledged"]),
-                 int(r["consumers"])) for r in rows]
+                 int(r["consumers"])) for r in rows if r["type"] != "stream"]
 
     def connections(self) -> list[tuple[str, str]]:
         """Every client connection as ``(pid, connection_name)``.
