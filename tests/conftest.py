@@ -9,7 +9,8 @@ Some tests read queue counts with ``rabbitmqctl``, the only view of unacknowledg
 messages. Against the shared broker that is ``rabbitmqctl`` on the ``PATH``; with
 ``CREW_TEST_URL``, set ``CREW_TEST_RABBITMQCTL`` to a command line that runs ``rabbitmqctl``
 for that broker's node (split like a shell line; the tests add ``-p VHOST`` and the
-command), e.g. ``rabbitmqctl -n crew43@localhost`` or a wrapper that enters a chroot.
+command), e.g. ``rabbitmqctl -n NODE@localhost``, or a script that runs the ``rabbitmqctl``
+of a node installed in a chroot (another RabbitMQ version needs its own ``rabbitmqctl``).
 Without it those tests fall back to a passive declare, which sees ready messages only.
 """
 
