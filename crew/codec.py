@@ -160,6 +160,7 @@ def check_wire_size(body: bytes) -> bytes:
     if len(body) > protocol.MAX_BODY_BYTES:
         raise MessageTooLargeError(
             f"encoded body is {len(body)} bytes, more than the limit of {protocol.MAX_BODY_BYTES}"
+            " (RabbitMQ 4.x's default max_message_size is also 16 MiB; 3.x's is 128 MiB)"
         )
     return body
 
@@ -175,6 +176,7 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
     if len(body) > protocol.MAX_BODY_BYTES:
         raise MessageTooLargeError(
             f"body is {len(body)} bytes, more than the limit of {protocol.MAX_BODY_BYTES}"
+            " (RabbitMQ 4.x's default max_message_size is also 16 MiB; 3.x's is 128 MiB)"
         )
     kind = protocol.CONTENT_TYPES.get(content_type or "")
     if kind is None:

@@ -86,8 +86,10 @@ CONTENT_TYPES: Final = {
 }
 GZIP: Final = "gzip"
 
-#: Largest body crew sends or accepts, compressed or not (RabbitMQ 4.x refuses more than
-#: 16 MiB by default and closes the channel; 3.x allows 128 MiB).
+#: Largest body crew sends or accepts, compressed or not. It equals RabbitMQ 4.x's default
+#: ``max_message_size`` (16 MiB): there a larger publish never reaches a worker, as the
+#: broker closes the publisher's channel (406 PRECONDITION_FAILED). RabbitMQ 3.x's default
+#: is 128 MiB, so there a larger body is delivered and crew refuses it.
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 #: Largest body after gzip decompression; a gzip bomb stops here.
 MAX_DECOMPRESSED_BYTES: Final = 64 * 1024 * 1024

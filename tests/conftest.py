@@ -4,12 +4,21 @@ Every run gets a vhost of its own (``crew-test-<random>``), deleted at the end, 
 message or queue can leak between runs; inside a run, tests use task names with a per-test
 suffix. Set ``CREW_TEST_URL`` to test against another broker (then the vhost in that URL is
 used as it is and nothing is created).
+
+Some tests read queue counts with ``rabbitmqctl``, the only view of unacknowledged
+messages. Against the shared broker that is ``rabbitmqctl`` on the ``PATH``; with
+``CREW_TEST_URL``, set ``CREW_TEST_RABBITMQCTL`` to a command line that runs ``rabbitmqctl``
+for that broker's node (split like a shell line; the tests add ``-p VHOST`` and the
+command), e.g. ``rabbitmqctl -n NODE@localhost``, or a script that runs the ``rabbitmqctl``
+of a node installed in a chroot (another RabbitMQ version needs its own ``rabbitmqctl``).
+Without it those tests fall back to a passive declare, which sees ready messages only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -36,6 +45,16 @@ def _broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
             return True
     except OSError:
         return False
+
+
+def rabbitmqctl_command() -> list[str] | None:
+    """The command that runs ``rabbitmqctl`` for the broker under test: plain
+    ``rabbitmqctl`` for the shared broker; with ``$CREW_TEST_URL``, the command in
+    ``$CREW_TEST_RABBITMQCTL``, or None if that is not set."""
+    if not os.environ.get("CREW_TEST_URL"):
+        return ["rabbitmqctl"]
+    command = os.environ.get("CREW_TEST_RABBITMQCTL", "").strip()
+    return shlex.split(command) if command else None
 
 
 def _rabbitmqctl(*args: str) -> None:

@@ -8,7 +8,7 @@ task not run, and the worker still serving a normal call afterwards.
 
 Queue counts come from ``rabbitmqctl list_queues``, the only view that shows unacknowledged
 messages (``conftest.broker_url`` already requires it unless ``$CREW_TEST_URL`` names
-another broker).
+another broker; then ``$CREW_TEST_RABBITMQCTL`` says how to reach that broker's node).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import decimal
 import gzip
 import json
 import logging
-import os
 import pickle
 import struct
 import subprocess
@@ -34,6 +33,7 @@ import msgpack
 import pika
 import pytest
 
+from conftest import rabbitmqctl_command
 from crew import RemoteError, codec, protocol
 from crew.exceptions import MessageTooLargeError
 from crew.worker import Worker, serve_in_thread
@@ -111,11 +111,12 @@ def decode_reply(reply: tuple[pika.BasicProperties, bytes]) -> tuple[str, Any]:
 def queue_counts(broker_url: str, queue: str) -> tuple[int, int]:
     """``(messages_ready, messages_unacknowledged)`` of ``queue`` on the test vhost.
 
-    Through ``rabbitmqctl`` when the broker is this machine's; against another broker
-    (``$CREW_TEST_URL``) only the ready count can be had (a passive declare), and the
-    unacknowledged count is taken as 0.
+    Through ``rabbitmqctl`` (``conftest.rabbitmqctl_command``); against another broker
+    (``$CREW_TEST_URL``) without ``$CREW_TEST_RABBITMQCTL`` only the ready count can be had
+    (a passive declare), and the unacknowledged count is taken as 0.
     """
-    if os.environ.get("CREW_TEST_URL"):
+    rabbitmqctl = rabbitmqctl_command()
+    if rabbitmqctl is None:
         connection = pika.BlockingConnection(pika.URLParameters(broker_url))
         try:
             declared = connection.channel().queue_declare(queue, passive=True)
@@ -124,7 +125,7 @@ def queue_counts(broker_url: str, queue: str) -> tuple[int, int]:
         return declared.method.message_count, 0
     vhost = unquote(urlsplit(broker_url).path[1:]) or "/"
     done = subprocess.run(
-        ["rabbitmqctl", "-q", "-p", vhost, "list_queues", "--formatter", "json", "name",
+        [*rabbitmqctl, "-q", "-p", vhost, "list_queues", "--formatter", "json", "name",
          "messages_ready", "messages_unacknowledged"],
         check=True, capture_output=True, text=True, timeout=60)
     for row in json.loads(done.stdout or "[]"):
@@ -300,15 +301,39 @@ def test_pickled_call_is_refused_and_never_unpickled(served, raw, broker_url, ca
 
 
 def test_body_over_the_size_limit_is_refused(served, raw, broker_url, caplog):
+    """A body one byte over crew's limit is refused by the first limit it meets. RabbitMQ
+    4.x's default ``max_message_size`` is crew's 16 MiB: the broker closes the publisher's
+    channel (406) and the worker never sees the call. RabbitMQ 3.x's is 128 MiB: the call
+    is delivered and the worker refuses it with an error reply. The broker's answer to the
+    publish says which case this is; either way the worker serves on and the queue is empty.
+    """
     caplog.set_level(logging.DEBUG, logger="crew")
-    oversized = b"\x00" * (protocol.MAX_BODY_BYTES + 1)  # RabbitMQ 3.x takes up to 128 MiB
-    cid = raw.call(served["task"], oversized, content_type=MSGPACK)
-    reply = raw.wait(cid, timeout=30)
-    assert reply is not None
-    status, envelope = decode_reply(reply)
-    assert (status, envelope["type"]) == ("error", "MessageTooLargeError")
-    raw.normal_call(served["task"])
-    assert len(crew_log_lines(caplog)) == 1
+    runs_before = len(served["runs"])
+    version = raw.connection._impl.server_properties.get("version")
+    oversized = b"\x00" * (protocol.MAX_BODY_BYTES + 1)
+    try:
+        cid = raw.call(served["task"], oversized, content_type=MSGPACK)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        # The broker's limit came first (RabbitMQ 4.x by default).
+        assert exc.reply_code == 406, f"RabbitMQ {version}: {exc!r}"
+        assert "larger than configured max size" in exc.reply_text, f"RabbitMQ {version}"
+        checker = RawPublisher(broker_url)  # raw's channel is closed
+        try:
+            checker.normal_call(served["task"])
+        finally:
+            checker.close()
+        assert crew_log_lines(caplog) == []
+    else:
+        # The broker took it (RabbitMQ 3.x by default): crew's limit refuses it.
+        reply = raw.wait(cid, timeout=30)
+        assert reply is not None, f"RabbitMQ {version} took the call but no reply came"
+        status, envelope = decode_reply(reply)
+        assert (status, envelope["type"]) == ("error", "MessageTooLargeError")
+        assert "max_message_size" in envelope["message"]
+        raw.normal_call(served["task"])
+        lines = crew_log_lines(caplog)
+        assert len(lines) == 1 and cid in lines[0], lines
+    assert len(served["runs"]) == runs_before + 1, "the task ran on the oversized call"
     assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
 
 
