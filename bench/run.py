@@ -101,8 +101,10 @@ class Names:
 
     def queues(self) -> list[str]:
         tasks = [t for pair in self.crew_tasks.values() for t in pair] + [self.crew_idle]
+        # crew's workers declare the cancel stream too; it keeps its notices (and the
+        # workers' markers) for 30 minutes unless deleted.
         return ([self.raw_queue, self.raw_confirms_queue, self.raw_crew_queue, self.aio_queue,
-                 self.aio_idle]
+                 self.aio_idle, protocol.CANCEL_STREAM]
                 + [protocol.task_queue(t) for t in tasks])
 
 
