@@ -30,7 +30,7 @@ from pika.spec import Basic, BasicProperties
 
 from . import protocol
 from .amqp import Channel
-from .exceptions import BrokerError, CrewError
+from .exceptions import BrokerError, ConnectionLostError, CrewError
 
 __all__ = ["CancelFeed", "Remembered"]
 
@@ -141,14 +141,17 @@ class CancelFeed:
         channel.publish("", protocol.CANCEL_STREAM, b"", BasicProperties(
             type=protocol.MARKER_TYPE, correlation_id=self._marker, delivery_mode=1))
         channel.flush()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._caught_up), timeout)
-        except asyncio.TimeoutError:
-            log.warning("cancel notices: marker %s not read back within %.0f s; serving "
-                        "calls before every earlier notice is known", self._marker, timeout)
-        else:
+        await asyncio.wait({self._caught_up, channel.closed}, timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if channel.closed.done():
+            raise ConnectionLostError("the channel closed while the worker read the cancel "
+                                      "notices")
+        if self._caught_up.done():
             log.info("cancel notices read from %s up to marker %s", protocol.CANCEL_STREAM,
                      self._marker)
+        else:
+            log.warning("cancel notices: marker %s not read back within %.0f s; serving "
+                        "calls before every earlier notice is known", self._marker, timeout)
 
     def _on_message(self, channel: Any, method: Basic.Deliver, props: BasicProperties,
                     _body: bytes) -> None:
