@@ -16,15 +16,34 @@ from crew.amqp import Channel
 from crew.calls import CallHandler
 
 
+class Sends(list):  # type: ignore[type-arg]
+    """(thread name, whether it was sent) per reply a job thread tried to send itself. A
+    send is recorded once it returns, which can be after the caller has the reply:
+    :meth:`reach` waits for that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = threading.Condition()
+
+    def record(self, name: str, sent: bool) -> None:
+        with self.changed:
+            self.append((name, sent))
+            self.changed.notify_all()
+
+    def reach(self, count: int, timeout: float = 10.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: len(self) >= count, timeout)
+
+
 @pytest.fixture
-def thread_sends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """Every reply a job thread tried to send itself: (thread name, whether it was sent)."""
-    sends: list[tuple[str, bool]] = []
+def thread_sends(monkeypatch: pytest.MonkeyPatch) -> Sends:
+    """Every reply a job thread tried to send itself."""
+    sends = Sends()
     send = Channel.publish_and_ack_now
 
     def recorded(self: Channel, *args: Any, **kwargs: Any) -> bool:
         sent = send(self, *args, **kwargs)
-        sends.append((threading.current_thread().name, sent))
+        sends.record(threading.current_thread().name, sent)
         return sent
 
     monkeypatch.setattr(Channel, "publish_and_ack_now", recorded)
@@ -58,6 +77,7 @@ async def test_a_lone_call_is_answered_by_its_job_thread_without_waking_the_loop
     wakes = _count_loop_wakes(worker)
     for n in range(5):
         assert await client.call(f"echo.{uid}", n) == n
+    assert await asyncio.to_thread(thread_sends.reach, 6)
     assert len(thread_sends) == 6
     assert all(name.startswith("crew-job-") and sent for name, sent in thread_sends)
     assert wakes == []
@@ -89,6 +109,7 @@ async def test_with_another_call_under_way_the_loop_sends_the_reply(
     assert thread_sends == [] and wakes == [1]  # b runs still: a went out with the loop
     release["b"].set()
     assert await b == "b"
+    assert await asyncio.to_thread(thread_sends.reach, 1)
     assert [sent for _, sent in thread_sends] == [True]  # alone now: its thread sent it
 
 
