@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import threading
-from typing import Iterator
 
-import pika
 import pytest
 
 import crew
 from crew import Client, RemoteError, UnknownTaskError, codec
 from crew.worker import context
-
-
-@contextlib.contextmanager
-def raw_channel(url: str) -> Iterator[pika.adapters.blocking_connection.BlockingChannel]:
-    """A plain pika channel on the test vhost, for what crew itself would not do."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        yield connection.channel()
-    finally:
-        connection.close()
+from rawamqp import raw_channel
 
 
 @pytest.mark.gen_test(timeout=30)

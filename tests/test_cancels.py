@@ -4,11 +4,10 @@ after the cancel was sent (the notices are kept in the stream ``crew.cancels``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pika
 import pytest
@@ -16,16 +15,7 @@ import pytest
 from crew import protocol
 from crew.cancels import Remembered
 from crew.worker import Worker, serve_in_thread
-
-
-@contextlib.contextmanager
-def raw_channel(url: str) -> Iterator[Any]:
-    """A plain pika channel on the test vhost, for what crew itself would not do."""
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        yield connection.channel()
-    finally:
-        connection.close()
+from rawamqp import raw_channel
 
 
 def serve_once(broker_url: str, tasks: dict[str, Callable[[Any], Any]]) -> None:
