@@ -514,9 +514,6 @@ def targets(rows: list[dict[str, Any]], sizes: dict[str, Any]) -> list[dict[str,
          get("crew transient", "64 in flight 100 B", "calls/s", "ratio"), ">=", 0.75),
         ("crew transient 1 MB random calls/s >= 1.0x raw",
          get("crew transient", "1 MB random", "calls/s", "ratio"), ">=", 1.0),
-        ("crew transient 1 MB text faster than 1 MB random (ratio text/random)",
-         _div(get("crew transient", "1 MB text", "calls/s"),
-              get("crew transient", "1 MB random", "calls/s")), ">", 1.0),
         ("TimeoutError p99 <= 50 ms after the deadline",
          get("crew transient", "TimeoutError late", "p99 ms"), "<=", 50.0),
         ("ExpirationError p99 <= 50 ms after the deadline",
@@ -529,7 +526,9 @@ def targets(rows: list[dict[str, Any]], sizes: dict[str, Any]) -> list[dict[str,
          get("crew gateway", http, "requests/s", "ratio"), ">=", 0.5),
     ]
     mbit = sizes.get("link_mbit")
-    if mbit:  # informational: where automatic gzip pays, unlike on loopback (the line above)
+    if mbit:
+        # Where automatic gzip pays. On loopback it cannot (1 MB of text is slower than random
+        # there, as on any fast network): that target was withdrawn in issue 14.
         checks.append((
             f"(link) crew transient 1 MB text faster than 1 MB random through {mbit:g} Mbit/s "
             "links (ratio text/random)",
