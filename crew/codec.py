@@ -10,9 +10,11 @@ Decompression runs in steps and stops at :data:`~crew.protocol.MAX_DECOMPRESSED_
 gzip bomb costs little more memory than that. Every failure to read a body is a
 :class:`~crew.CodecError`, whatever the bytes.
 
-Not bounded here: the memory of the *decoded* value. Python objects are larger than their
-encoding (an empty msgpack array is one byte and a 72-byte list), so a body of many tiny
-containers can take up to about 75 times its size; see ``docs/SECURITY.md``.
+The memory of the *decoded* value is bounded by :mod:`crew.budget`: Python objects are
+larger than their encoding (an empty msgpack array is one byte and a 56-byte list), and a
+body whose containers would take more than 16 times its size plus 1 MiB is refused with
+:class:`~crew.DecodeError` while it is decoded; nothing decodes into more than 32 times its
+size plus 1 MiB. See ``docs/SECURITY.md`` §4.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from . import protocol
+from . import budget, protocol
 from .exceptions import DecodeError, EncodeError, MessageTooLargeError
 
 __all__ = ["decode", "encode", "error_envelope", "parse_error_envelope"]
@@ -185,14 +187,36 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
         raise DecodeError(f"unsupported content encoding {content_encoding!r}")
     try:
         if kind == protocol.MSGPACK:
-            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+            return _unpack(body)
+        return _load_json(body)
     except DecodeError:
         raise
-    except (ValueError, TypeError, RecursionError) as exc:
+    except RecursionError:
+        raise DecodeError(f"malformed {kind} body: nested too deep") from None
+    except (ValueError, TypeError) as exc:
         # msgpack raises ExtraData, FormatError, StackError (all ValueError), UnicodeDecodeError
         # and TypeError (unhashable map keys); json raises ValueError and RecursionError.
+        if isinstance(exc, msgpack.StackError):
+            raise DecodeError(f"malformed {kind} body: nested too deep") from None
         raise DecodeError(f"malformed {kind} body: {type(exc).__name__}: {exc}") from None
+
+
+def _unpack(body: bytes | bytearray) -> Any:
+    """msgpack, within the decode budget (:mod:`crew.budget`) when it could exceed it."""
+    if not budget.msgpack_needs_meter(body):
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    meter = budget.Meter.for_msgpack(body)
+    return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
+                           list_hook=meter.container, object_hook=meter.container)
+
+
+def _load_json(body: bytes | bytearray) -> Any:
+    """JSON, within the decode budget (:mod:`crew.budget`) when it could exceed it."""
+    if not budget.json_needs_meter(body):
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    meter = budget.Meter.for_json(body)
+    return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float,
+                      object_hook=meter.container)
 
 
 def error_envelope(exc: BaseException, with_traceback: bool = True) -> dict[str, str]:
