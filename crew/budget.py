@@ -30,7 +30,7 @@ from typing import Any, Final
 from .exceptions import DecodeError
 
 __all__ = ["DECODE_BOUND_FACTOR", "DECODE_FACTOR", "DECODE_FLOOR", "Meter", "UNCOUNTED_BYTES",
-           "bound", "json_needs_meter", "msgpack_needs_meter"]
+           "bound", "json_needs_meter", "msgpack_needs_meter", "value_bound"]
 
 #: Bytes of containers a body may decode into, per byte of body (after gzip)...
 DECODE_FACTOR: Final = 16
@@ -70,6 +70,23 @@ def budget(size: int) -> int:
 def bound(size: int) -> int:
     """The most that decoding a body of ``size`` bytes can cost, everything included."""
     return DECODE_BOUND_FACTOR * size + DECODE_FLOOR
+
+
+def value_bound(first: bytes, size: int, kind: str) -> int:
+    """The most memory a body of ``size`` bytes, starting with ``first``, decodes into while
+    it is decoded: :func:`bound`, or 4 bytes per byte plus 1 KiB for a single string, number
+    or bytes (UTF-8 into a 4-byte-per-character str at worst). JSON adds the text it is
+    read from (:func:`json.loads` makes a str of the bytes first, up to 4 bytes per byte)."""
+    text = 4 * size if kind == "application/json" else 0
+    if size <= UNCOUNTED_BYTES:
+        return text + 72 * size + 1024
+    if not first:
+        return text + bound(size)
+    if kind == "application/json":
+        scalar = first[0] in _JSON_SCALAR_STARTS
+    else:
+        scalar = first[0] not in _MSGPACK_CONTAINERS
+    return text + (4 * size + 1024 if scalar else bound(size))
 
 
 def msgpack_needs_meter(body: bytes | bytearray) -> bool:

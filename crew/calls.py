@@ -25,14 +25,16 @@ import inspect
 import logging
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 from pika.spec import Basic, BasicProperties
 
-from . import protocol
+from . import codec, protocol
 from .amqp import Channel
-from .exceptions import ConnectionLostError, EncodeError, JobKilled
+from .exceptions import ConnectionLostError, EncodeError, JobKilled, MessageTooLargeError
 from .jobs import Job, Reply
+from .memory import MemoryGate
 from .pool import JobThreads
 from .registry import TaskFunction
 
@@ -76,6 +78,8 @@ class CallHandler:
         self._sent: list[Job] = []
         self._finished_lock = threading.Lock()
         self._finished_scheduled = False
+        #: What the calls being served may hold decoded, against the worker's max_memory.
+        self._memory = MemoryGate(worker.max_memory)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve calls on ``loop``, the loop that owns the worker's connection."""
@@ -162,9 +166,21 @@ class CallHandler:
                 "type": "ExpirationError", "message": "deadline passed before a worker "
                 f"started the call ({-remaining:.3f} s ago)", "traceback": ""}))
             return
+        cost = codec.decode_memory(job.body, job.content_type, job.content_encoding)
+        if cost > self._memory.limit:
+            refusal = MessageTooLargeError(
+                f"decoding this call may take up to {cost >> 20} MiB, more than this worker's "
+                f"memory ceiling of {self._memory.limit >> 20} MiB (--max-memory)")
+            log.warning("call %r to %s refused: %s", job.correlation_id, job.task, refusal)
+            self._answer(job, job.error_reply(refusal, with_traceback=False))
+            return
         self._jobs[job.key] = job
         self.idle.clear()  # type: ignore[union-attr]  # set by start()
         job.timer = self._loop.call_later(remaining, self._on_deadline, job)  # type: ignore
+        self._memory.admit(job.key, cost, partial(self._start, job, is_async))
+
+    def _start(self, job: Job, is_async: bool) -> None:
+        """Run a call that has its memory reserved: in a job thread, or as a coroutine."""
         if is_async:
             job.coroutine = self._loop.create_task(self._run_coroutine(job))  # type: ignore
         else:
@@ -304,8 +320,10 @@ class CallHandler:
         if state == "ended":
             return  # it ended just now: its thread answers it
         if state == "pending":
+            waited_for = ("memory" if self._memory.is_waiting(job.key)
+                          else "a job thread")
             reply = job.encode_reply(protocol.STATUS_EXPIRED, {
-                "type": "ExpirationError", "message": "deadline passed before a job thread "
+                "type": "ExpirationError", "message": f"deadline passed before {waited_for} "
                 "was free", "traceback": ""})
         else:
             log.warning("job %s of task %s interrupted at its deadline", job.correlation_id,
@@ -371,7 +389,9 @@ class CallHandler:
         job.answered = True
         if job.timer is not None:
             job.timer.cancel()
-        self._jobs.pop(job.key, None)
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
+            self._memory.release(job.key)  # may start calls that waited for memory
         if not self._jobs and self.idle is not None:
             self.idle.set()
 
@@ -407,8 +427,12 @@ class CallHandler:
         self.channel = None
 
     def requeue_waiting(self) -> None:
-        """Return the calls whose job waits for a thread to their queues (graceful stop)."""
+        """Return the calls whose job waits for memory or a thread to their queues
+        (graceful stop). Those waiting for memory go first: requeuing the others frees
+        memory, which would start them."""
         self._settle_sent()
+        for job in [job for job in self._jobs.values() if self._memory.is_waiting(job.key)]:
+            self._requeue(job)
         for job in self._threads.drain_pending():
             self._requeue(job)
 

@@ -182,7 +182,8 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
     if kind is None:
         raise DecodeError(f"unsupported content type {content_type!r}")
     if content_encoding == protocol.GZIP:
-        body = gzip_decompress(body)
+        # The declared size bounds what the worker reserved for this call (decode_memory).
+        body = gzip_decompress(body, min(gzip_declared_size(body), protocol.MAX_DECOMPRESSED_BYTES))
     elif content_encoding not in (None, "", "identity"):
         raise DecodeError(f"unsupported content encoding {content_encoding!r}")
     try:
@@ -217,6 +218,32 @@ def _load_json(body: bytes | bytearray) -> Any:
     meter = budget.Meter.for_json(body)
     return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float,
                       object_hook=meter.container)
+
+
+def gzip_declared_size(body: bytes) -> int:
+    """The size a gzip body says it inflates to (its trailer's ISIZE: the size modulo 2**32,
+    exact below 4 GiB). Anyone can write any value there: :func:`decode` refuses a body that
+    inflates to more. 0 if the body is too short to be gzip."""
+    return int.from_bytes(body[-4:], "little") if len(body) >= 18 else 0
+
+
+def decode_memory(body: bytes, content_type: str | None,
+                  content_encoding: str | None = None) -> int:
+    """The most memory that decoding ``body`` can hold at once, in bytes: the body, its
+    inflated copy and the value (:func:`crew.budget.value_bound`). Cheap: reads the gzip
+    trailer, and the first inflated byte at most; never raises."""
+    if content_encoding != protocol.GZIP:
+        size, first = len(body), body[:1]
+        held = size
+    else:
+        size = min(gzip_declared_size(body), protocol.MAX_DECOMPRESSED_BYTES)
+        try:
+            first = zlib.decompressobj(_GZIP_WBITS).decompress(body[:4096], 1)
+        except zlib.error:
+            first = b""
+        held = len(body) + size
+    kind = protocol.CONTENT_TYPES.get(content_type or "", protocol.MSGPACK)
+    return held + budget.value_bound(first, size, kind)
 
 
 def error_envelope(exc: BaseException, with_traceback: bool = True) -> dict[str, str]:
