@@ -12,8 +12,10 @@ or for JSON lists, which have no hook, 64 bytes per ``[`` counted before decodin
 is not counted one by one is bounded by the bytes themselves: every scalar except a few
 short kinds (small negative integers and 2-4 byte strings in msgpack, whose excess is
 counted before decoding, for every byte that could start one) costs at most 16 bytes per
-byte of its encoding, its slot included. So decoding never holds more than :data:`DECODE_BOUND_FACTOR` times the body
-plus the floor, whatever the bytes (``tests/test_budget.py`` measures every shape).
+byte of its encoding, its slot included. So decoding never holds more than
+:data:`DECODE_BOUND_FACTOR` times the body plus the floor, whatever the bytes (plus, for
+JSON, the str that :func:`json.loads` first makes of the text); ``tests/test_budget.py``
+measures every shape.
 
 Bodies that cannot reach the budget skip all of this: bodies of at most
 :data:`UNCOUNTED_BYTES` (72 bytes per byte is below the floor) and bodies whose top-level
@@ -118,7 +120,7 @@ class Meter:
         that could start one counts as one (it may be payload; the count is an upper bound)."""
         meter = cls(len(body), "msgpack")
         dear = body.translate(None, _NOT_DEAR)
-        if dear:
+        if dear:  # 24 for each (_DEAR_EXCESS), 16 more for 0xA2, 16 less for 0xD0 and 0xA4
             meter.charge(24 * len(dear) + 16 * len(dear.translate(None, _NOT_40))
                          - 16 * len(dear.translate(None, _NOT_8)))
         return meter

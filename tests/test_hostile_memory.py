@@ -17,7 +17,6 @@ import functools
 import logging
 import struct
 import threading
-import uuid
 import zlib
 from typing import Any, Iterator
 
