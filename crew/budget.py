@@ -7,7 +7,7 @@ about 72 times its size once decoded (``docs/SECURITY.md`` §4 has the measureme
 value, and raises :class:`~crew.DecodeError` as soon as the value is over budget.
 
 The budget of a body of ``n`` bytes (after gzip) is ``DECODE_FACTOR * n + DECODE_FLOOR``
-for the containers (lists and dicts, counted with ``sys.getsizeof`` as each is completed,
+for the containers (lists and dicts, counted at their ``sys.getsizeof`` as each is completed,
 or for JSON lists, which have no hook, 64 bytes per ``[`` counted before decoding). What
 is not counted one by one is bounded by the bytes themselves: every scalar except a few
 short kinds (small negative integers and 2-4 byte strings in msgpack, whose excess is
@@ -102,17 +102,59 @@ def json_needs_meter(body: bytes | bytearray) -> bool:
     return len(body) > UNCOUNTED_BYTES and body[0] not in _JSON_SCALAR_STARTS
 
 
+def _dict_sizes(count: int) -> tuple[int, ...]:
+    """``sys.getsizeof`` of a dict after 0, 1, ... ``count - 1`` insertions, as the decoders
+    build theirs (one key at a time, no presizing), with bytes keys: their entries are
+    larger than those of all-str-key dicts, so the sizes bound both."""
+    sizes, value = [], {}
+    for key in range(count):
+        sizes.append(sys.getsizeof(value))
+        value[bytes([key])] = None
+    return tuple(sizes)
+
+
+#: Dict sizes by length, looked up rather than asked of ``sys.getsizeof`` (a third of the
+#: meter's cost per container).
+_DICT_SIZES: Final = _dict_sizes(128)
+#: A list of n items as msgpack makes it (``PyList_New(n)``): header and n slots.
+_LIST_HEADER: Final = sys.getsizeof([])
+
+
 class Meter:
     """Counts the containers of one value as a decoder builds it; over budget, raises
-    :class:`~crew.DecodeError`. Its hooks return what they are given."""
+    :class:`~crew.DecodeError`. :attr:`on_list` and :attr:`on_dict` are the decoders'
+    hooks: closures, the cheapest Python call, as they run once per container."""
 
-    __slots__ = ("left", "size", "kind")
+    __slots__ = ("size", "kind", "on_list", "on_dict", "_charge")
 
     def __init__(self, size: int, kind: str) -> None:
-        #: Bytes still allowed.
-        self.left = budget(size)
         self.size = size
         self.kind = kind
+        left = budget(size)
+
+        def charge(cost: int) -> None:
+            nonlocal left
+            left -= cost
+            if left < 0:
+                self._refuse()
+
+        def on_list(value: list[Any], len: Any = len) -> list[Any]:
+            nonlocal left
+            left -= _LIST_HEADER + 8 * len(value)
+            if left < 0:
+                self._refuse()
+            return value
+
+        def on_dict(value: dict[Any, Any], len: Any = len, sizes: Any = _DICT_SIZES,
+                    getsizeof: Any = sys.getsizeof) -> dict[Any, Any]:
+            nonlocal left
+            count = len(value)
+            left -= sizes[count] if count < 128 else getsizeof(value)
+            if left < 0:
+                self._refuse()
+            return value
+
+        self._charge, self.on_list, self.on_dict = charge, on_list, on_dict
 
     @classmethod
     def for_msgpack(cls, body: bytes | bytearray) -> "Meter":
@@ -134,17 +176,12 @@ class Meter:
         return meter
 
     def charge(self, cost: int) -> None:
-        self.left -= cost
-        if self.left < 0:
-            raise DecodeError(
-                f"{self.kind} body of {self.size} bytes decodes into more than "
-                f"{budget(self.size)} bytes of Python objects (the limit is "
-                f"{DECODE_FACTOR} times the body plus {DECODE_FLOOR // 1024} KiB): too many "
-                f"small containers or values")
+        """Count ``cost`` bytes; raise :class:`~crew.DecodeError` once over budget."""
+        self._charge(cost)
 
-    def container(self, value: Any) -> Any:
-        """``list_hook``/``object_hook``: count a finished list or dict."""
-        self.left -= sys.getsizeof(value)
-        if self.left < 0:
-            self.charge(0)
-        return value
+    def _refuse(self) -> None:
+        raise DecodeError(
+            f"{self.kind} body of {self.size} bytes decodes into more than "
+            f"{budget(self.size)} bytes of Python objects (the limit is "
+            f"{DECODE_FACTOR} times the body plus {DECODE_FLOOR // 1024} KiB): too many "
+            f"small containers or values")

@@ -208,7 +208,7 @@ def _unpack(body: bytes | bytearray) -> Any:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
     meter = budget.Meter.for_msgpack(body)
     return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
-                           list_hook=meter.container, object_hook=meter.container)
+                           list_hook=meter.on_list, object_hook=meter.on_dict)
 
 
 def _load_json(body: bytes | bytearray) -> Any:
@@ -217,7 +217,7 @@ def _load_json(body: bytes | bytearray) -> Any:
         return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     meter = budget.Meter.for_json(body)
     return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float,
-                      object_hook=meter.container)
+                      object_hook=meter.on_dict)
 
 
 def gzip_declared_size(body: bytes) -> int:

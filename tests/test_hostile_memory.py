@@ -183,11 +183,11 @@ async def test_crafted_replies_and_pubsub_messages_do_not_reach_a_client(
                             if k not in ("correlation_id", "reply_to")})
               for name, body, props in hostile_bodies() if name in CLIENT_SHAPES]
     task = f"hold.{uid}"
-    started, release = threading.Event(), threading.Event()
+    started, release = threading.Event(), threading.Semaphore(0)
 
     def hold(x: Any) -> Any:
         started.set()
-        release.wait(60)
+        release.acquire(timeout=60)  # one release per call
         return x
 
     make_worker({task: hold})
@@ -211,11 +211,9 @@ async def test_crafted_replies_and_pubsub_messages_do_not_reach_a_client(
                 headers={"crew-status": "ok"}, **props))
             with pytest.raises(CodecError):
                 await pending
-            release.set()  # the true reply comes late, and is dropped
-            await asyncio.sleep(0.2)
-            release.clear()
+            release.release()  # the true reply comes late, and is dropped
     finally:
-        release.set()
+        release.release()
         await loop.run_in_executor(None, publisher.close)
     assert got == []
     dropped = [line for line in crew_log_lines(caplog) if "pubsub message" in line]
