@@ -76,7 +76,7 @@ def main() -> None:
 
     for name, (body, content_type, encoding) in bodies().items():
         micros = per_call(lambda: codec.decode(body, content_type, encoding), args.rounds)
-        print(f"{name:24s} {len(body):>9d} B  {micros:10.1f} us")
+        print(f"{name:24s} {len(body):>9d} B  {micros:10.2f} us")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ _GZIP_WBITS = 31
 _INFLATE_STEP = 1024 * 1024
 #: Longest message or traceback kept in an envelope that could not be encoded as it was.
 _MAX_ENVELOPE_TEXT = 64 * 1024
+#: Bodies this small skip the decode budget (read here: the hot path is one comparison).
+_UNCOUNTED_BYTES = budget.UNCOUNTED_BYTES
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
@@ -196,7 +198,7 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
         raise DecodeError(f"malformed {kind} body: nested too deep") from None
     except (ValueError, TypeError) as exc:
         # msgpack raises ExtraData, FormatError, StackError (all ValueError), UnicodeDecodeError
-        # and TypeError (unhashable map keys); json raises ValueError and RecursionError.
+        # and TypeError (unhashable map keys); json raises ValueError (and RecursionError).
         if isinstance(exc, msgpack.StackError):
             raise DecodeError(f"malformed {kind} body: nested too deep") from None
         raise DecodeError(f"malformed {kind} body: {type(exc).__name__}: {exc}") from None
@@ -204,7 +206,7 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
 
 def _unpack(body: bytes | bytearray) -> Any:
     """msgpack, within the decode budget (:mod:`crew.budget`) when it could exceed it."""
-    if not budget.msgpack_needs_meter(body):
+    if len(body) <= _UNCOUNTED_BYTES or not budget.msgpack_needs_meter(body):
         return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
     meter = budget.Meter.for_msgpack(body)
     return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
@@ -213,7 +215,7 @@ def _unpack(body: bytes | bytearray) -> Any:
 
 def _load_json(body: bytes | bytearray) -> Any:
     """JSON, within the decode budget (:mod:`crew.budget`) when it could exceed it."""
-    if not budget.json_needs_meter(body):
+    if len(body) <= _UNCOUNTED_BYTES or not budget.json_needs_meter(body):
         return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     meter = budget.Meter.for_json(body)
     return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float,
