@@ -32,7 +32,8 @@ from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
 from .amqp import Channel
-from .exceptions import ConnectionLostError, EncodeError, JobKilled, MessageTooLargeError
+from .exceptions import (ConnectionLostError, CrewError, EncodeError, JobKilled,
+                         MessageTooLargeError)
 from .jobs import Job, Reply
 from .memory import MemoryGate
 from .pool import JobThreads
@@ -80,6 +81,9 @@ class CallHandler:
         self._finished_scheduled = False
         #: What the calls being served may hold decoded, against the worker's max_memory.
         self._memory = MemoryGate(worker.max_memory)
+        #: Set while the channel's prefetch is lowered because calls wait for memory.
+        self._holding_back = False
+        self._qos_tasks: set[asyncio.Task[None]] = set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve calls on ``loop``, the loop that owns the worker's connection."""
@@ -177,7 +181,36 @@ class CallHandler:
         self._jobs[job.key] = job
         self.idle.clear()  # type: ignore[union-attr]  # set by start()
         job.timer = self._loop.call_later(remaining, self._on_deadline, job)  # type: ignore
-        self._memory.admit(job.key, cost, partial(self._start, job, is_async))
+        if not self._memory.admit(job.key, cost, partial(self._start, job, is_async)):
+            self._hold_back_deliveries()
+
+    def _hold_back_deliveries(self) -> None:
+        """Calls wait for memory: lower the channel's prefetch to the calls running, so that
+        the broker keeps the next calls for other workers (or for this one, once the waiting
+        calls have started) instead of delivering them here to wait too."""
+        if not self._holding_back and self.channel is not None:
+            self._holding_back = True
+            self._set_prefetch(max(1, self._memory.started))
+
+    def _resume_deliveries(self) -> None:
+        """No call waits for memory any more: the worker's own prefetch again."""
+        if self._holding_back and not self._memory.waiting and self.channel is not None:
+            self._holding_back = False
+            self._set_prefetch(self._worker.concurrency)
+
+    def _set_prefetch(self, count: int) -> None:
+        channel = self.channel
+
+        async def qos() -> None:
+            try:
+                await channel.qos(count, global_qos=True)  # type: ignore[union-attr]
+            except CrewError:  # the channel closed: a new one gets the worker's prefetch
+                pass
+
+        # Issued in order on one channel, so the last one set wins.
+        task = self._loop.create_task(qos())  # type: ignore[union-attr]
+        self._qos_tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._qos_tasks.discard)
 
     def _start(self, job: Job, is_async: bool) -> None:
         """Run a call that has its memory reserved: in a job thread, or as a coroutine."""
@@ -392,6 +425,7 @@ class CallHandler:
         if self._jobs.get(job.key) is job:
             del self._jobs[job.key]
             self._memory.release(job.key)  # may start calls that waited for memory
+            self._resume_deliveries()
         if not self._jobs and self.idle is not None:
             self.idle.set()
 
@@ -425,6 +459,7 @@ class CallHandler:
             job.watch.abandon(JobKilled)
             self._forget(job)
         self.channel = None
+        self._holding_back = False  # a new channel starts with the worker's own prefetch
 
     def requeue_waiting(self) -> None:
         """Return the calls whose job waits for memory or a thread to their queues

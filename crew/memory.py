@@ -5,7 +5,8 @@ Each call reserves, before it is decoded, the most its decoding can hold at once
 starts only while the reservations of the calls already started leave room for its own under
 ``limit``, or when no other call holds any (so that any call that fits the ceiling alone
 runs in the end). The others wait, in order of delivery, holding only their undecoded
-body; the broker keeps every call beyond the prefetch (= concurrency). A call's reservation
+body; the broker keeps every call beyond the prefetch (= concurrency), and the worker lowers
+its prefetch while calls wait (see :class:`crew.calls.CallHandler`). A call's reservation
 is released when it is answered, dropped or requeued.
 
 What a task allocates itself is not counted: the ceiling covers what crew holds for calls.
@@ -51,6 +52,16 @@ class MemoryGate:
             next_key, next_cost, start = self._waiting.popleft()
             self._reserve(next_key, next_cost)
             start()
+
+    @property
+    def started(self) -> int:
+        """How many calls hold a reservation."""
+        return len(self._held)
+
+    @property
+    def waiting(self) -> int:
+        """How many calls wait for room."""
+        return len(self._waiting)
 
     def is_waiting(self, key: Hashable) -> bool:
         return any(entry[0] == key for entry in self._waiting)

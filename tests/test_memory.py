@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
+import subprocess
 import threading
+import time
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import msgpack
 import pytest
@@ -124,3 +128,54 @@ async def test_a_call_waiting_for_memory_expires_at_its_deadline(make_worker, cl
     finally:
         release.set()
     assert await first == 3_000_000
+
+
+def _worker_prefetch(broker_url: str) -> list[int]:
+    """The global prefetch of every consuming channel with one, on the test's vhost: a
+    crew worker's task channel (rabbitmqctl lists the channels of every vhost)."""
+    vhost = unquote(urlsplit(broker_url).path[1:]) or "/"
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", "list_channels", "--formatter", "json", "vhost",
+         "global_prefetch_count", "consumer_count"],
+        check=True, capture_output=True, text=True, timeout=60)
+    return [int(row["global_prefetch_count"]) for row in json.loads(done.stdout or "[]")
+            if row["vhost"] == vhost and row["consumer_count"] and row["global_prefetch_count"]]
+
+
+def _prefetch_becomes(broker_url: str, expected: list[int], timeout: float = 20.0) -> list[int]:
+    """Ask rabbitmqctl (which cannot notify) until the worker's prefetch is ``expected``."""
+    end = time.monotonic() + timeout
+    while (seen := _worker_prefetch(broker_url)) != expected and time.monotonic() < end:
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.mark.skipif(bool(os.environ.get("CREW_TEST_URL")), reason="needs rabbitmqctl")
+@pytest.mark.gen_test(timeout=90)
+async def test_while_calls_wait_for_memory_the_broker_keeps_the_next_ones(
+        make_worker, client, broker_url, uid):
+    """A call waits for memory: the worker's prefetch drops to the calls running (1), so
+    the broker keeps the next calls for other workers; once nothing waits, it is back to
+    the concurrency (4)."""
+    task = f"hold.{uid}"
+    started, release = threading.Semaphore(0), threading.Semaphore(0)
+
+    def hold(x: Any) -> int:
+        started.release()
+        release.acquire(timeout=30)
+        return len(x)
+
+    make_worker({task: hold}, concurrency=4, max_memory=MIN_MAX_MEMORY)
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, _prefetch_becomes, broker_url, [4]) == [4]
+    value = [1] * 3_000_000  # about 100 MiB reserved each: the second must wait
+    calls = [asyncio.ensure_future(client.call(task, value, gzip=False, expiration=60))
+             for _ in range(2)]
+    try:
+        assert await loop.run_in_executor(None, started.acquire, True, 10)
+        assert await loop.run_in_executor(None, _prefetch_becomes, broker_url, [1]) == [1]
+    finally:
+        release.release()
+        release.release()
+    assert await asyncio.gather(*calls) == [3_000_000, 3_000_000]
+    assert await loop.run_in_executor(None, _prefetch_becomes, broker_url, [4]) == [4]
