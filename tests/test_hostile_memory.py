@@ -32,7 +32,7 @@ MiB = 1024 * 1024
 WIRE = protocol.MAX_BODY_BYTES
 #: What the README promises a worker holds at most with the default settings: its memory
 #: ceiling, the undecoded bodies of the calls in its prefetch (one per job slot), and the
-#: process's own baseline (interpreter, pika, crew, job threads: about 40 MiB measured),
+#: process's own baseline (interpreter, pika, crew, job threads: about 30 MiB at start),
 #: with a margin.
 CONCURRENCY = 4
 DOCUMENTED_BOUND = DEFAULT_MAX_MEMORY + CONCURRENCY * WIRE + 128 * MiB
