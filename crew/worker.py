@@ -50,8 +50,8 @@ DEFAULT_MAX_STUCK = 4
 #: Default seconds running jobs get to finish on a graceful stop.
 DEFAULT_GRACE = 30.0
 #: Default memory ceiling, in bytes, of what a worker reserves for the calls it decodes and
-#: runs (see crew.memory): any call that crew accepts on the wire up to 16 MiB, and a gzip
-#: body of up to 30 MiB inflated, whatever it holds, fits it.
+#: runs (see crew.memory): any body of up to 16 MiB as sent, and any gzip body that inflates
+#: to at most 30 MiB (27 MiB of JSON), fits it whatever it holds.
 DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
 #: The smallest ceiling accepted: a 16 MiB body of strings or bytes must fit.
 MIN_MAX_MEMORY = 128 * 1024 * 1024
