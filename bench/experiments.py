@@ -35,6 +35,8 @@ gateway's calls).
   ``sendmsg`` per reply instead of one per batch, and no wake-up of the loop.
 - ``pikacodec``: the reverse of a candidate, to measure what crew has: the frames of calls,
   replies and acks encoded and decoded by pika's own codec, as before ``crew/wire.py``.
+- ``nobudget``: the reverse of issue 21: bodies decoded without the decode budget, and a
+  worker that reserves nothing for its calls (no memory ceiling), as before.
 """
 
 from __future__ import annotations
@@ -125,10 +127,30 @@ def _pikacodec() -> None:
     wire.decode = lambda buffer, offset, end: None  # every frame to pika's decode_frame
 
 
+def _nobudget() -> None:
+    """The reverse of issue 21: no decode budget and no memory ceiling, as before."""
+    import json
+
+    import msgpack
+
+    from crew import codec
+
+    def unpack(body: Any) -> Any:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=codec._refuse_ext)
+
+    def load_json(body: Any) -> Any:
+        return json.loads(body, parse_constant=codec._refuse_constant,
+                          parse_float=codec._finite_float)
+
+    codec._unpack = unpack
+    codec._load_json = load_json
+    codec.decode_memory = lambda body, content_type, content_encoding=None: 0
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "arena": _arena, "mmap": _mmap, "switch": _switch, "asyncecho": _asyncecho,
     "nogzip": _nogzip, "huffman": _huffman, "isal": _isal, "directall": _directall,
-    "pikacodec": _pikacodec,
+    "pikacodec": _pikacodec, "nobudget": _nobudget,
 }
 
 

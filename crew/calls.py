@@ -26,15 +26,18 @@ import inspect
 import logging
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 from pika.spec import Basic, BasicProperties
 
-from . import protocol
+from . import codec, protocol
 from .amqp import Channel
 from .cancels import Key, Remembered
-from .exceptions import ConnectionLostError, EncodeError, JobKilled
+from .exceptions import (ConnectionLostError, CrewError, EncodeError, JobKilled,
+                         MessageTooLargeError)
 from .jobs import Job, Reply
+from .memory import MemoryGate
 from .pool import JobThreads
 from .registry import TaskFunction
 
@@ -77,6 +80,11 @@ class CallHandler:
         self._sent: list[Job] = []
         self._finished_lock = threading.Lock()
         self._finished_scheduled = False
+        #: What the calls being served may hold decoded, against the worker's max_memory.
+        self._memory = MemoryGate(worker.max_memory)
+        #: Set while the channel's prefetch is lowered because calls wait for memory.
+        self._holding_back = False
+        self._qos_tasks: set[asyncio.Task[None]] = set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve calls on ``loop``, the loop that owns the worker's connection."""
@@ -163,9 +171,50 @@ class CallHandler:
                 "type": "ExpirationError", "message": "deadline passed before a worker "
                 f"started the call ({-remaining:.3f} s ago)", "traceback": ""}))
             return
+        cost = codec.decode_memory(job.body, job.content_type, job.content_encoding)
+        if cost > self._memory.limit:
+            refusal = MessageTooLargeError(
+                f"decoding this call may take up to {cost >> 20} MiB, more than this worker's "
+                f"memory ceiling of {self._memory.limit >> 20} MiB (--max-memory)")
+            log.warning("call %r to %s refused: %s", job.correlation_id, job.task, refusal)
+            self._answer(job, job.error_reply(refusal, with_traceback=False))
+            return
         self._jobs[job.key] = job
         self.idle.clear()  # type: ignore[union-attr]  # set by start()
         job.timer = self._loop.call_later(remaining, self._on_deadline, job)  # type: ignore
+        if not self._memory.admit(job.key, cost, partial(self._start, job, is_async)):
+            self._hold_back_deliveries()
+
+    def _hold_back_deliveries(self) -> None:
+        """Calls wait for memory: lower the channel's prefetch to the calls running, so that
+        the broker keeps the next calls for other workers (or for this one, once the waiting
+        calls have started) instead of delivering them here to wait too."""
+        if not self._holding_back and self.channel is not None:
+            self._holding_back = True
+            self._set_prefetch(max(1, self._memory.started))
+
+    def _resume_deliveries(self) -> None:
+        """No call waits for memory any more: the worker's own prefetch again."""
+        if self._holding_back and not self._memory.waiting and self.channel is not None:
+            self._holding_back = False
+            self._set_prefetch(self._worker.concurrency)
+
+    def _set_prefetch(self, count: int) -> None:
+        channel = self.channel
+
+        async def qos() -> None:
+            try:
+                await channel.qos(count, global_qos=True)  # type: ignore[union-attr]
+            except CrewError:  # the channel closed: a new one gets the worker's prefetch
+                pass
+
+        # Issued in order on one channel, so the last one set wins.
+        task = self._loop.create_task(qos())  # type: ignore[union-attr]
+        self._qos_tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._qos_tasks.discard)
+
+    def _start(self, job: Job, is_async: bool) -> None:
+        """Run a call that has its memory reserved: in a job thread, or as a coroutine."""
         if is_async:
             job.coroutine = self._loop.create_task(self._run_coroutine(job))  # type: ignore
         else:
@@ -287,8 +336,10 @@ class CallHandler:
         if state == "ended":
             return  # it ended just now: its thread answers it
         if state == "pending":
+            waited_for = ("memory" if self._memory.is_waiting(job.key)
+                          else "a job thread")
             reply = job.encode_reply(protocol.STATUS_EXPIRED, {
-                "type": "ExpirationError", "message": "deadline passed before a job thread "
+                "type": "ExpirationError", "message": f"deadline passed before {waited_for} "
                 "was free", "traceback": ""})
         else:
             log.warning("job %s of task %s interrupted at its deadline", job.correlation_id,
@@ -356,7 +407,10 @@ class CallHandler:
         job.answered = True
         if job.timer is not None:
             job.timer.cancel()
-        self._jobs.pop(job.key, None)
+        if self._jobs.get(job.key) is job:
+            del self._jobs[job.key]
+            self._memory.release(job.key)  # may start calls that waited for memory
+            self._resume_deliveries()
         if not self._jobs and self.idle is not None:
             self.idle.set()
 
@@ -390,10 +444,15 @@ class CallHandler:
             job.watch.abandon(JobKilled)
             self._forget(job)
         self.channel = None
+        self._holding_back = False  # a new channel starts with the worker's own prefetch
 
     def requeue_waiting(self) -> None:
-        """Return the calls whose job waits for a thread to their queues (graceful stop)."""
+        """Return the calls whose job waits for memory or a thread to their queues
+        (graceful stop). Those waiting for memory go first: requeuing the others frees
+        memory, which would start them."""
         self._settle_sent()
+        for job in [job for job in self._jobs.values() if self._memory.is_waiting(job.key)]:
+            self._requeue(job)
         for job in self._threads.drain_pending():
             self._requeue(job)
 

@@ -47,6 +47,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-stuck", type=int, default=4,
                         help="stuck job threads tolerated before the process drains and exits "
                              "with status 3 for a restart (default 4)")
+    parser.add_argument("--max-memory", type=int, default=1024, metavar="MiB",
+                        help="memory ceiling for the calls being served, undecoded, inflated "
+                             "and decoded; calls beyond it wait (default 1024 MiB, at least "
+                             "128)")
     add_logging_arguments(parser)
     return parser
 
@@ -110,7 +114,7 @@ def serve(tasks: Mapping[str, Any], settings: Mapping[str, Any],
         worker = Worker(tasks, broker=broker_from_options(options, "crew-worker"),
                         concurrency=options.concurrency, max_priority=options.max_priority,
                         settings=settings, options=options, max_stuck=options.max_stuck,
-                        grace=options.grace)
+                        grace=options.grace, max_memory=options.max_memory * 1024 * 1024)
     except (TypeError, ValueError) as exc:
         log.error("%s", exc)
         return 2

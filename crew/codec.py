@@ -10,9 +10,11 @@ Decompression runs in steps and stops at :data:`~crew.protocol.MAX_DECOMPRESSED_
 gzip bomb costs little more memory than that. Every failure to read a body is a
 :class:`~crew.CodecError`, whatever the bytes.
 
-Not bounded here: the memory of the *decoded* value. Python objects are larger than their
-encoding (an empty msgpack array is one byte and a 72-byte list), so a body of many tiny
-containers can take up to about 75 times its size; see ``docs/SECURITY.md``.
+The memory of the *decoded* value is bounded by :mod:`crew.budget`: Python objects are
+larger than their encoding (an empty msgpack array is one byte and a 56-byte list), and a
+body whose containers would take more than 16 times its size plus 1 MiB is refused with
+:class:`~crew.DecodeError` while it is decoded; nothing decodes into more than 32 times its
+size plus 1 MiB. See ``docs/SECURITY.md`` §4.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from . import protocol
+from . import budget, protocol
 from .exceptions import DecodeError, EncodeError, MessageTooLargeError
 
 __all__ = ["decode", "encode", "error_envelope", "parse_error_envelope"]
@@ -42,6 +44,8 @@ _GZIP_WBITS = 31
 _INFLATE_STEP = 1024 * 1024
 #: Longest message or traceback kept in an envelope that could not be encoded as it was.
 _MAX_ENVELOPE_TEXT = 64 * 1024
+#: Bodies this small skip the decode budget (read here: the hot path is one comparison).
+_UNCOUNTED_BYTES = budget.UNCOUNTED_BYTES
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
@@ -182,19 +186,68 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
     if kind is None:
         raise DecodeError(f"unsupported content type {content_type!r}")
     if content_encoding == protocol.GZIP:
-        body = gzip_decompress(body)
+        # The declared size bounds what the worker reserved for this call (decode_memory).
+        body = gzip_decompress(body, min(gzip_declared_size(body), protocol.MAX_DECOMPRESSED_BYTES))
     elif content_encoding not in (None, "", "identity"):
         raise DecodeError(f"unsupported content encoding {content_encoding!r}")
     try:
         if kind == protocol.MSGPACK:
-            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
-        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+            return _unpack(body)
+        return _load_json(body)
     except DecodeError:
         raise
-    except (ValueError, TypeError, RecursionError) as exc:
+    except RecursionError:
+        raise DecodeError(f"malformed {kind} body: nested too deep") from None
+    except (ValueError, TypeError) as exc:
         # msgpack raises ExtraData, FormatError, StackError (all ValueError), UnicodeDecodeError
-        # and TypeError (unhashable map keys); json raises ValueError and RecursionError.
+        # and TypeError (unhashable map keys); json raises ValueError (and RecursionError).
+        if isinstance(exc, msgpack.StackError):
+            raise DecodeError(f"malformed {kind} body: nested too deep") from None
         raise DecodeError(f"malformed {kind} body: {type(exc).__name__}: {exc}") from None
+
+
+def _unpack(body: bytes | bytearray) -> Any:
+    """msgpack, within the decode budget (:mod:`crew.budget`) when it could exceed it."""
+    if len(body) <= _UNCOUNTED_BYTES or not budget.msgpack_needs_meter(body):
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    meter = budget.Meter.for_msgpack(body)
+    return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
+                           list_hook=meter.on_list, object_hook=meter.on_dict)
+
+
+def _load_json(body: bytes | bytearray) -> Any:
+    """JSON, within the decode budget (:mod:`crew.budget`) when it could exceed it."""
+    if len(body) <= _UNCOUNTED_BYTES or not budget.json_needs_meter(body):
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    meter = budget.Meter.for_json(body)
+    return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float,
+                      object_hook=meter.on_dict)
+
+
+def gzip_declared_size(body: bytes) -> int:
+    """The size a gzip body says it inflates to (its trailer's ISIZE: the size modulo 2**32,
+    exact below 4 GiB). Anyone can write any value there: :func:`decode` refuses a body that
+    inflates to more. 0 if the body is too short to be gzip."""
+    return int.from_bytes(body[-4:], "little") if len(body) >= 18 else 0
+
+
+def decode_memory(body: bytes, content_type: str | None,
+                  content_encoding: str | None = None) -> int:
+    """The most memory that decoding ``body`` can hold at once, in bytes: the body, its
+    inflated copy and the value (:func:`crew.budget.value_bound`). Cheap: reads the gzip
+    trailer, and the first inflated byte at most; never raises."""
+    if content_encoding != protocol.GZIP:
+        size, first = len(body), body[:1]
+        held = size
+    else:
+        size = min(gzip_declared_size(body), protocol.MAX_DECOMPRESSED_BYTES)
+        try:
+            first = zlib.decompressobj(_GZIP_WBITS).decompress(body[:4096], 1)
+        except zlib.error:
+            first = b""
+        held = len(body) + size
+    kind = protocol.CONTENT_TYPES.get(content_type or "", protocol.MSGPACK)
+    return held + budget.value_bound(first, size, kind)
 
 
 def error_envelope(exc: BaseException, with_traceback: bool = True) -> dict[str, str]:

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
+from . import codec, protocol
+from .exceptions import CodecError
+
 if TYPE_CHECKING:
     from .client import Client
 
@@ -100,10 +103,13 @@ class BodyHandler(JSONHandler):
             413, "BodyTooLarge", f"the body is over {self.settings['max_body']} bytes"), None))
 
     def json_body(self) -> Any:
-        """The body as JSON (an empty body is ``null``), or 400 BadJSON."""
+        """The body as JSON (an empty body is ``null``), or 400 BadJSON. Read by crew's
+        codec, within its decode budget: a body of tiny containers is refused like bad JSON."""
+        if not self.body.strip():
+            return None
         try:
-            return json.loads(self.body) if self.body.strip() else None
-        except ValueError as exc:
+            return codec.decode(self.body, protocol.JSON)
+        except CodecError as exc:
             raise Refused(400, "BadJSON", f"the body is not JSON: {exc}") from None
 
 

@@ -50,6 +50,12 @@ _default_registry = tasks
 DEFAULT_MAX_STUCK = 4
 #: Default seconds running jobs get to finish on a graceful stop.
 DEFAULT_GRACE = 30.0
+#: Default memory ceiling, in bytes, of what a worker reserves for the calls it decodes and
+#: runs (see crew.memory): any body of up to 16 MiB as sent, and any gzip body that inflates
+#: to at most 30 MiB (27 MiB of JSON), fits it whatever it holds.
+DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
+#: The smallest ceiling accepted: a 16 MiB body of strings or bytes must fit.
+MIN_MAX_MEMORY = 128 * 1024 * 1024
 
 
 class Publisher:
@@ -82,13 +88,17 @@ class Worker:
     of the task queues (must match every other worker's). ``settings``: what jobs see as
     ``context.settings``. ``max_stuck``: stuck job threads tolerated before the worker drains
     and exits (see :mod:`crew.pool`). ``grace``: seconds running jobs get on a graceful stop.
+    ``max_memory``: bytes the calls being served may hold undecoded, inflated and decoded
+    (see :mod:`crew.memory`); a call that could need more alone is refused with
+    :class:`~crew.MessageTooLargeError`.
     """
 
     def __init__(self, tasks: Mapping[str, TaskFunction] | None = None, *,
                  broker: BrokerSettings | str | None = None, concurrency: int = 1,
                  max_priority: int = protocol.DEFAULT_QUEUE_MAX_PRIORITY,
                  settings: Mapping[str, Any] | None = None, options: Any = None,
-                 max_stuck: int = DEFAULT_MAX_STUCK, grace: float = DEFAULT_GRACE) -> None:
+                 max_stuck: int = DEFAULT_MAX_STUCK, grace: float = DEFAULT_GRACE,
+                 max_memory: int = DEFAULT_MAX_MEMORY) -> None:
         registry = _default_registry if tasks is None else tasks
         if not registry:
             raise ValueError("a worker needs at least one task")
@@ -100,6 +110,9 @@ class Worker:
             raise ValueError(f"max_stuck must be an int >= 0, got {max_stuck!r}")
         if not grace >= 0:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
+        if not isinstance(max_memory, int) or max_memory < MIN_MAX_MEMORY:
+            raise ValueError(f"max_memory must be an int of at least {MIN_MAX_MEMORY} bytes "
+                             f"(128 MiB), got {max_memory!r}")
         self.tasks = dict(registry)
         self.broker = (broker if isinstance(broker, BrokerSettings)
                        else BrokerSettings.from_url(broker))
@@ -107,6 +120,7 @@ class Worker:
         self.max_priority = protocol.validate_max_priority(max_priority)
         self.max_stuck = max_stuck
         self.grace = grace
+        self.max_memory = max_memory
         self.uuid = _uuid.uuid4().hex
         self.settings = Settings(**dict(settings or {}), uuid=self.uuid, options=options)
         self.pubsub = Publisher(self)

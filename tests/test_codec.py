@@ -222,7 +222,7 @@ def test_malformed_msgpack_is_a_decode_error(body):
         codec.decode(body, MSGPACK)
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b'{"a":}', b"[1,]", b"\xff\xfe", b"[" * 100_000])
+@pytest.mark.parametrize("body", [b"", b"{", b'{"a":}', b"[1,]", b"\xff\xfe", b"[" * 10_000])
 def test_malformed_json_is_a_decode_error(body):
     with pytest.raises(DecodeError, match="malformed"):
         codec.decode(body, JSON)

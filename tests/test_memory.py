@@ -1,0 +1,181 @@
+"""The worker's memory ceiling: crew.memory.MemoryGate and crew.codec.decode_memory (no
+broker), then a worker whose ceiling makes calls wait, refuses what cannot fit, and expires
+what waited too long."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import subprocess
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import msgpack
+import pytest
+
+from crew import ExpirationError, RemoteError, budget, codec
+from crew.memory import MemoryGate
+from crew.worker import MIN_MAX_MEMORY, Worker
+
+MiB = 1024 * 1024
+MSGPACK, JSON = "application/msgpack", "application/json"
+
+
+def test_calls_start_while_they_fit_and_wait_in_order_after():
+    gate, started = MemoryGate(100), []
+    assert gate.admit("a", 60, lambda: started.append("a"))
+    assert not gate.admit("b", 50, lambda: started.append("b"))
+    assert not gate.admit("c", 10, lambda: started.append("c"))  # fits, but b came first
+    assert started == ["a"] and gate.is_waiting("b") and gate.is_waiting("c")
+    gate.release("a")
+    assert started == ["a", "b", "c"] and gate.reserved == 60
+
+
+def test_a_call_alone_starts_whatever_it_needs_and_released_waiters_leave():
+    gate, started = MemoryGate(100), []
+    assert gate.admit("a", 100, lambda: started.append("a"))
+    assert not gate.admit("b", 100, lambda: started.append("b"))
+    gate.release("b")  # b no longer waits (cancelled, expired, requeued)
+    assert not gate.is_waiting("b")
+    gate.release("a")
+    assert started == ["a"] and gate.reserved == 0
+
+
+def test_decode_memory_of_the_benchmark_bodies_is_small():
+    assert codec.decode_memory(msgpack.packb(bytes(100)), MSGPACK) < 64 * 1024
+    one_mb = msgpack.packb(bytes(1_000_000))
+    assert codec.decode_memory(one_mb, MSGPACK) <= 5 * len(one_mb) + 1024
+    text = gzip.compress(msgpack.packb("word " * 200_000))
+    inflated = len(msgpack.packb("word " * 200_000))
+    assert codec.decode_memory(text, MSGPACK, "gzip") == len(text) + 5 * inflated + 1024
+
+
+def test_decode_memory_of_containers_is_the_budget_bound():
+    body = msgpack.packb([[]] * 1_000_000)
+    assert codec.decode_memory(body, MSGPACK) == len(body) + budget.bound(len(body))
+    text = json.dumps([[]] * 1_000_000).encode()
+    assert codec.decode_memory(text, JSON) == 5 * len(text) + budget.bound(len(text))
+
+
+def test_gzip_is_reserved_by_its_declared_size_and_held_to_it():
+    inflated = msgpack.packb([[]] * 2_000_000)
+    body = bytearray(gzip.compress(inflated))
+    assert codec.decode_memory(bytes(body), MSGPACK, "gzip") == (
+        len(body) + len(inflated) + budget.bound(len(inflated)))
+    body[-4:] = (100).to_bytes(4, "little")  # a lie: 100 bytes
+    with pytest.raises(codec.MessageTooLargeError, match="more than 100 bytes"):
+        codec.decode(bytes(body), MSGPACK, "gzip")
+
+
+def test_max_memory_is_checked():
+    with pytest.raises(ValueError, match="max_memory"):
+        Worker({"t": lambda x: x}, broker="amqp://localhost", max_memory=MIN_MAX_MEMORY - 1)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_calls_over_the_ceiling_wait_their_turn_and_one_too_big_is_refused(
+        make_worker, client, uid):
+    """Ceiling 128 MiB; a call of 3 MB of small ints may take about 100 MiB to decode (the
+    bound of a body with a list at the top): one at a time, though the worker has four job
+    slots. A 6 MB body of empty lists (about 200 MiB) cannot fit at all: refused at once."""
+    task = f"hold.{uid}"
+    running, most, lock = [0], [0], threading.Lock()
+    pause = threading.Event()
+
+    def hold(x: Any) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        pause.wait(0.3)  # long enough for the other calls to be delivered meanwhile
+        with lock:
+            running[0] -= 1
+        return len(x)
+
+    make_worker({task: hold}, concurrency=4, max_memory=MIN_MAX_MEMORY)
+    value = [1] * 3_000_000
+    assert codec.decode_memory(msgpack.packb(value), MSGPACK) > MIN_MAX_MEMORY // 2
+    results = await asyncio.gather(*(client.call(task, value, gzip=False, expiration=30)
+                                     for _ in range(4)))
+    assert results == [3_000_000] * 4
+    assert most[0] == 1, "calls that did not fit the ceiling together ran at once"
+    with pytest.raises(RemoteError) as info:
+        await client.call(task, [[]] * 6_000_000, gzip=False, expiration=30)
+    assert info.value.type == "MessageTooLargeError"
+    assert "memory ceiling of 128 MiB" in info.value.message
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_call_waiting_for_memory_expires_at_its_deadline(make_worker, client, uid):
+    task = f"hold.{uid}"
+    started, release = threading.Event(), threading.Event()
+
+    def hold(x: Any) -> int:
+        started.set()
+        release.wait(20)
+        return len(x)
+
+    make_worker({task: hold}, concurrency=2, max_memory=MIN_MAX_MEMORY)
+    value = [1] * 3_000_000  # about 100 MiB reserved each: the second must wait
+    first = asyncio.ensure_future(client.call(task, value, gzip=False, expiration=30))
+    assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    try:
+        with pytest.raises(ExpirationError, match="before memory was free"):
+            await client.call(task, value, gzip=False, expiration=2)
+    finally:
+        release.set()
+    assert await first == 3_000_000
+
+
+def _worker_prefetch(broker_url: str) -> list[int]:
+    """The global prefetch of every consuming channel with one, on the test's vhost: a
+    crew worker's task channel (rabbitmqctl lists the channels of every vhost)."""
+    vhost = unquote(urlsplit(broker_url).path[1:]) or "/"
+    done = subprocess.run(
+        ["rabbitmqctl", "-q", "list_channels", "--formatter", "json", "vhost",
+         "global_prefetch_count", "consumer_count"],
+        check=True, capture_output=True, text=True, timeout=60)
+    return [int(row["global_prefetch_count"]) for row in json.loads(done.stdout or "[]")
+            if row["vhost"] == vhost and row["consumer_count"] and row["global_prefetch_count"]]
+
+
+def _prefetch_becomes(broker_url: str, expected: list[int], timeout: float = 20.0) -> list[int]:
+    """Ask rabbitmqctl (which cannot notify) until the worker's prefetch is ``expected``."""
+    end = time.monotonic() + timeout
+    while (seen := _worker_prefetch(broker_url)) != expected and time.monotonic() < end:
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.mark.skipif(bool(os.environ.get("CREW_TEST_URL")), reason="needs rabbitmqctl")
+@pytest.mark.gen_test(timeout=90)
+async def test_while_calls_wait_for_memory_the_broker_keeps_the_next_ones(
+        make_worker, client, broker_url, uid):
+    """A call waits for memory: the worker's prefetch drops to the calls running (1), so
+    the broker keeps the next calls for other workers; once nothing waits, it is back to
+    the concurrency (4)."""
+    task = f"hold.{uid}"
+    started, release = threading.Semaphore(0), threading.Semaphore(0)
+
+    def hold(x: Any) -> int:
+        started.release()
+        release.acquire(timeout=30)
+        return len(x)
+
+    make_worker({task: hold}, concurrency=4, max_memory=MIN_MAX_MEMORY)
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, _prefetch_becomes, broker_url, [4]) == [4]
+    value = [1] * 3_000_000  # about 100 MiB reserved each: the second must wait
+    calls = [asyncio.ensure_future(client.call(task, value, gzip=False, expiration=60))
+             for _ in range(2)]
+    try:
+        assert await loop.run_in_executor(None, started.acquire, True, 10)
+        assert await loop.run_in_executor(None, _prefetch_becomes, broker_url, [1]) == [1]
+    finally:
+        release.release()
+        release.release()
+    assert await asyncio.gather(*calls) == [3_000_000, 3_000_000]
+    assert await loop.run_in_executor(None, _prefetch_becomes, broker_url, [4]) == [4]
