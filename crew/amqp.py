@@ -329,6 +329,16 @@ def backoff(first: float = 0.25, cap: float = 15.0) -> Iterator[float]:
         delay = min(cap, delay * 2)
 
 
+#: AMQP reply code of a declare whose durable queue lives on a node that is down or still
+#: starting (after a restart, streams and quorum queues come back after the listener).
+NOT_FOUND = 404
+
+
+def unavailable(error: BrokerError, what: str) -> ConnectionLostError:
+    """The retryable error for a 404 on declaring ``what``: its node is down or starting."""
+    return ConnectionLostError(f"{what} is not available yet: {error.text}")
+
+
 class Stopped(Exception):
     """A stop was requested while connecting."""
 

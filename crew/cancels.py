@@ -11,6 +11,11 @@ so every worker reads every notice:
   "end of stream", so it writes a marker of its own to the stream and waits to read it back.
 - Then it follows the stream as notices come. If the broker cancels that consumer (the
   stream was deleted, or its node went away), the worker declares and reads it again.
+- A worker never waits for the stream to serve calls: while it is unavailable (RabbitMQ
+  3.10 can take long to recover a stream after its node was killed) the worker follows
+  the notices live, from a queue of its own, as crew did before the stream, and tries the
+  stream again every minute. Only notices sent while no worker of the call's task was
+  connected can then be missed.
 
 :class:`Remembered` keeps the notices of calls not (yet) delivered to this worker until
 their deadlines; :class:`CancelFeed` reads the stream and hands each notice to the worker's
@@ -29,10 +34,10 @@ from typing import Any, Callable
 from pika.spec import Basic, BasicProperties
 
 from . import protocol
-from .amqp import Channel
+from .amqp import NOT_FOUND, Channel, Connection
 from .exceptions import BrokerError, ConnectionLostError, CrewError
 
-__all__ = ["CancelFeed", "Remembered"]
+__all__ = ["CancelFeed", "Remembered", "StreamUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 MAX_REMEMBERED_CANCELS = 100_000
 #: Seconds a worker waits to read its marker back before it serves calls all the same.
 CATCH_UP_TIMEOUT = 30.0
+#: Seconds between tries of the stream while notices are followed live only.
+STREAM_RETRY = 60.0
 #: Unacknowledged notices the broker sends ahead: a stream consumer needs a prefetch limit.
 _PREFETCH = 1000
 
@@ -47,6 +54,10 @@ _PREFETCH = 1000
 Key = tuple[str, str]
 #: ``on_cancel(key, deadline_ms)``: deadline_ms is None when the notice carries none.
 OnCancel = Callable[[Key, "int | None"], None]
+
+
+class StreamUnavailable(ConnectionLostError):
+    """The cancel stream's node is down, or has not recovered the stream yet."""
 
 
 class Remembered:
@@ -104,29 +115,68 @@ class Remembered:
 
 
 class CancelFeed:
-    """Reads :data:`~crew.protocol.CANCEL_STREAM` on ``channel`` and calls ``on_cancel``
-    (on the loop) for each notice; ``name`` makes the markers of this worker unique."""
+    """Follows the cancel notices for a worker on a channel of its own of ``connection``,
+    calling ``on_cancel`` (on the loop) for each; ``name`` makes its markers unique.
 
-    def __init__(self, channel: Channel, on_cancel: OnCancel, name: str) -> None:
-        self._channel = channel
+    From :data:`~crew.protocol.CANCEL_STREAM` when it can. While the stream is unavailable
+    (a 404: its node is down, or has not recovered it since a restart), from an exclusive
+    queue bound to ``crew.control``, which brings only the notices sent from then on; the
+    stream is tried again every :data:`STREAM_RETRY` seconds. A channel that closes under
+    it, or a consumer the broker cancels, is replaced; the worker's calls go on meanwhile.
+    """
+
+    def __init__(self, connection: Connection, on_cancel: OnCancel, name: str) -> None:
+        self._connection = connection
         self._on_cancel = on_cancel
         self._name = name
         self._markers = itertools.count(1)
         self._marker = ""
         self._caught_up: asyncio.Future[None] | None = None
-        #: The re-read started after the broker cancelled the consumer, while under way.
+        self._channel: Channel | None = None
+        #: Whether notices come from the stream (else live only, from a queue of its own).
+        self.from_stream = False
+        self._closed = False
+        #: The follow started again after a loss, or a retry of the stream, under way.
         self._again: asyncio.Task[None] | None = None
-        channel.on_cancel(self._on_broker_cancel)
+        self._retry: asyncio.TimerHandle | None = None
 
     async def start(self, timeout: float = CATCH_UP_TIMEOUT) -> None:
-        """Declare and bind the stream, read it from the longest deadline ago, and return
-        once every notice sent before now was handed over (or after ``timeout``, logged)."""
-        channel = self._channel
+        """Follow the notices: from the stream, returning once every notice sent before
+        now was handed over (or after ``timeout``, logged); else live only (logged)."""
+        channel = await self._connection.channel()
+        try:
+            await self._read_stream(channel, timeout)
+        except StreamUnavailable as exc:
+            log.warning("cancel notices: %s; following those sent from now on only, and "
+                        "trying the stream again in %.0f s", exc, STREAM_RETRY)
+            channel = await self._connection.channel()
+            await self._follow_live(channel)
+            self._retry = asyncio.get_running_loop().call_later(
+                STREAM_RETRY, self._restart, "to read the stream again")
+        self._channel = channel
+        channel.on_cancel(lambda _frame: self._restart(
+            "after the broker cancelled their consumer (queue deleted, or its node went away)",
+            logging.WARNING))
+        channel.closed.add_done_callback(
+            lambda _closed: self._restart("on a new channel", logging.WARNING))
+
+    def close(self) -> None:
+        """Stop following (the worker stops): nothing is started again."""
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._again is not None:
+            self._again.cancel()
+
+    async def _read_stream(self, channel: Channel, timeout: float) -> None:
         try:
             await channel.qos(_PREFETCH)  # per consumer: streams refuse a global prefetch
             await channel.declare_queue(protocol.CANCEL_STREAM, durable=True,
                                         arguments=protocol.cancel_stream_arguments())
         except BrokerError as exc:
+            if exc.code == NOT_FOUND:
+                raise StreamUnavailable(f"the stream {protocol.CANCEL_STREAM} is not "
+                                        f"available: {exc.text}") from None
             raise BrokerError(
                 f"cannot declare the stream {protocol.CANCEL_STREAM}: {exc.text}. It exists "
                 "with other arguments (delete it), or streams are off on this broker "
@@ -134,27 +184,34 @@ class CancelFeed:
                 exc.text) from None
         await channel.bind(protocol.CANCEL_STREAM, protocol.CONTROL_EXCHANGE)
         self._marker = f"{self._name}.{next(self._markers)}"
-        self._caught_up = asyncio.get_running_loop().create_future()
+        caught_up = self._caught_up = asyncio.get_running_loop().create_future()
         since = datetime.fromtimestamp(time.time() - protocol.MAX_EXPIRATION, timezone.utc)
-        await channel.consume(protocol.CANCEL_STREAM, self._on_message,
+        await channel.consume(protocol.CANCEL_STREAM, self._on_stream_message,
                               arguments={"x-stream-offset": since})
         channel.publish("", protocol.CANCEL_STREAM, b"", BasicProperties(
             type=protocol.MARKER_TYPE, correlation_id=self._marker, delivery_mode=1))
         channel.flush()
-        await asyncio.wait({self._caught_up, channel.closed}, timeout=timeout,
+        await asyncio.wait({caught_up, channel.closed}, timeout=timeout,
                            return_when=asyncio.FIRST_COMPLETED)
         if channel.closed.done():
             raise ConnectionLostError("the channel closed while the worker read the cancel "
                                       "notices")
-        if self._caught_up.done():
+        self.from_stream = True
+        if caught_up.done():
             log.info("cancel notices read from %s up to marker %s", protocol.CANCEL_STREAM,
                      self._marker)
         else:
             log.warning("cancel notices: marker %s not read back within %.0f s; serving "
                         "calls before every earlier notice is known", self._marker, timeout)
 
-    def _on_message(self, channel: Any, method: Basic.Deliver, props: BasicProperties,
-                    _body: bytes) -> None:
+    async def _follow_live(self, channel: Channel) -> None:
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await channel.bind(queue, protocol.CONTROL_EXCHANGE)
+        await channel.consume(queue, self._on_live_message, auto_ack=True)
+        self.from_stream = False
+
+    def _on_stream_message(self, channel: Any, method: Basic.Deliver,
+                           props: BasicProperties, _body: bytes) -> None:
         # A stream counts acknowledgements as credit for more; they delete nothing.
         channel.basic_ack(method.delivery_tag)
         if props.type == protocol.MARKER_TYPE:
@@ -162,6 +219,10 @@ class CancelFeed:
             if props.correlation_id == self._marker and caught_up and not caught_up.done():
                 caught_up.set_result(None)
             return  # another worker's marker, or an old one of ours
+        self._on_live_message(channel, method, props, _body)
+
+    def _on_live_message(self, _channel: Any, _method: Basic.Deliver,
+                         props: BasicProperties, _body: bytes) -> None:
         if (props.type != protocol.CANCEL_TYPE or not isinstance(props.correlation_id, str)
                 or not isinstance(props.reply_to, str) or not props.correlation_id
                 or not props.reply_to):
@@ -172,16 +233,21 @@ class CancelFeed:
             deadline = None
         self._on_cancel((props.reply_to, props.correlation_id), deadline)
 
-    def _on_broker_cancel(self, _frame: Any) -> None:
-        if self._again is not None and not self._again.done():
+    def _restart(self, why: str, level: int = logging.INFO) -> None:
+        """Follow again on a new channel (the old one, if open, is closed first)."""
+        if (self._closed or not self._connection.is_open
+                or (self._again is not None and not self._again.done())):
             return
-        log.warning("the broker cancelled the reading of %s (deleted, or its node went "
-                    "away); reading it again", protocol.CANCEL_STREAM)
+        if self._retry is not None:
+            self._retry.cancel()
+        log.log(level, "cancel notices: following them again %s", why)
         self._again = asyncio.ensure_future(self._start_again())
 
     async def _start_again(self) -> None:
+        old, self._channel = self._channel, None
         try:
+            if old is not None and old.is_open:
+                await old.close()
             await self.start()
-        except CrewError as exc:  # the channel is gone too: the worker reconnects
-            log.warning("cancel notices: could not read %s again: %s",
-                        protocol.CANCEL_STREAM, exc)
+        except CrewError as exc:  # the connection is going: the worker reconnects
+            log.warning("cancel notices: could not follow them again: %s", exc)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from pika.spec import BasicProperties
 
 from . import codec, protocol
-from .amqp import Channel, Connection, Stopped, connect_retrying
+from .amqp import NOT_FOUND, Connection, Stopped, connect_retrying, unavailable
 from .calls import CallHandler
 from .cancels import CancelFeed
 from .context import context
@@ -126,8 +126,8 @@ class Worker:
         self.pubsub = Publisher(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connection: Connection | None = None
-        #: The channel that reads cancel notices, set by :meth:`_setup`.
-        self._control: Channel | None = None
+        #: What follows the cancel notices on the current connection, set by :meth:`_setup`.
+        self._cancel_feed: CancelFeed | None = None
         self._consumers: list[str] = []
         self._calls = CallHandler(self, self._call_in_loop, self._on_too_many_stuck)
         self._stop_requested: asyncio.Event | None = None
@@ -175,8 +175,6 @@ class Worker:
         # (406); the connection stays up and the worker would otherwise serve nothing.
         self._calls.channel.closed.add_done_callback(  # type: ignore[union-attr]  # by _setup
             partial(self._on_lost, connection, "task channel"))
-        self._control.closed.add_done_callback(  # type: ignore[union-attr]  # by _setup
-            partial(self._on_lost, connection, "cancel notice channel"))
         log.info("worker %s serving %s on %s (concurrency %d)", self.uuid,
                  ", ".join(sorted(self.tasks)), self.broker.safe_url, self.concurrency)
 
@@ -205,6 +203,8 @@ class Worker:
             try:
                 await channel.declare_queue(queue, durable=True, arguments=arguments)
             except BrokerError as exc:
+                if exc.code == NOT_FOUND:  # its node restarts: connect_retrying tries again
+                    raise unavailable(exc, queue) from None
                 raise BrokerError(
                     f"cannot declare {queue}: {exc.text}. It exists with other arguments; every "
                     f"worker of a task must use the same max_priority (this one: "
@@ -212,9 +212,8 @@ class Worker:
         # Cancel notices get a channel of their own: the task channel's prefetch limit
         # holds back every delivery on it while jobs run. They are read up to now before
         # any call is taken, so that a notice sent while no worker ran still holds.
-        control = await connection.channel()
-        await CancelFeed(control, self._calls.on_cancel, self.uuid).start()
-        self._control = control
+        self._cancel_feed = CancelFeed(connection, self._calls.on_cancel, self.uuid)
+        await self._cancel_feed.start()
         for name, func in self.tasks.items():
             on_message = self._calls.consumer(name, func)
             self._consumers.append(await channel.consume(protocol.task_queue(name), on_message))
@@ -279,6 +278,8 @@ class Worker:
         await self._wait_for_jobs(grace)
         self._calls.requeue_running()
         self._calls.close()
+        if self._cancel_feed is not None:
+            self._cancel_feed.close()
         if self._connection is not None:
             await self._connection.close()
         log.info("worker %s stopped", self.uuid)
@@ -312,6 +313,8 @@ class Worker:
         log.error("worker %s lost its broker %s: %s; reconnecting", self.uuid, what,
                   fut.result())
         self._calls.channel_lost()
+        if self._cancel_feed is not None:
+            self._cancel_feed.close()
         self._consumers.clear()
         self._lost.set()
 

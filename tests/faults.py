@@ -85,8 +85,10 @@ class PrivateBroker(PrivateNode):
         rows = json.loads(self.ctl("list_queues", "--formatter", "json", "name", "type",
                                    "messages_ready", "messages_unacknowledged", "consumers")
                           or "[]")
+        # A stream that is down lists as rabbit_stream_queue, with no counts.
         return [(r["name"], int(r["messages_ready"]), int(r["messages_unacknowledged"]),
-                 int(r["consumers"])) for r in rows if r["type"] != "stream"]
+                 int(r["consumers"])) for r in rows
+                if r["type"] not in ("stream", "rabbit_stream_queue")]
 
     def connections(self) -> list[tuple[str, str]]:
         """Every client connection as ``(pid, connection_name)``.
