@@ -57,15 +57,26 @@ async def test_calls_waiting_when_the_worker_stops_expire(make_worker, client, u
         return x
 
     worker = make_worker({f"stop.{uid}": work}, concurrency=1)
+    consumers_cancelled = threading.Event()
+    cancel_consumers = worker._cancel_consumers
+
+    async def cancelling() -> None:
+        await cancel_consumers()
+        consumers_cancelled.set()
+
+    worker._cancel_consumers = cancelling
     running = asyncio.ensure_future(client.call(f"stop.{uid}", "running", expiration=20))
     assert await asyncio.to_thread(busy.wait, 10)
     waiting = asyncio.ensure_future(client.call(f"stop.{uid}", "waiting", expiration=2))
     await asyncio.sleep(0.2)
-    worker.request_stop(grace=0)  # the running call goes back to its queue
-    release.set()
+    worker.request_stop(grace=10)
+    # Released only once the worker takes no more calls: a job that ended before the stop
+    # began would free its slot for "waiting" (on RabbitMQ 4.3 under load, 1 run in 4).
+    assert await asyncio.to_thread(consumers_cancelled.wait, 10)
+    release.set()  # within the grace: answered, so "waiting" is first in the queue
+    assert await running == "running"
     with pytest.raises(ExpirationError):
         await waiting
-    running.cancel()
 
 
 @pytest.mark.gen_test(timeout=60)
