@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 import subprocess
 import threading
 import time
@@ -15,11 +14,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import msgpack
+import pika
 import pytest
 
 from crew import ExpirationError, RemoteError, budget, codec
 from crew.memory import MemoryGate
 from crew.worker import MIN_MAX_MEMORY, Worker
+from conftest import rabbitmqctl_command
 
 MiB = 1024 * 1024
 MSGPACK, JSON = "application/msgpack", "application/json"
@@ -134,8 +135,10 @@ def _worker_prefetch(broker_url: str) -> list[int]:
     """The global prefetch of every consuming channel with one, on the test's vhost: a
     crew worker's task channel (rabbitmqctl lists the channels of every vhost)."""
     vhost = unquote(urlsplit(broker_url).path[1:]) or "/"
+    rabbitmqctl = rabbitmqctl_command()
+    assert rabbitmqctl, "set CREW_TEST_RABBITMQCTL for the broker of CREW_TEST_URL"
     done = subprocess.run(
-        ["rabbitmqctl", "-q", "list_channels", "--formatter", "json", "vhost",
+        [*rabbitmqctl, "-q", "list_channels", "--formatter", "json", "vhost",
          "global_prefetch_count", "consumer_count"],
         check=True, capture_output=True, text=True, timeout=60)
     return [int(row["global_prefetch_count"]) for row in json.loads(done.stdout or "[]")
@@ -150,13 +153,28 @@ def _prefetch_becomes(broker_url: str, expected: list[int], timeout: float = 20.
     return seen
 
 
-@pytest.mark.skipif(bool(os.environ.get("CREW_TEST_URL")), reason="needs rabbitmqctl")
+def _broker_major(broker_url: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        version = connection._impl.server_properties.get("version", b"0")
+    finally:
+        connection.close()
+    text = version.decode() if isinstance(version, bytes) else str(version)
+    return int(text.split(".")[0])
+
+
 @pytest.mark.gen_test(timeout=90)
 async def test_while_calls_wait_for_memory_the_broker_keeps_the_next_ones(
         make_worker, client, broker_url, uid):
     """A call waits for memory: the worker's prefetch drops to the calls running (1), so
     the broker keeps the next calls for other workers; once nothing waits, it is back to
     the concurrency (4)."""
+    if _broker_major(broker_url) >= 4:
+        # Not silent: listed in the summary (-ra). The worker lowers a global prefetch,
+        # which RabbitMQ 4.x no longer permits by default (it applies it per consumer, to
+        # new consumers only) and whose count 4.x's rabbitmqctl does not list: issue 16
+        # replaces global prefetch, and this test with it.
+        pytest.skip("RabbitMQ 4.x: no global prefetch to lower (issue 16)")
     task = f"hold.{uid}"
     started, release = threading.Semaphore(0), threading.Semaphore(0)
 
