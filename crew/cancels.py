@@ -249,5 +249,8 @@ class CancelFeed:
             if old is not None and old.is_open:
                 await old.close()
             await self.start()
-        except CrewError as exc:  # the connection is going: the worker reconnects
+        except CrewError as exc:
             log.warning("cancel notices: could not follow them again: %s", exc)
+            if not self._closed and self._connection.is_open:  # else the worker reconnects
+                self._retry = asyncio.get_running_loop().call_later(
+                    STREAM_RETRY, self._restart, "after a failed try")
