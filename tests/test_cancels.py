@@ -56,15 +56,20 @@ async def cancel(call: asyncio.Future[Any]) -> None:
         await call
 
 
+async def queue_and_cancel(client: Any, broker_url: str, task: str) -> None:
+    """Call ``task`` with "cancelled", wait until the call is in its queue, cancel it."""
+    call = asyncio.ensure_future(client.call(task, "cancelled", expiration=60))
+    await queued(broker_url, task, 1)
+    await cancel(call)
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_a_call_cancelled_while_no_worker_runs_never_starts_on_a_later_worker(
         make_worker, client, broker_url, uid):
     task = f"work.{uid}"
     ran, work = recorder()
     serve_once(broker_url, {task: work})
-    call = asyncio.ensure_future(client.call(task, "cancelled", expiration=60))
-    await queued(broker_url, task, 1)
-    await cancel(call)  # the notice goes out; no worker is there to read it
+    await queue_and_cancel(client, broker_url, task)  # no worker is there to read the notice
     await asyncio.sleep(5)  # the case of issue 14: a worker starts 5 s later
     make_worker({task: work}, concurrency=1)
     # Queued behind the cancelled call: answered only once that one was dealt with.
@@ -87,9 +92,7 @@ async def test_a_starting_worker_reads_every_earlier_notice_before_it_takes_a_ca
             channel.basic_publish(protocol.CONTROL_EXCHANGE, "", b"", pika.BasicProperties(
                 type=protocol.CANCEL_TYPE, correlation_id=f"other.{n}", reply_to="nobody",
                 headers={protocol.DEADLINE_HEADER: deadline}))
-    call = asyncio.ensure_future(client.call(task, "cancelled", expiration=60))
-    await queued(broker_url, task, 1)
-    await cancel(call)
+    await queue_and_cancel(client, broker_url, task)
     worker = make_worker({task: work}, concurrency=1)
     assert await client.call(task, "probe", expiration=10) == "probe"
     assert ran == ["probe"]
