@@ -71,8 +71,8 @@ class CallHandler:
         self.idle: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._jobs: dict[tuple[str, str], Job] = {}
-        #: Cancel notices of calls not delivered (yet); made by :meth:`start`.
-        self._cancelled: Remembered | None = None
+        #: Cancel notices of calls not delivered (yet).
+        self._cancelled = Remembered()
         self._threads = JobThreads(worker.concurrency, f"crew-job-{worker.uuid[:6]}",
                                    self._thread_done)
         self._finished: list[tuple[Job, Reply]] = []
@@ -91,7 +91,6 @@ class CallHandler:
         self._loop = loop
         self.idle = asyncio.Event()
         self.idle.set()
-        self._cancelled = Remembered(loop)
 
     @property
     def serving(self) -> int:
@@ -148,7 +147,7 @@ class CallHandler:
             channel.ack(method.delivery_tag)
             return True
         key = (reply_to, correlation_id)
-        if self._cancelled is not None and self._cancelled.take(key):
+        if self._cancelled.take(key):
             log.info("call %r to %s was cancelled before it started; dropped",
                      correlation_id, name)
             channel.ack(method.delivery_tag)
@@ -233,7 +232,7 @@ class CallHandler:
         self._settle_sent()
         job = self._jobs.get(key)
         if job is None:
-            self._cancelled.add(key, deadline_ms)  # type: ignore[union-attr]  # by start()
+            self._cancelled.add(key, deadline_ms)
             return
         if self._abandon(job) == "ended":
             return  # it ended just now: its thread answers it
@@ -469,8 +468,7 @@ class CallHandler:
     def close(self) -> None:
         """Let idle job threads exit and forget the remembered cancel notices."""
         self._threads.close()
-        if self._cancelled is not None:
-            self._cancelled.clear()
+        self._cancelled.clear()
 
 
 def _sendable(job: Job, headers: dict[str, Any]) -> dict[str, Any]:

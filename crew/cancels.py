@@ -65,12 +65,10 @@ class Remembered:
 
     At most ``limit`` at once: past it the oldest is forgotten (its call may then run if
     it is delivered later; its caller ignores the reply), and that is logged once per
-    flood, not once per notice.
+    flood, not once per notice. Used on the worker's loop only.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop,
-                 limit: int = MAX_REMEMBERED_CANCELS) -> None:
-        self._loop = loop
+    def __init__(self, limit: int = MAX_REMEMBERED_CANCELS) -> None:
         self._limit = limit
         self._notices: dict[Key, asyncio.TimerHandle] = {}
         self._flooded = False
@@ -98,7 +96,8 @@ class Remembered:
                 self._flooded = True
         elif self._flooded and len(self._notices) < self._limit // 2:
             self._flooded = False  # the flood is over: warn again at the next one
-        self._notices[key] = self._loop.call_later(delay, self._notices.pop, key, None)
+        self._notices[key] = asyncio.get_running_loop().call_later(
+            delay, self._notices.pop, key, None)
 
     def take(self, key: Key) -> bool:
         """Forget ``key``; True if it was remembered (its call was cancelled)."""
@@ -133,8 +132,6 @@ class CancelFeed:
         self._marker = ""
         self._caught_up: asyncio.Future[None] | None = None
         self._channel: Channel | None = None
-        #: Whether notices come from the stream (else live only, from a queue of its own).
-        self.from_stream = False
         self._closed = False
         #: The follow started again after a loss, or a retry of the stream, under way.
         self._again: asyncio.Task[None] | None = None
@@ -196,7 +193,6 @@ class CancelFeed:
         if channel.closed.done():
             raise ConnectionLostError("the channel closed while the worker read the cancel "
                                       "notices")
-        self.from_stream = True
         if caught_up.done():
             log.info("cancel notices read from %s up to marker %s", protocol.CANCEL_STREAM,
                      self._marker)
@@ -208,7 +204,6 @@ class CancelFeed:
         queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
         await channel.bind(queue, protocol.CONTROL_EXCHANGE)
         await channel.consume(queue, self._on_live_message, auto_ack=True)
-        self.from_stream = False
 
     def _on_stream_message(self, channel: Any, method: Basic.Deliver,
                            props: BasicProperties, _body: bytes) -> None:

@@ -96,8 +96,7 @@ async def test_a_starting_worker_reads_every_earlier_notice_before_it_takes_a_ca
     worker = make_worker({task: work}, concurrency=1)
     assert await client.call(task, "probe", expiration=10) == "probe"
     assert ran == ["probe"]
-    remembered = worker._calls._cancelled
-    assert remembered is not None and ("nobody", "other.2999") in remembered
+    assert ("nobody", "other.2999") in worker._calls._cancelled
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -127,7 +126,6 @@ async def test_a_worker_reads_the_stream_again_when_the_broker_cancels_its_readi
     call = asyncio.ensure_future(client.call(task, "cancelled", expiration=30))
     await queued(broker_url, task, 1)
     remembered = worker._calls._cancelled
-    assert remembered is not None
     before = len(remembered)  # notices of earlier tests in this vhost's stream are there too
     await cancel(call)
     await until(lambda: len(remembered) == before + 1, "the notice did not reach the worker")
@@ -149,28 +147,26 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0)
 
 
 def test_remembered_notices_last_until_their_deadline():
-    loop = asyncio.new_event_loop()
-    try:
-        remembered = Remembered(loop)
+    async def check() -> None:
+        remembered = Remembered()
         remembered.add(("q", "soon"), protocol.now_ms() + 50)
         remembered.add(("q", "later"), protocol.now_ms() + 60_000)
         remembered.add(("q", "past"), protocol.now_ms() - 1)
         remembered.add(("q", "none"), None)  # kept for the longest a call can live
         assert ("q", "soon") in remembered and ("q", "past") not in remembered
-        loop.run_until_complete(asyncio.sleep(0.2))
+        await asyncio.sleep(0.2)
         assert ("q", "soon") not in remembered
         assert remembered.take(("q", "later")) and not remembered.take(("q", "later"))
         assert ("q", "none") in remembered
         remembered.clear()
         assert len(remembered) == 0
-    finally:
-        loop.close()
+
+    asyncio.run(check())
 
 
 def test_a_flood_of_notices_forgets_the_oldest_and_says_so_once(caplog):
-    loop = asyncio.new_event_loop()
-    try:
-        remembered = Remembered(loop, limit=100)
+    async def check() -> None:
+        remembered = Remembered(limit=100)
         deadline = protocol.now_ms() + 60_000
         for n in range(1000):
             remembered.add(("q", str(n)), deadline)
@@ -178,5 +174,5 @@ def test_a_flood_of_notices_forgets_the_oldest_and_says_so_once(caplog):
         assert ("q", "899") not in remembered and ("q", "900") in remembered
         assert caplog.text.count("cancel notices remembered") == 1
         remembered.clear()
-    finally:
-        loop.close()
+
+    asyncio.run(check())
