@@ -42,7 +42,8 @@ class Job:
 
     __slots__ = ("worker", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
-                 "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread", "channel")
+                 "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread",
+                 "channel")
 
     def __init__(self, worker: "Worker", task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
