@@ -8,7 +8,6 @@ import pytest
 
 from crew import protocol
 
-
 # --- task names ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["a", "test", "stat.v2", "mail:send", "é" * 100, "x" * 200,

@@ -16,8 +16,8 @@ from tornado.tcpclient import TCPClient
 
 import master_example
 import worker_example
-from conftest import STAT, Output, spawn_python, stop, until
 from crew.worker import Worker, serve_in_thread
+from tests.support.processes import STAT, Output, spawn_python, stop, until
 
 
 @pytest.fixture

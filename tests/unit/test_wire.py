@@ -28,8 +28,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pika.spec import Basic, BasicProperties
 
-from crew import amqp  # noqa: F401  (crew's timestamp decoder, as in every crew process)
-from crew import protocol, wire
+from crew import (
+    amqp,  # noqa: F401  (crew's timestamp decoder, as in every crew process)
+    protocol,
+    wire,
+)
 from crew.transport import _frame_size
 
 MANY = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

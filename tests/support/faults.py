@@ -1,7 +1,8 @@
 """Fault-test harness: a private RabbitMQ node, a TCP fault proxy, worker processes, a ledger.
 
-Loaded as a pytest plugin by ``tests/test_faults.py`` (``pytest_plugins = ["faults"]``), so
-its fixtures and its summary hook exist only when the fault tests are collected.
+Loaded as a pytest plugin by ``tests/nodes/test_faults.py``
+(``pytest_plugins = ["tests.support.faults"]``), so its fixtures and its summary hook
+exist only when the fault tests are collected.
 
 - :class:`PrivateBroker` (fixture ``private_broker``, one per session): a RabbitMQ node of
   its own (``crewfault@localhost``, AMQP 127.0.0.1:5682, distribution port 25682; started,
@@ -49,12 +50,15 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from brokernode import (NodeStartError, PrivateNode, pids_with_environ_containing,
-                        rabbitmq_sbin)
 from crew import Client, CrewError
+from tests.support.brokernode import (
+    NodeStartError,
+    PrivateNode,
+    pids_with_environ_containing,
+    rabbitmq_sbin,
+)
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 #: The node's AMQP port; ``$CREW_FAULT_PORT`` moves it (and the node's name and
 #: distribution port with it), for a second checkout on the same machine.

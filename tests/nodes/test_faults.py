@@ -1,7 +1,7 @@
 """Fault scenarios (issue 5): every call ends with one answer, whatever breaks.
 
 Each test runs real worker processes and a client against a private RabbitMQ node
-(tests/faults.py), injects one kind of fault, and checks that every call it made got
+(tests/support/faults.py), injects one kind of fault, and checks that every call it made got
 exactly one answer (a result, or a clear crew error) within its deadline, that no call ran
 twice unnoticed, and that no message is left in any queue. ``-m faults`` selects them; the
 figures of every scenario are printed at the end of the run (and kept in docs/FAULTS.md).
@@ -20,10 +20,18 @@ import crew
 
 # faults.py is a plugin (pytest_plugins below) imported here first: rewrite its asserts too.
 pytest.register_assert_rewrite("faults")
-from faults import (BLACKHOLE, PASS, REFUSE, RESET, FaultProxy, Ledger,  # noqa: E402
-                    PrivateBroker, Workers)
+from tests.support.faults import (  # noqa: E402
+    BLACKHOLE,
+    PASS,
+    REFUSE,
+    RESET,
+    FaultProxy,
+    Ledger,
+    PrivateBroker,
+    Workers,
+)
 
-pytest_plugins = ["faults"]
+pytest_plugins = ["tests.support.faults"]
 pytestmark = pytest.mark.faults
 
 #: Bound on how long a fault may take to reach a pending call (a closed socket is seen at

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from crew import Client, ConnectionLostError, EncodeError
-from crew.pubsub import _topic_matches
 from crew.protocol import validate_channel
+from crew.pubsub import _topic_matches
 from crew.worker import context
 
 

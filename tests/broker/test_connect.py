@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from tornado.ioloop import IOLoop
 
-from conftest import ROOT
 from crew import AuthenticationError, Client, ConnectionLostError
 from crew.loops import thread_loop
+from tests.support.processes import ROOT
 
 
 def refused_port() -> int:

@@ -11,10 +11,9 @@ import pika
 import pytest
 
 import crew
-from crew import protocol
+from crew import ExpirationError, JobKilled, TimeoutError, protocol
 from crew.amqp import Connection
 from crew.settings import BrokerSettings
-from crew import ExpirationError, JobKilled, TimeoutError
 from crew.worker import Worker, serve_in_thread
 
 

@@ -13,9 +13,9 @@ from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
 
 import worker_example
-from conftest import until
 from crew import JobKilled, gateway
 from crew.worker import Worker, context, serve_in_thread
+from tests.support.processes import until
 
 MAX_BODY = 1024
 

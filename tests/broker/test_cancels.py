@@ -15,7 +15,7 @@ import pytest
 from crew import protocol
 from crew.cancels import Remembered
 from crew.worker import Worker, serve_in_thread
-from rawamqp import raw_channel
+from tests.support.rawamqp import raw_channel
 
 
 def serve_once(broker_url: str, tasks: dict[str, Callable[[Any], Any]]) -> None:

@@ -32,8 +32,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
-from brokernode import PrivateNode, rabbitmq_sbin
 from crew import BrokerSettings, Client, ConnectionLostError
+from tests.support.brokernode import PrivateNode, rabbitmq_sbin
 
 #: Seconds a node may take to boot (about 7 on this kind of machine, two at once a bit more).
 BOOT_TIMEOUT = 90

@@ -12,7 +12,7 @@ import pytest
 import crew
 from crew import Client, RemoteError, UnknownTaskError, codec
 from crew.worker import context
-from rawamqp import raw_channel
+from tests.support.rawamqp import raw_channel
 
 
 @pytest.mark.gen_test(timeout=30)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from conftest import python_env
+from tests.support.processes import python_env
 
 SCRIPT = textwrap.dedent('''
     import os, time

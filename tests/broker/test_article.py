@@ -17,7 +17,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
-from conftest import STAT, Output, spawn_python, stop
+from tests.support.processes import STAT, Output, spawn_python, stop
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import pytest
 from crew import ExpirationError, RemoteError, budget, codec
 from crew.memory import MemoryGate
 from crew.worker import MIN_MAX_MEMORY, Worker
-from conftest import rabbitmqctl_command
+from tests.support.broker import rabbitmqctl_command
 
 MiB = 1024 * 1024
 MSGPACK, JSON = "application/msgpack", "application/json"

@@ -16,141 +16,36 @@ from __future__ import annotations
 import asyncio
 import decimal
 import gzip
-import json
 import logging
 import pickle
 import struct
-import subprocess
 import threading
 import time
 import tracemalloc
 import uuid
 import zlib
 from typing import Any, Iterator
-from urllib.parse import unquote, urlsplit
 
 import msgpack
 import pika
 import pytest
 
-from conftest import rabbitmqctl_command
 from crew import RemoteError, codec, protocol
 from crew.exceptions import MessageTooLargeError
 from crew.worker import Worker, serve_in_thread
+from tests.support.hostile import (
+    JSON,
+    MSGPACK,
+    RawPublisher,
+    assert_queue_empty,
+    crew_log_lines,
+    decode_reply,
+)
 
-JSON, MSGPACK = "application/json", "application/msgpack"
 MiB = 1024 * 1024
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-class RawPublisher:
-    """A plain pika connection that publishes exactly what it is given and collects what
-    comes back on a reply queue of its own. Publishes are confirmed: when ``send`` returns,
-    the broker holds the message."""
-
-    def __init__(self, url: str) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
-        self.channel = self.connection.channel()
-        self.channel.confirm_delivery()
-        declared = self.channel.queue_declare("", exclusive=True, auto_delete=True)
-        self.reply_queue: str = declared.method.queue
-        self.replies: dict[Any, list[tuple[pika.BasicProperties, bytes]]] = {}
-        self.channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True,
-                                   exclusive=True)
-
-    def _on_reply(self, _ch: Any, _method: Any, props: pika.BasicProperties,
-                  body: bytes) -> None:
-        self.replies.setdefault(props.correlation_id, []).append((props, body))
-
-    def send(self, routing_key: str, body: bytes, exchange: str = "", **properties: Any) -> None:
-        self.channel.basic_publish(exchange, routing_key, body,
-                                   pika.BasicProperties(**properties))
-
-    def call(self, task: str, body: bytes, **properties: Any) -> Any:
-        """Publish a call to ``task``; return its correlation id. Properties not given get
-        the values of a well-formed JSON call; pass ``None`` to leave one out."""
-        defaults = {"content_type": JSON, "correlation_id": uuid.uuid4().hex,
-                    "reply_to": self.reply_queue, "expiration": "10000", "headers": {}}
-        props = {**defaults, **properties}
-        self.send(protocol.task_queue(task), body, **props)
-        return props["correlation_id"]
-
-    def wait(self, correlation_id: Any, timeout: float = 10.0
-             ) -> tuple[pika.BasicProperties, bytes] | None:
-        """The first reply for ``correlation_id``, or None if none came within ``timeout``."""
-        end = time.monotonic() + timeout
-        while correlation_id not in self.replies:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return None
-            self.connection.process_data_events(time_limit=remaining)  # waits on the socket
-        return self.replies[correlation_id][0]
-
-    def normal_call(self, task: str) -> None:
-        """A well-formed call must get its result: the worker still serves."""
-        cid = self.call(task, b'"ping"')
-        reply = self.wait(cid)
-        assert reply is not None, "the worker no longer answers a normal call"
-        props, body = reply
-        assert props.headers["crew-status"] == "ok"
-        assert json.loads(body) == {"got": "ping"}
-
-    def close(self) -> None:
-        if self.connection.is_open:
-            self.connection.close()
-
-
-def decode_reply(reply: tuple[pika.BasicProperties, bytes]) -> tuple[str, Any]:
-    props, body = reply
-    return props.headers["crew-status"], codec.decode(body, props.content_type,
-                                                      props.content_encoding)
-
-
-def queue_counts(broker_url: str, queue: str) -> tuple[int, int]:
-    """``(messages_ready, messages_unacknowledged)`` of ``queue`` on the test vhost.
-
-    Through ``rabbitmqctl`` (``conftest.rabbitmqctl_command``); against another broker
-    (``$CREW_TEST_URL``) without ``$CREW_TEST_RABBITMQCTL`` only the ready count can be had
-    (a passive declare), and the unacknowledged count is taken as 0.
-    """
-    rabbitmqctl = rabbitmqctl_command()
-    if rabbitmqctl is None:
-        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-        try:
-            declared = connection.channel().queue_declare(queue, passive=True)
-        finally:
-            connection.close()
-        return declared.method.message_count, 0
-    vhost = unquote(urlsplit(broker_url).path[1:]) or "/"
-    done = subprocess.run(
-        [*rabbitmqctl, "-q", "-p", vhost, "list_queues", "--formatter", "json", "name",
-         "messages_ready", "messages_unacknowledged"],
-        check=True, capture_output=True, text=True, timeout=60)
-    for row in json.loads(done.stdout or "[]"):
-        if row["name"] == queue:
-            return int(row["messages_ready"]), int(row["messages_unacknowledged"])
-    raise AssertionError(f"no queue {queue} on vhost {vhost}")
-
-
-def assert_queue_empty(broker_url: str, queue: str, timeout: float = 10.0) -> None:
-    """Nothing ready, nothing unacknowledged. The worker acks right after publishing its
-    reply, so the ack may reach the broker just after the reply reached us: ask again for a
-    bounded time (rabbitmqctl cannot notify)."""
-    end = time.monotonic() + timeout
-    while True:
-        counts = queue_counts(broker_url, queue)
-        if counts == (0, 0) or time.monotonic() > end:
-            break
-        time.sleep(0.2)
-    assert counts == (0, 0), f"{queue}: {counts[0]} ready, {counts[1]} unacknowledged"
-
-
-def crew_log_lines(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING,
-                   logger: str = "crew") -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno >= level and (r.name == logger or r.name.startswith(logger + "."))]
 
 
 def gzip_bomb(size: int) -> bytes:

@@ -1,6 +1,7 @@
 """A private RabbitMQ node for tests: its own name, ports, home, database, logs and config.
 
-Shared by the fault harness (``tests/faults.py``) and the TLS tests (``tests/test_tls.py``).
+Shared by the fault harness (``tests/support/faults.py``) and the TLS tests
+(``tests/nodes/test_tls.py``).
 :class:`PrivateNode` writes the node's files in a directory of its own (a temporary one,
 made by the caller), runs the real ``rabbitmq-server`` script in a session of its own with
 an environment that keeps everything from ``/etc/rabbitmq`` and the shared node out, waits

@@ -22,11 +22,17 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import spawn_python
 from crew import CodecError, protocol
 from crew.worker import DEFAULT_MAX_MEMORY
-from test_hostile import (JSON, MSGPACK, RawPublisher, assert_queue_empty, crew_log_lines,
-                          decode_reply)
+from tests.support.hostile import (
+    JSON,
+    MSGPACK,
+    RawPublisher,
+    assert_queue_empty,
+    crew_log_lines,
+    decode_reply,
+)
+from tests.support.processes import spawn_python
 
 MiB = 1024 * 1024
 WIRE = protocol.MAX_BODY_BYTES

@@ -1,0 +1,8 @@
+"""Helpers the test tiers share, importable (``from tests.support.processes import ...``):
+
+- ``broker``: where the broker under test is and how to run its ``rabbitmqctl``;
+- ``processes``: child Python processes with the test vhost, their output, their stop;
+- ``rawamqp``: a plain pika channel for what crew's own API must not do;
+- ``brokernode``: a private RabbitMQ node (faults, TLS);
+- ``faults``: the fault harness, a pytest plugin of tests/nodes/test_faults.py.
+"""

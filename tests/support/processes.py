@@ -1,0 +1,96 @@
+"""Child Python processes for tests: this checkout importable, the test vhost in
+``$CREW_URL`` (never on a command line), their output read line by line, their stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Callable
+
+#: The checkout's root directory.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: What the article's ``stat`` task answers: the worker's uuid, the calls it has served.
+STAT = r"I'm worker \"([0-9a-f]{32})\"\. And I serve (\d+) tasks"
+
+
+def python_env(broker_url: str) -> dict[str, str]:
+    """Environment for a child Python process: this checkout importable, the test vhost."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["CREW_URL"] = broker_url
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def spawn_python(args: list[str], broker_url: str, **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``python ARGS`` with the test vhost in ``$CREW_URL`` (never on the command line)."""
+    return subprocess.Popen([sys.executable, *args], env=python_env(broker_url), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **kwargs)
+
+
+async def until(condition: Callable[[], bool], changed: asyncio.Event,
+                timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds, re-checking each time ``changed`` is set."""
+    async def wait() -> None:
+        while not condition():
+            changed.clear()
+            await changed.wait()
+    await asyncio.wait_for(wait(), timeout)
+
+
+class Output:
+    """A child's output lines, read by a thread; ``await wait_for(text)`` for the next line
+    that contains ``text``."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, line)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+        except RuntimeError:
+            pass  # the test's loop is closed: a fixture stopped the process after the test
+
+    async def wait_for(self, text: str, timeout: float = 20.0) -> str:
+        while True:
+            try:
+                line = await asyncio.wait_for(self.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"no new line for {timeout} s, none with {text!r}:\n"
+                                     f"{''.join(self.seen)}") from None
+            if line is None:
+                raise AssertionError(f"exited before printing {text!r}:\n{''.join(self.seen)}")
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def everything(self) -> str:
+        """All the output read so far, once the process has exited."""
+        while not self.queue.empty():
+            self.seen.append(self.queue.get_nowait() or "")
+        return "".join(self.seen)
+
+
+async def stop(proc: subprocess.Popen[str], output: Output) -> int:
+    """SIGTERM ``proc`` and return its exit status (it is killed if it does not exit)."""
+    loop = asyncio.get_running_loop()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = await loop.run_in_executor(None, proc.wait, 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = await loop.run_in_executor(None, proc.wait)
+    await loop.run_in_executor(None, output.thread.join, 10)
+    return code
