@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
+import common  # puts the repository on sys.path
 import experiments
 import pika
 from common import (LARGE_BYTES, PREFETCH, SMALL_BYTES, URL, Recorder, Turns,

@@ -75,7 +75,8 @@ def main() -> None:
     from crew import codec
 
     for name, (body, content_type, encoding) in bodies().items():
-        micros = per_call(lambda: codec.decode(body, content_type, encoding), args.rounds)
+        micros = per_call(lambda body=body, content_type=content_type, encoding=encoding:
+                          codec.decode(body, content_type, encoding), args.rounds)
         print(f"{name:24s} {len(body):>9d} B  {micros:10.2f} us")
 
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 from typing import Any
 
-import common  # noqa: F401  (puts the repository on sys.path)
+import common  # puts the repository on sys.path
 import experiments
 from common import URL, ready_until_signal, orders, percentile
 

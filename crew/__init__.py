@@ -5,9 +5,10 @@ calls them from any asyncio program and awaits the reply. See README.md.
 """
 
 from .client import Client, Parallel
-from .exceptions import (AuthenticationError, BrokerError, CallError, CodecError, ConnectionLostError, CrewError,
-                         DecodeError, EncodeError, ExpirationError, JobKilled,
-                         MessageTooLargeError, RemoteError, TimeoutError, UnknownTaskError)
+from .exceptions import (AuthenticationError, BrokerError, CallError, CodecError,
+                         ConnectionLostError, CrewError, DecodeError, EncodeError,
+                         ExpirationError, JobKilled, MessageTooLargeError, RemoteError,
+                         TimeoutError, UnknownTaskError)
 from .settings import BrokerSettings
 from .worker import Task, Worker, context
 

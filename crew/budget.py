@@ -106,7 +106,8 @@ def _dict_sizes(count: int) -> tuple[int, ...]:
     """``sys.getsizeof`` of a dict after 0, 1, ... ``count - 1`` insertions, as the decoders
     build theirs (one key at a time, no presizing), with bytes keys: their entries are
     larger than those of all-str-key dicts, so the sizes bound both."""
-    sizes, value = [], {}
+    sizes: list[int] = []
+    value: dict[bytes, None] = {}
     for key in range(count):
         sizes.append(sys.getsizeof(value))
         value[bytes([key])] = None

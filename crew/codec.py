@@ -67,12 +67,14 @@ def _finite_float(text: str) -> float:
 def _serialize(value: Any, content_type: str) -> bytes:
     try:
         if content_type == protocol.MSGPACK:
-            return msgpack.packb(value, use_bin_type=True)
+            packed: bytes = msgpack.packb(value, use_bin_type=True)
+            return packed
         if content_type == protocol.JSON:
             return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
                               allow_nan=False).encode()
     except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode {type(value).__name__} as {content_type}: {exc}") from None
+        raise EncodeError(
+            f"cannot encode {type(value).__name__} as {content_type}: {exc}") from None
     raise EncodeError(f"unknown content type {content_type!r}")
 
 
@@ -92,7 +94,8 @@ def gzip_compress(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-def gzip_decompress(data: bytes, limit: int = protocol.MAX_DECOMPRESSED_BYTES) -> bytearray:
+def gzip_decompress(data: bytes | bytearray,
+                    limit: int = protocol.MAX_DECOMPRESSED_BYTES) -> bytearray:
     """Decompress gzip, refusing output beyond ``limit`` bytes and truncated or corrupt input.
 
     Inflates at most :data:`_INFLATE_STEP` bytes at a time and stops as soon as the output
@@ -169,7 +172,8 @@ def check_wire_size(body: bytes) -> bytes:
     return body
 
 
-def decode(body: bytes, content_type: str | None, content_encoding: str | None = None) -> Any:
+def decode(body: bytes | bytearray, content_type: str | None,
+           content_encoding: str | None = None) -> Any:
     """Turn a received body back into a value, or raise a :class:`~crew.CodecError`.
 
     ``content_type`` and ``content_encoding`` are taken as they arrived: pika hands over a
@@ -187,7 +191,8 @@ def decode(body: bytes, content_type: str | None, content_encoding: str | None =
         raise DecodeError(f"unsupported content type {content_type!r}")
     if content_encoding == protocol.GZIP:
         # The declared size bounds what the worker reserved for this call (decode_memory).
-        body = gzip_decompress(body, min(gzip_declared_size(body), protocol.MAX_DECOMPRESSED_BYTES))
+        body = gzip_decompress(body, min(gzip_declared_size(body),
+                                         protocol.MAX_DECOMPRESSED_BYTES))
     elif content_encoding not in (None, "", "identity"):
         raise DecodeError(f"unsupported content encoding {content_encoding!r}")
     try:
@@ -224,7 +229,7 @@ def _load_json(body: bytes | bytearray) -> Any:
                       object_hook=meter.on_dict)
 
 
-def gzip_declared_size(body: bytes) -> int:
+def gzip_declared_size(body: bytes | bytearray) -> int:
     """The size a gzip body says it inflates to (its trailer's ISIZE: the size modulo 2**32,
     exact below 4 GiB). Anyone can write any value there: :func:`decode` refuses a body that
     inflates to more. 0 if the body is too short to be gzip."""

@@ -6,7 +6,8 @@
     ├── CallError                       a call ended without a result
     │   ├── RemoteError                 the task raised; .type, .message, .traceback
     │   ├── TimeoutError                the job ran past its deadline and was interrupted,
-    │   │                               or no answer came by the deadline (also builtins.TimeoutError)
+    │   │                               or no answer came by the deadline
+    │   │                               (also builtins.TimeoutError)
     │   ├── ExpirationError             no worker started the call before its deadline
     │   │                               (also builtins.TimeoutError)
     │   └── UnknownTaskError            no queue exists for the task name (also LookupError)

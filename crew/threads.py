@@ -34,8 +34,8 @@ def _send(thread_id: int, exc_type: type[BaseException] | None) -> bool:
     """Set (or with None, clear) the pending async exception of a thread; True if found."""
     # The thread id must go as c_ulong: a plain int is truncated and the call silently misses.
     if exc_type is None:
-        return _clear_async_exc(ctypes.c_ulong(thread_id), None) == 1
-    found = _set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+        return bool(_clear_async_exc(ctypes.c_ulong(thread_id), None) == 1)
+    found: int = _set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
     if found > 1:  # cannot happen for a valid id; undo as CPython's docs ask
         _clear_async_exc(ctypes.c_ulong(thread_id), None)
         return False

@@ -123,7 +123,8 @@ async def test_worker_and_master_as_processes(broker_url):
     try:
         await worker_output.wait_for("serving")
         listening = await master_output.wait_for("listening on http://")
-        base = "http://127.0.0.1:%s" % re.search(r":(\d+)/", listening).group(1)
+        port = re.search(r":(\d+)/", listening).group(1)
+        base = f"http://127.0.0.1:{port}"
         http = AsyncHTTPClient()
 
         assert (await http.fetch(f"{base}/")).body == b"str: Wake up Neo.\n"

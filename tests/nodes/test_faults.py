@@ -134,10 +134,10 @@ async def test_worker_sigkill_mid_job_is_redelivered_and_answered_once(
     ledger.fault(f"SIGKILL worker {victim.name} running call {victim_call}")
 
     outcomes = await answered(calls, 40 + ledger.HANG_SLACK)
-    for task, outcome in zip(calls, outcomes):
+    for task, outcome in zip(calls, outcomes, strict=True):
         expect_result(outcome, task.call_id)
         assert fault_workers.runs.ends(task.call_id) == [outcome["pid"]], "ran to the end twice"
-    redone = dict(zip([t.call_id for t in calls], outcomes))[victim_call]
+    redone = dict(zip([t.call_id for t in calls], outcomes, strict=True))[victim_call]
     assert redone["pid"] == survivor.pid
     assert fault_workers.runs.starts(victim_call) == [victim_pid, survivor.pid]
     assert victim.popen.wait(10) == -signal.SIGKILL

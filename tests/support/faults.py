@@ -776,8 +776,9 @@ class Ledger:
                 record.outcome = exc
             else:
                 record.ended = time.monotonic()
-                raise AssertionError(f"call {call_id} to {task} hung: no answer "
-                                     f"{expiration + self.HANG_SLACK:.0f} s after it was made")
+                raise AssertionError(
+                    f"call {call_id} to {task} hung: no answer "
+                    f"{expiration + self.HANG_SLACK:.0f} s after it was made") from None
         except CrewError as exc:
             record.outcome = exc
         record.ended = time.monotonic()

@@ -109,7 +109,7 @@ def test_gzip_false_never_compresses():
 
 
 def test_small_bodies_are_not_compressed_automatically():
-    body, encoding = codec.encode("a" * (protocol.GZIP_THRESHOLD // 2))
+    _, encoding = codec.encode("a" * (protocol.GZIP_THRESHOLD // 2))
     assert encoding is None
 
 
