@@ -256,9 +256,10 @@ async def test_close_connection_of_client_then_worker(
     job, echo = f"{fault_prefix}.job", f"{fault_prefix}.echo"
     expect_result(await ledger.call(client, echo, expiration=20), "before the faults")
 
-    # The client's connection.
-    plain = [ledger.start(client, job, {"sleep": 3}, expiration=40) for _ in range(2)]
-    retried = ledger.start(client, job, {"sleep": 3}, expiration=40, retry=True)
+    # The client's connection. The jobs outlast rabbitmqctl's close_connection, which takes
+    # several seconds on a busy machine (3 s jobs once ended before it did).
+    plain = [ledger.start(client, job, {"sleep": 10}, expiration=40) for _ in range(2)]
+    retried = ledger.start(client, job, {"sleep": 10}, expiration=40, retry=True)
     await started(fault_workers, *plain, retried)
     closed = await asyncio.to_thread(broker.close_connections, "crew-client")
     assert closed == 1, f"expected one client connection, closed {closed}"
