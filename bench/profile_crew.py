@@ -48,7 +48,8 @@ HTTP_CONNECTIONS = 32
 
 #: Areas of the code, by the file a frame is in (first match wins).
 AREAS = [
-    ("crew client", r"crew/client\.py"), ("crew worker", r"crew/worker\.py"),
+    ("crew client", r"crew/(client|link|pending|parallel|pubsub)\.py"),
+    ("crew worker", r"crew/worker\.py"),
     ("crew jobs/threads", r"crew/(jobs|pool|threads|context)\.py"),
     ("crew codec", r"crew/codec\.py"), ("crew protocol", r"crew/protocol\.py"),
     ("crew amqp", r"crew/amqp\.py"), ("crew other", r"crew/"),

@@ -10,15 +10,10 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import protocol
 from .settings import BrokerSettings
-
-if TYPE_CHECKING:
-    from tornado.web import Application
-
-    from .client import Client
 
 log = logging.getLogger("crew")
 
@@ -147,93 +142,6 @@ async def _serve_with_signals(worker: Any) -> int:
         log.error("worker stopped: %s", exc)
         return 1
     return {"stopped": 0, "stuck": EXIT_STUCK}.get(reason, 1)
-
-
-# --- HTTP servers (the gateway, the master example) --------------------------------------
-
-
-def build_http_parser(prog: str, description: str,
-                      default_port: int) -> argparse.ArgumentParser:
-    """A parser with the broker, HTTP and logging options of an HTTP server."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description,
-        epilog="The password comes from the URL, $CREW_URL, $CREW_PASSWORD or "
-               "$CREW_PASSWORD_FILE; never pass it on the command line.")
-    add_broker_arguments(parser, port_flags=("--broker-port",))
-    parser.add_argument("--port", type=int, default=default_port,
-                        help="HTTP port; 0 picks a free one, which is logged "
-                             "(default %(default)s)")
-    parser.add_argument("--address", default="127.0.0.1",
-                        help="address to listen on; 0.0.0.0 for every interface "
-                             "(default %(default)s)")
-    add_logging_arguments(parser)
-    return parser
-
-
-def run_http(app: "Application", client: "Client", options: argparse.Namespace) -> int:
-    """Serve ``app`` with ``client`` until SIGINT or SIGTERM; return the exit status."""
-    from .exceptions import CrewError
-
-    try:
-        asyncio.run(_serve_http(app, client, options.address, options.port))
-    except (CrewError, OSError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
-
-async def _serve_http(app: "Application", client: "Client", address: str, port: int) -> None:
-    from tornado.httpserver import HTTPServer
-    from tornado.netutil import bind_sockets
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    sockets = bind_sockets(port, address)  # first: a port in use fails before connecting
-    # A signal must stop the server while the client still waits for the broker, too.
-    stopping = asyncio.ensure_future(stop.wait())
-    connecting = asyncio.ensure_future(client.connect())
-    await asyncio.wait({stopping, connecting}, return_when=asyncio.FIRST_COMPLETED)
-    if not connecting.done():
-        connecting.cancel()
-        await client.close()
-        return
-    stopping.cancel()
-    connecting.result()  # raises why the client could not connect
-    server = HTTPServer(app)
-    try:
-        server.add_sockets(sockets)
-        host, bound_port = sockets[0].getsockname()[:2]
-        log.info("listening on http://%s:%d/", host, bound_port)
-        await stop.wait()
-        log.info("stopping: open connections are closed, calls under way cancelled")
-        server.stop()
-        await server.close_all_connections()
-    finally:
-        await client.close()
-
-
-def gateway_main(argv: Sequence[str] | None = None) -> None:
-    """``python -m crew.gateway``: serve the gateway until SIGINT or SIGTERM."""
-    from . import gateway
-    from .client import Client
-
-    parser = build_http_parser("python -m crew.gateway", default_port=8080,
-                               description="Serve every crew task and pubsub channel over HTTP.")
-    parser.add_argument("--max-body", type=int, default=gateway.DEFAULT_MAX_BODY,
-                        help="largest request body in bytes (default %(default)s)")
-    parser.add_argument("--poll-timeout", type=float, default=gateway.DEFAULT_POLL_TIMEOUT,
-                        help="seconds /subscribe waits before 204 (default %(default)s)")
-    options = parser.parse_args(argv)
-    setup_logging(options)
-    client = Client(broker=broker_from_options(options, "crew-gateway"))
-    try:
-        app = gateway.make_app(client, max_body=options.max_body,
-                               poll_timeout=options.poll_timeout)
-    except ValueError as exc:
-        parser.error(str(exc))
-    sys.exit(run_http(app, client, options))
 
 
 if __name__ == "__main__":  # pragma: no cover

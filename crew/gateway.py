@@ -25,19 +25,21 @@ import asyncio
 import collections
 import functools
 import logging
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 from tornado.iostream import StreamClosedError
 from tornado.web import Application
 
 from . import protocol
+from .cli import broker_from_options, setup_logging
 from .client import Client
 from .exceptions import (ConnectionLostError, CrewError, EncodeError, ExpirationError,
                          RemoteError, TimeoutError, UnknownTaskError)
-from .httpapi import (BodyHandler, JSONHandler, NotFound, Refused, bad_request, dumps,
-                      log_request)
+from .httpapi import (BodyHandler, JSONHandler, NotFound, Refused, bad_request,
+                      build_http_parser, dumps, log_request, run_http)
 
-__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_POLL_TIMEOUT", "Listening", "make_app"]
+__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_POLL_TIMEOUT", "Listening", "main", "make_app"]
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +269,24 @@ def make_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY,
         default_handler_class=NotFound, **settings)
 
 
-if __name__ == "__main__":
-    from crew.cli import gateway_main  # the command line lives in crew.cli
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m crew.gateway``: serve the gateway until SIGINT or SIGTERM; exits the
+    process with its status."""
+    parser = build_http_parser("python -m crew.gateway", default_port=8080,
+                               description="Serve every crew task and pubsub channel over HTTP.")
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
+                        help="largest request body in bytes (default %(default)s)")
+    parser.add_argument("--poll-timeout", type=float, default=DEFAULT_POLL_TIMEOUT,
+                        help="seconds /subscribe waits before 204 (default %(default)s)")
+    options = parser.parse_args(argv)
+    setup_logging(options)
+    client = Client(broker=broker_from_options(options, "crew-gateway"))
+    try:
+        app = make_app(client, max_body=options.max_body, poll_timeout=options.poll_timeout)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.exit(run_http(app, client, options))
 
-    gateway_main()
+
+if __name__ == "__main__":
+    main()

@@ -4,25 +4,37 @@
 - A request body over the application's ``max_body`` setting gets 413 and is not read.
 - Each request logs one line (status, method, path, time, error name); never a body.
 - A handler learns that its HTTP client disconnected through :meth:`JSONHandler.wake`.
+- The command lines of HTTP servers (``python -m crew.gateway``, ``python -m master_example``)
+  share :func:`build_http_parser` and :func:`run_http`, which serves an application with its
+  client until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import json
 import logging
+import signal
 from typing import TYPE_CHECKING, Any, Iterator
 
-from tornado.web import HTTPError, RequestHandler, stream_request_body
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
 from . import codec, protocol
-from .exceptions import CodecError
+from .cli import add_broker_arguments, add_logging_arguments
+from .exceptions import CodecError, CrewError
 
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["BodyHandler", "JSONHandler", "NotFound", "Refused", "bad_request", "dumps",
-           "log_request"]
+__all__ = ["BodyHandler", "JSONHandler", "NotFound", "Refused", "bad_request",
+           "build_http_parser", "dumps", "log_request", "run_http"]
+
+# The command line's logger, as when these lines were logged from crew.cli.
+log = logging.getLogger("crew")
 
 
 class Refused(HTTPError):
@@ -138,3 +150,63 @@ def log_request(log: logging.Logger, handler: RequestHandler) -> None:
     error = getattr(handler, "error_name", "")
     log.log(level, "%d %s %s %.1f ms%s", status, handler.request.method, handler.request.path,
             1000 * handler.request.request_time(), f" {error}" if error else "")
+
+
+# --- the command lines of HTTP servers (the gateway, the master example) -----------------
+
+
+def build_http_parser(prog: str, description: str,
+                      default_port: int) -> argparse.ArgumentParser:
+    """A parser with the broker, HTTP and logging options of an HTTP server."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog="The password comes from the URL, $CREW_URL, $CREW_PASSWORD or "
+               "$CREW_PASSWORD_FILE; never pass it on the command line.")
+    add_broker_arguments(parser, port_flags=("--broker-port",))
+    parser.add_argument("--port", type=int, default=default_port,
+                        help="HTTP port; 0 picks a free one, which is logged "
+                             "(default %(default)s)")
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 for every interface "
+                             "(default %(default)s)")
+    add_logging_arguments(parser)
+    return parser
+
+
+def run_http(app: Application, client: "Client", options: argparse.Namespace) -> int:
+    """Serve ``app`` with ``client`` until SIGINT or SIGTERM; return the exit status."""
+    try:
+        asyncio.run(_serve_http(app, client, options.address, options.port))
+    except (CrewError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+async def _serve_http(app: Application, client: "Client", address: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    sockets = bind_sockets(port, address)  # first: a port in use fails before connecting
+    # A signal must stop the server while the client still waits for the broker, too.
+    stopping = asyncio.ensure_future(stop.wait())
+    connecting = asyncio.ensure_future(client.connect())
+    await asyncio.wait({stopping, connecting}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        await client.close()
+        return
+    stopping.cancel()
+    connecting.result()  # raises why the client could not connect
+    server = HTTPServer(app)
+    try:
+        server.add_sockets(sockets)
+        host, bound_port = sockets[0].getsockname()[:2]
+        log.info("listening on http://%s:%d/", host, bound_port)
+        await stop.wait()
+        log.info("stopping: open connections are closed, calls under way cancelled")
+        server.stop()
+        await server.close_all_connections()
+    finally:
+        await client.close()

@@ -1,4 +1,5 @@
-"""The event loop that will run what a thread schedules before any loop runs (internal).
+"""The event loop that will run what a thread schedules before any loop runs, and the
+tasks that nobody awaits (internal).
 
 The article calls ``client.connect()`` at the top level of a script, then
 ``IOLoop.instance().start()``: the connect must be scheduled on the loop that ``start()``
@@ -7,14 +8,21 @@ set when there is none; :func:`thread_loop` finds the same loop, in plain asynci
 
 Not for code that runs its loop with ``asyncio.run()``, which makes a loop of its own:
 call from inside that loop instead.
+
+:class:`Background` keeps the tasks that a client starts and nobody awaits (binds, unbinds,
+coroutine callbacks, reconnections) referenced until done, and logs how each one failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import warnings
+from typing import Any, Coroutine
 
-__all__ = ["thread_loop"]
+from .exceptions import ConnectionLostError
+
+__all__ = ["Background", "thread_loop"]
 
 
 def thread_loop() -> asyncio.AbstractEventLoop:
@@ -36,3 +44,36 @@ def thread_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     return loop
+
+
+class Background:
+    """Tasks nobody awaits: referenced until done (the loop keeps only weak references to
+    tasks, so an unreferenced one can vanish midway), each failure logged once on ``log``.
+
+    ``closing`` is set by the owner while it closes: a failure then is a stop, logged at
+    INFO, as is a :class:`~crew.ConnectionLostError` (the lost connection is logged once
+    already).
+    """
+
+    __slots__ = ("tasks", "closing", "_log")
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+        self._log = log
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], describe: str) -> "asyncio.Task[Any]":
+        """Run ``coro`` as a task that is referenced until done and logs its failure."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(lambda done: self._done(done, describe))
+        return task
+
+    def _done(self, task: "asyncio.Task[Any]", describe: str) -> None:
+        self.tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        if self.closing or isinstance(task.exception(), ConnectionLostError):
+            self._log.info("%s stopped: %s", describe, task.exception())
+        else:
+            self._log.error("%s failed", describe, exc_info=task.exception())

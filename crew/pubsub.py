@@ -4,8 +4,8 @@ A client receives pubsub messages on its own reply queue, bound to the ``crew.pu
 exchange with the channel name as the binding key, so AMQP topic wildcards work (``*`` one
 word, ``#`` any number). Messages are fanned out by the broker to every bound client, at most
 once, and only to clients subscribed when they are published: nothing is stored for later.
-:class:`PubSub` is mixed into :class:`~crew.Client`; it relies on the client's channel,
-reply queue and background-task helper.
+A :class:`~crew.Client` owns one :class:`Subscriptions` and tells it the channel and the
+reply queue of each connection it opens, and when it loses them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
 
 from pika.spec import BasicProperties
 
@@ -23,55 +23,64 @@ from .exceptions import CodecError, ConnectionLostError, CrewError
 if TYPE_CHECKING:
     from .amqp import Channel
 
-__all__ = ["PubSub"]
+__all__ = ["Callback", "Subscriptions"]
 
+# The client's logger: these lines are the client's.
 log = logging.getLogger("crew.client")
 
 Callback = Callable[[Any], Any]
+#: Runs a coroutine as a task that is referenced until done and logs its failure.
+Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
 
-class PubSub:
-    """The pubsub half of :class:`~crew.Client`."""
+class Subscriptions:
+    """A client's subscriptions: the callbacks of each channel pattern, and the bindings of
+    its reply queue to ``crew.pubsub`` while connected (see :meth:`attach`).
 
-    _subscriptions: dict[str, list[Callback]]
-    _bindings: dict[str, "asyncio.Task[None]"]
-    _channel: "Channel | None"
-    _reply_queue: str
-    connected: bool
+    ``spawn`` runs the binds, unbinds and coroutine callbacks that nobody awaits.
+    """
 
-    def _spawn(self, coro: Any, describe: str) -> "asyncio.Task[Any]":
-        raise NotImplementedError  # provided by Client
+    def __init__(self, spawn: Spawn) -> None:
+        self._callbacks: dict[str, list[Callback]] = {}
+        #: The bind under way (or done) for each channel subscribed since the last connect.
+        self._bindings: dict[str, asyncio.Task[None]] = {}
+        self._channel: Channel | None = None
+        self._queue = ""
+        self._spawn = spawn
+
+    def attach(self, channel: Channel, queue: str) -> None:
+        """A connection is open: bind on ``channel`` from now on, to ``queue``."""
+        self._channel, self._queue = channel, queue
+
+    def detach(self) -> None:
+        """The connection is lost or closed: keep the subscriptions for the next one."""
+        self._channel = None
+
+    @property
+    def _connected(self) -> bool:
+        return self._channel is not None and self._channel.is_open
 
     def subscribe(self, channel: str, callback: Callback) -> Awaitable[None]:
-        """Call ``callback(data)`` (a function or coroutine function) for each message on
-        ``channel``; ``*`` (one word) and ``#`` (any words) are wildcards, as in AMQP topics.
-
-        Works before :meth:`connect` (which then makes the binding and reports its failure)
-        and after it; subscriptions survive a close and a new connect. The result may be
-        ignored; awaiting it waits until the broker delivers the channel to this client and
-        raises if it cannot.
-        """
+        """Add ``callback`` to ``channel``, binding it if connected; see
+        :meth:`crew.Client.subscribe`."""
         protocol.validate_channel(channel, pattern=True)
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        callbacks = self._subscriptions.setdefault(channel, [])
+        callbacks = self._callbacks.setdefault(channel, [])
         callbacks.append(callback)
-        if not self.connected:
+        if not self._connected:
             return _done()
         if len(callbacks) == 1:
             bind = self._channel.bind(  # type: ignore[union-attr]
-                self._reply_queue, protocol.PUBSUB_EXCHANGE, channel)
+                self._queue, protocol.PUBSUB_EXCHANGE, channel)
             self._bindings[channel] = self._spawn(bind, f"subscribing to {channel!r}")
         binding = self._bindings.get(channel)
         return _done() if binding is None else _Operation(binding)
 
     def unsubscribe(self, channel: str, callback: Callback | None = None) -> Awaitable[None]:
-        """Remove ``callback`` (or, when None, every callback) from ``channel``.
-
-        Once a channel has no callback left, its messages stop coming to this client;
-        awaiting the result waits for that.
-        """
-        callbacks = self._subscriptions.get(channel)
+        """Remove ``callback`` (None: every one) from ``channel``, unbinding it when none is
+        left; see :meth:`crew.Client.unsubscribe`."""
+        callbacks = self._callbacks.get(channel)
         if callbacks is None:
             return _done()
         if callback is None:
@@ -80,20 +89,15 @@ class PubSub:
             callbacks.remove(callback)
         if callbacks:
             return _done()
-        del self._subscriptions[channel]
+        del self._callbacks[channel]
         self._bindings.pop(channel, None)
-        if not self.connected:
+        if not self._connected:
             return _done()
         return _Operation(self._spawn(self._channel.unbind(  # type: ignore[union-attr]
-            self._reply_queue, protocol.PUBSUB_EXCHANGE, channel), f"unsubscribing {channel!r}"))
+            self._queue, protocol.PUBSUB_EXCHANGE, channel), f"unsubscribing {channel!r}"))
 
     def publish(self, channel: str, data: Any = None) -> Awaitable[None]:
-        """Send ``data`` to every client subscribed to ``channel`` now (fire and forget).
-
-        The message is handed to the connection at once, awaited or not; awaiting the
-        result raises what went wrong (not connected, data that cannot be encoded), which
-        is also logged. Nothing is kept for subscribers that come later.
-        """
+        """Send ``data`` on ``channel`` at once; see :meth:`crew.Client.publish`."""
         protocol.validate_channel(channel)
         try:
             body, encoding = codec.encode(data)
@@ -107,26 +111,27 @@ class PubSub:
             return _failed(exc)
         return _done()
 
-    async def _bind_subscriptions(self, channel: Channel, queue: str) -> None:
+    async def bind_all(self, channel: Channel, queue: str) -> None:
         """Bind ``queue`` to every subscribed channel, including those (un)subscribed
         while the binds are under way."""
         bound: set[str] = set()
-        while bound != self._subscriptions.keys():
-            for name in self._subscriptions.keys() - bound:
+        while bound != self._callbacks.keys():
+            for name in self._callbacks.keys() - bound:
                 await channel.bind(queue, protocol.PUBSUB_EXCHANGE, name)
                 bound.add(name)
-            for name in bound - self._subscriptions.keys():
+            for name in bound - self._callbacks.keys():
                 await channel.unbind(queue, protocol.PUBSUB_EXCHANGE, name)
                 bound.discard(name)
         self._bindings.clear()
 
-    def _on_event(self, channel: str, props: BasicProperties, body: bytes) -> None:
+    def on_message(self, channel: str, props: BasicProperties, body: bytes) -> None:
+        """A message published on ``channel``: call every callback whose pattern matches."""
         try:
             data = codec.decode(body, props.content_type, props.content_encoding)
         except CodecError as exc:
             log.warning("pubsub message on %r dropped: %s", channel, exc)
             return
-        for pattern, callbacks in list(self._subscriptions.items()):
+        for pattern, callbacks in list(self._callbacks.items()):
             if _topic_matches(pattern, channel):
                 for callback in list(callbacks):
                     self._run_callback(callback, channel, data)

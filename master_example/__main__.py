@@ -2,7 +2,8 @@
 
 import sys
 
-from crew.cli import broker_from_options, build_http_parser, run_http, setup_logging
+from crew.cli import broker_from_options, setup_logging
+from crew.httpapi import build_http_parser, run_http
 from crew.master.tornado import Client
 
 from . import make_app

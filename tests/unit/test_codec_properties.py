@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pika.spec import BasicProperties
 
 from crew import CrewError, ExpirationError, RemoteError, TimeoutError, codec, protocol
-from crew.client import _outcome
+from crew.pending import outcome as _outcome
 from crew.exceptions import CodecError
 from crew.jobs import Job
 

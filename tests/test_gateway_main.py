@@ -1,0 +1,47 @@
+"""``python -m crew.gateway``: its command line (crew.gateway.main) and a run as a process."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from conftest import Output, spawn_python, stop
+from crew import gateway
+
+
+def test_main_refuses_bad_options_with_usage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        gateway.main(["--max-body", "0"])
+    assert exited.value.code == 2
+    assert "max_body must be" in capsys.readouterr().err
+
+
+def test_main_help_names_the_gateway_options(capsys):
+    with pytest.raises(SystemExit) as exited:
+        gateway.main(["--help"])
+    assert exited.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: python -m crew.gateway")
+    assert "--broker-port" in usage and "--poll-timeout" in usage and "--max-body" in usage
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_gateway_as_a_process_serves_until_sigterm(broker_url):
+    proc = spawn_python(["-m", "crew.gateway", "--port", "0"], broker_url)
+    output = Output(proc)
+    try:
+        listening = await output.wait_for("listening on http://")
+        base = "http://127.0.0.1:%s" % re.search(r":(\d+)/", listening).group(1)
+        http = AsyncHTTPClient()
+        health = await http.fetch(f"{base}/health")
+        assert json.loads(health.body) == {"broker": "up", "listeners": 0}
+        unknown = await http.fetch(f"{base}/call/no-such-task", method="POST", body="1",
+                                   raise_error=False)
+        assert unknown.code == 404 and json.loads(unknown.body)["error"] == "UnknownTaskError"
+    finally:
+        code = await stop(proc, output)
+        print(output.everything())  # shown by pytest when the test fails
+    assert code == 0
