@@ -22,7 +22,7 @@ LAYERS = [
     "crew.budget", "crew.memory", "crew.wire", "crew.codec", "crew.transport", "crew.amqp",
     "crew.connecting", "crew.registry", "crew.cancels", "crew.jobs", "crew.context",
     "crew.pool", "crew.replies", "crew.calls", "crew.serving", "crew.pubsub", "crew.pending",
-    "crew.client", "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway",
+    "crew.parallel", "crew.link", "crew.client", "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway",
     "crew.worker", "crew.master", "crew.master.tornado", "crew",
 ]
 

@@ -8,7 +8,7 @@ import re
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from conftest import Output, spawn_python, stop
+from tests.support.processes import Output, spawn_python, stop
 from crew import gateway
 
 
