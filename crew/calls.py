@@ -186,12 +186,12 @@ class CallHandler:
         self.replies.add(job)
         job.timer = self._loop.call_later(remaining, self._on_deadline, job)  # type: ignore
         if not self._memory.admit(job.key, cost, partial(self._start, job, is_async)):
-            self._prefetch.hold_back(self.replies.channel, self._memory.started)
+            self._prefetch.hold_back(self.replies.channel, self._memory)
 
     def _released(self, job: Job) -> None:
         """``job``'s call is no longer served: its memory may start the calls that wait."""
         self._memory.release(job.key)
-        self._prefetch.resume(self.replies.channel, self._memory.waiting)
+        self._prefetch.resume(self.replies.channel, self._memory)
 
     def _start(self, job: Job, is_async: bool) -> None:
         """Run a call that has its memory reserved: in a job thread, or as a coroutine."""

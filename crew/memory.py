@@ -98,15 +98,15 @@ class Prefetch:
         self._holding_back = False
         self._qos_tasks: set[asyncio.Task[None]] = set()
 
-    def hold_back(self, channel: QosChannel | None, started: int) -> None:
-        """Calls wait for memory: lower ``channel``'s prefetch to the ``started`` calls."""
+    def hold_back(self, channel: QosChannel | None, gate: MemoryGate) -> None:
+        """Calls wait for memory: lower ``channel``'s prefetch to the calls ``gate`` started."""
         if not self._holding_back and channel is not None:
             self._holding_back = True
-            self._set(channel, max(1, started))
+            self._set(channel, max(1, gate.started))
 
-    def resume(self, channel: QosChannel | None, waiting: int) -> None:
-        """No call waits for memory any more (``waiting`` is 0): the worker's own prefetch."""
-        if self._holding_back and not waiting and channel is not None:
+    def resume(self, channel: QosChannel | None, gate: MemoryGate) -> None:
+        """If no call waits for memory in ``gate`` any more: the worker's own prefetch."""
+        if self._holding_back and not gate.waiting and channel is not None:
             self._holding_back = False
             self._set(channel, self._concurrency)
 

@@ -112,12 +112,12 @@ def test_the_prefetch_is_lowered_once_while_calls_wait_and_restored_after():
         assert gate.admit("a", 60, lambda: started.append("a"))
         for key, cost in (("b", 50), ("c", 60)):
             if not gate.admit(key, cost, lambda key=key: started.append(key)):
-                prefetch.hold_back(channel, gate.started)
+                prefetch.hold_back(channel, gate)
         gate.release("a")  # b starts; c waits still
-        prefetch.resume(channel, gate.waiting)
+        prefetch.resume(channel, gate)
         gate.release("b")
-        prefetch.resume(channel, gate.waiting)
-        prefetch.resume(channel, gate.waiting)  # restored once only
+        prefetch.resume(channel, gate)
+        prefetch.resume(channel, gate)  # restored once only
         await asyncio.sleep(0)
         assert started == ["a", "b", "c"]
         return channel.prefetches
@@ -127,11 +127,13 @@ def test_the_prefetch_is_lowered_once_while_calls_wait_and_restored_after():
 
 def test_a_new_channel_starts_with_the_workers_own_prefetch():
     async def scenario() -> list[int]:
-        channel, prefetch = _QosChannel(), Prefetch(4)
-        prefetch.hold_back(channel, 3)
+        channel, prefetch, gate = _QosChannel(), Prefetch(4), MemoryGate(100)
+        for key in "abc":
+            gate.admit(key, 10, lambda: None)
+        prefetch.hold_back(channel, gate)
         prefetch.reset()  # the channel closed
-        prefetch.resume(channel, 0)  # nothing to restore on the new one
-        prefetch.hold_back(None, 3)  # no channel: nothing
+        prefetch.resume(channel, gate)  # nothing to restore on the new one
+        prefetch.hold_back(None, gate)  # no channel: nothing
         await asyncio.sleep(0)
         return channel.prefetches
 
