@@ -99,10 +99,10 @@ def _asyncecho() -> None:
 
 
 def _directall() -> None:
-    from crew import calls
+    from crew import replies
 
     # A job thread answers by itself unless a batch of replies already waits for the loop.
-    calls.CallHandler._alone = lambda self: not self._finished_scheduled  # type: ignore
+    replies.Replies._alone = lambda self: not self._finished_scheduled  # type: ignore
 
 
 def _pikacodec() -> None:

@@ -5,7 +5,8 @@ round), and prints the median of each figure over the rounds. One round of a poo
 pool of ``--size`` threads; an asyncio loop submits bursts of ``--burst`` trivial jobs (the
 real :class:`crew.jobs.Job`, an echo task) and waits for each burst; before that,
 ``--sequential`` jobs one at a time. Finished jobs are handed back to the loop as the
-worker does (``CallHandler._job_done``: batched, one ``call_soon_threadsafe`` per batch).
+worker does (``crew.replies.Replies.job_done``: batched, one ``call_soon_threadsafe`` per
+batch).
 ``--block 5`` makes each job block for 5 ms (``time.sleep``): a burst then needs a thread
 per job, and its wall time shows how fast the pool provides them.
 
@@ -172,7 +173,7 @@ class Round:
         self._waiting = 0
         self._all_done: asyncio.Future[None] | None = None
 
-    def _job_done(self, job: Job, reply: Reply) -> None:  # as CallHandler._job_done
+    def _job_done(self, job: Job, reply: Reply) -> None:  # as Replies.job_done
         with self._finished_lock:
             self._finished.append((job, reply))
             if self._finished_scheduled:
@@ -212,7 +213,7 @@ class Round:
 
     def _job(self, i: int) -> Job:
         task = _echo if not self.block else functools.partial(_blocking_echo, self.block)
-        return Job(None, "echo", task, 1, str(i), "reply",  # type: ignore[arg-type]
+        return Job(None, "echo", task, 1, str(i), "reply",
                    protocol.MSGPACK, None, _BODY, {}, time.monotonic() + 60)
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
-"""Command lines: the worker's (``python worker.py -H host``) and the shared pieces of the HTTP
-servers' (``python -m crew.gateway``, ``python -m master_example``). The only place that
-parses argv or configures logging."""
+"""Command-line pieces: argv parsers, logging and signal handling for the worker's command line
+(``python worker.py -H host``, run by :mod:`crew.worker`) and the HTTP servers'
+(``python -m crew.gateway``, ``python -m master_example``). With the entry points that use
+it, the only place that parses argv or configures logging. It knows no worker or client:
+the entry points above it build those."""
 
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Callable, Sequence
 
 from . import protocol
-from .settings import BrokerSettings
+from .settings import (DEFAULT_GRACE, DEFAULT_MAX_MEMORY, DEFAULT_MAX_STUCK, MIN_MAX_MEMORY,
+                       BrokerSettings)
 
 log = logging.getLogger("crew")
 
 #: Exit status of a worker that drained and exited because too many job threads were stuck;
 #: a supervisor (``--forks``, systemd) should start a fresh process.
 EXIT_STUCK = 3
+_MiB = 1024 * 1024
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -37,15 +41,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--max-priority", type=int, default=protocol.DEFAULT_QUEUE_MAX_PRIORITY,
                         help="x-max-priority of the task queues; higher call priorities count "
                              "as this (default %(default)s)")
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="seconds running jobs get to finish on SIGTERM (default 30)")
-    parser.add_argument("--max-stuck", type=int, default=4,
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                        help="seconds running jobs get to finish on SIGTERM (default %(default)g)")
+    parser.add_argument("--max-stuck", type=int, default=DEFAULT_MAX_STUCK,
                         help="stuck job threads tolerated before the process drains and exits "
-                             "with status 3 for a restart (default 4)")
-    parser.add_argument("--max-memory", type=int, default=1024, metavar="MiB",
+                             f"with status {EXIT_STUCK} for a restart (default %(default)s)")
+    parser.add_argument("--max-memory", type=int, default=DEFAULT_MAX_MEMORY // _MiB,
+                        metavar="MiB",
                         help="memory ceiling for the calls being served, undecoded, inflated "
-                             "and decoded; calls beyond it wait (default 1024 MiB, at least "
-                             "128)")
+                             "and decoded; calls beyond it wait (default %(default)s MiB, at "
+                             f"least {MIN_MAX_MEMORY // _MiB})")
     add_logging_arguments(parser)
     return parser
 
@@ -86,39 +91,9 @@ def setup_logging(options: argparse.Namespace) -> None:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
-def main(tasks: Mapping[str, Any], settings: Mapping[str, Any],
-         argv: Sequence[str] | None = None, prog: str | None = None) -> None:
-    """Parse ``argv`` and serve ``tasks``; exits the process with the worker's status."""
-    options = build_parser(prog).parse_args(argv)
-    setup_logging(options)
-    if options.concurrency < 1:
-        sys.exit("--concurrency must be at least 1")
-    if options.forks > 0:
-        from .supervisor import supervise
-
-        sys.exit(supervise(options.forks, lambda: serve(tasks, settings, options)))
-    sys.exit(serve(tasks, settings, options))
-
-
-def serve(tasks: Mapping[str, Any], settings: Mapping[str, Any],
-          options: argparse.Namespace) -> int:
-    """Run one worker in this process until a signal stops it; return the exit status."""
-    from .worker import Worker
-
-    try:
-        worker = Worker(tasks, broker=broker_from_options(options, "crew-worker"),
-                        concurrency=options.concurrency, max_priority=options.max_priority,
-                        settings=settings, options=options, max_stuck=options.max_stuck,
-                        grace=options.grace, max_memory=options.max_memory * 1024 * 1024)
-    except (TypeError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
-    return asyncio.run(_serve_with_signals(worker))
-
-
-async def _serve_with_signals(worker: Any) -> int:
-    from .exceptions import CrewError
-
+def on_stop_signals(stop: Callable[[], None], stop_now: Callable[[], None]) -> None:
+    """On the running loop: the first SIGINT or SIGTERM calls ``stop()`` (a graceful stop),
+    any later one ``stop_now()``; each is logged."""
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -128,20 +103,14 @@ async def _serve_with_signals(worker: Any) -> int:
         if signals_seen == 1:
             log.info("%s: stopping after running jobs (send it again to stop at once)",
                      signal.Signals(signum).name)
-            worker.request_stop()
+            stop()
         else:
             log.warning("%s again: stopping now; unfinished calls go back to their queues",
                         signal.Signals(signum).name)
-            worker.request_stop(grace=0)
+            stop_now()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        reason = await worker.serve()
-    except CrewError as exc:
-        log.error("worker stopped: %s", exc)
-        return 1
-    return {"stopped": 0, "stuck": EXIT_STUCK}.get(reason, 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

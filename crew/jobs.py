@@ -2,30 +2,51 @@
 
 A :class:`Job` is read from a delivery (checks, deadline), decodes its argument, calls its
 task (in a job thread of :mod:`crew.pool`, or on the loop for ``async def`` tasks) and
-encodes the :class:`Reply`, whatever the task returned or raised.
+encodes the :class:`Reply`, whatever the task returned or raised. While it runs,
+:data:`current_job` names it: :mod:`crew.context` reads the call's headers and deadline
+there, and the :class:`Scope` of the worker serving it (its settings and publisher).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from pika.spec import BasicProperties
 
 from . import codec, protocol
-from .context import current_job
 from .exceptions import CodecError, JobKilled
+from .registry import Settings
 from .threads import Interruptible
 
 if TYPE_CHECKING:
     from .amqp import Channel
-    from .worker import Worker
 
 log = logging.getLogger(__name__)
+
+#: The job running in this thread or asyncio task, if any: how ``context`` finds its call.
+current_job: contextvars.ContextVar[Job | None] = contextvars.ContextVar(
+    "crew_current_job", default=None)
+
+
+class Publishes(Protocol):
+    """``context.pubsub``: what publishes to pubsub channels for task code."""
+
+    def publish(self, channel: str, data: Any = None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What task code may see of the worker serving it: ``context.settings`` and
+    ``context.pubsub``. One per worker, shared by all its jobs; made by the worker."""
+
+    settings: Settings
+    pubsub: Publishes
 
 
 @dataclass(slots=True)
@@ -40,17 +61,18 @@ class Reply:
 class Job:
     """One call being served by a worker."""
 
-    __slots__ = ("worker", "task", "func", "delivery_tag", "correlation_id", "reply_to",
+    __slots__ = ("scope", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
                  "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread",
                  "channel")
 
-    def __init__(self, worker: "Worker", task: str, func: Callable[[Any], Any],
+    def __init__(self, scope: Scope | None, task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
                  content_type: str | None, content_encoding: str | None, body: bytes,
                  headers: dict[str, Any], deadline: float,
                  reply_gzip: bool | None = None) -> None:
-        self.worker = worker
+        #: What the task sees of its worker (None: a job run outside a worker, in tests).
+        self.scope = scope
         self.task = task
         self.func = func
         self.delivery_tag = delivery_tag
@@ -78,7 +100,7 @@ class Job:
         self.channel: Channel | None = None
 
     @classmethod
-    def from_delivery(cls, worker: "Worker", task: str, func: Callable[[Any], Any],
+    def from_delivery(cls, scope: Scope, task: str, func: Callable[[Any], Any],
                       delivery_tag: int, props: BasicProperties,
                       body: bytes) -> tuple["Job", CodecError | None]:
         """The job for a delivered call, and why it must be refused (or None).
@@ -104,7 +126,7 @@ class Job:
             refusal, reply_gzip = CodecError(
                 f"header {protocol.GZIP_HEADER} must be a boolean, not "
                 f"{type(reply_gzip).__name__}"), None
-        job = cls(worker, task, func, delivery_tag, props.correlation_id, props.reply_to,
+        job = cls(scope, task, func, delivery_tag, props.correlation_id, props.reply_to,
                   props.content_type, props.content_encoding, body,
                   protocol.user_headers(headers), monotonic_deadline(deadline), reply_gzip)
         return job, refusal

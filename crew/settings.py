@@ -3,6 +3,9 @@
 Sources, strongest first: explicit arguments, the URL (argument, else ``$CREW_URL``, else
 guest on localhost:5672), ``$CREW_PASSWORD``, ``$CREW_PASSWORD_FILE``, then ``guest``.
 The password is never shown: :attr:`BrokerSettings.safe_url` and ``repr`` mask it.
+
+Also the defaults and ranges of a worker's own settings, in one place for
+:class:`crew.worker.Worker` and its command line alike.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pika
 
-__all__ = ["BrokerSettings", "DEFAULT_URL"]
+__all__ = ["BrokerSettings", "DEFAULT_GRACE", "DEFAULT_MAX_MEMORY", "DEFAULT_MAX_STUCK",
+           "DEFAULT_URL", "MIN_MAX_MEMORY", "check_worker_limits"]
 
 #: Without a URL: guest on localhost (the password, "guest" unless the environment says
 #: otherwise, is deliberately not in it, so that $CREW_PASSWORD applies).
@@ -24,6 +28,31 @@ _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 #: Seconds between heartbeats: a dead link is noticed after two or three of them. A job that
 #: holds the GIL in C code longer than about two intervals can starve them (see README).
 DEFAULT_HEARTBEAT = 10
+
+#: Default number of stuck job threads a worker tolerates before it drains and exits.
+DEFAULT_MAX_STUCK = 4
+#: Default seconds running jobs get to finish on a graceful stop.
+DEFAULT_GRACE = 30.0
+#: Default memory ceiling, in bytes, of what a worker reserves for the calls it decodes and
+#: runs (see crew.memory): any body of up to 16 MiB as sent, and any gzip body that inflates
+#: to at most 30 MiB (27 MiB of JSON), fits it whatever it holds.
+DEFAULT_MAX_MEMORY = 1024 * 1024 * 1024
+#: The smallest ceiling accepted: a 16 MiB body of strings or bytes must fit.
+MIN_MAX_MEMORY = 128 * 1024 * 1024
+
+
+def check_worker_limits(concurrency: int, max_stuck: int, grace: float,
+                        max_memory: int) -> None:
+    """Raise ``ValueError`` for a worker setting out of its range."""
+    if not isinstance(concurrency, int) or not 1 <= concurrency <= 1000:
+        raise ValueError(f"concurrency must be an int in 1..1000, got {concurrency!r}")
+    if not isinstance(max_stuck, int) or max_stuck < 0:
+        raise ValueError(f"max_stuck must be an int >= 0, got {max_stuck!r}")
+    if not grace >= 0:
+        raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
+    if not isinstance(max_memory, int) or max_memory < MIN_MAX_MEMORY:
+        raise ValueError(f"max_memory must be an int of at least {MIN_MAX_MEMORY} bytes "
+                         f"(128 MiB), got {max_memory!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``python -m worker_example -H localhost``: serve the example's tasks until SIGTERM."""
 
-from crew.cli import main
+from crew.worker import main
 
 from . import settings, tasks
 

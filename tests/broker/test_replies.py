@@ -53,7 +53,7 @@ def thread_sends(monkeypatch: pytest.MonkeyPatch) -> Sends:
 def _count_loop_wakes(worker: Any) -> list[int]:
     """Count the runs of the worker loop's reply handler (the loop woken for replies)."""
     runs: list[int] = []
-    handler = worker._calls
+    handler = worker._calls.replies
     answer_finished = handler._answer_finished
     handler._answer_finished = lambda: (runs.append(1), answer_finished())[1]
     return runs

@@ -375,7 +375,7 @@ async def test_a_workers_replies_leave_with_the_batch_that_answers_them(make_wor
                                                                          uid):
     worker = make_worker({f"echo.{uid}": lambda x: x}, concurrency=4)
     await client.call(f"echo.{uid}", 0)
-    handler = worker._calls
+    handler = worker._calls.replies
     answer_finished = handler._answer_finished
     left_unsent: list[int] = []
 

@@ -163,7 +163,7 @@ any_text = st.text(st.characters(codec="utf-8") | st.characters(categories=["Cs"
 
 
 def _job(content_type: str) -> Job:
-    return Job(None, "task", lambda x: x, 1, "cid", "reply-queue",  # type: ignore[arg-type]
+    return Job(None, "task", lambda x: x, 1, "cid", "reply-queue",
                content_type, None, b"", {}, 0.0)
 
 

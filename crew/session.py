@@ -1,0 +1,115 @@
+"""A worker's session: what it sets up on one broker connection, and takes down again.
+
+On each connection (the first, and every reconnection) a worker opens its task channel with
+its prefetch, declares the exchanges and its task queues, starts following the cancel notices
+(:class:`crew.cancels.CancelFeed`) and consumes its task queues, handing each delivery to its
+:class:`~crew.calls.CallHandler`, which outlives the session. Connecting again after a loss,
+and stopping, is :class:`crew.serving.Worker`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from . import protocol
+from .amqp import NOT_FOUND, Channel, Connection, unavailable
+from .calls import CallHandler
+from .cancels import CancelFeed
+from .exceptions import BrokerError, CrewError
+from .registry import TaskFunction
+from .settings import BrokerSettings
+
+__all__ = ["Session"]
+
+
+class Session:
+    """One broker connection of a worker, with its task channel, cancel feed and consumers.
+
+    Made by :meth:`open`; ``worker_id`` makes the cancel feed's markers unique.
+    """
+
+    def __init__(self, connection: Connection, calls: CallHandler,
+                 tasks: Mapping[str, TaskFunction], *, concurrency: int, max_priority: int,
+                 worker_id: str) -> None:
+        self.connection = connection
+        #: The task channel, once opened.
+        self.channel: Channel | None = None
+        self._calls = calls
+        self._tasks = tasks
+        self._concurrency = concurrency
+        self._max_priority = max_priority
+        self._worker_id = worker_id
+        self._cancel_feed: CancelFeed | None = None
+        self._consumers: list[str] = []
+
+    @classmethod
+    async def open(cls, broker: BrokerSettings, calls: CallHandler,
+                   tasks: Mapping[str, TaskFunction], *, concurrency: int, max_priority: int,
+                   worker_id: str) -> Session:
+        """One attempt: connect, declare, consume. A connection lost half-way is closed and
+        the error raised, for :func:`~crew.amqp.connect_retrying` to try again."""
+        session = cls(await Connection.open(broker), calls, tasks, concurrency=concurrency,
+                      max_priority=max_priority, worker_id=worker_id)
+        try:
+            await session._setup()
+        except BaseException:
+            session._consumers.clear()
+            await session.close()
+            raise
+        return session
+
+    async def _setup(self) -> None:
+        channel = self.channel = await self.connection.channel()
+        self._calls.attach(channel)
+        # Per-channel (global) prefetch: all task consumers share the concurrency slots.
+        await channel.qos(self._concurrency, global_qos=True)
+        await channel.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
+        await channel.declare_exchange(protocol.CONTROL_EXCHANGE, "fanout")
+        await channel.declare_exchange(protocol.PUBSUB_EXCHANGE, "topic")
+        channel.on_return(self._calls.replies.on_reply_returned)
+        await self._declare_task_queues(channel)
+        # Cancel notices get a channel of their own: the task channel's prefetch limit
+        # holds back every delivery on it while jobs run. They are read up to now before
+        # any call is taken, so that a notice sent while no worker ran still holds.
+        self._cancel_feed = CancelFeed(self.connection, self._calls.on_cancel, self._worker_id)
+        await self._cancel_feed.start()
+        for name, func in self._tasks.items():
+            on_message = self._calls.consumer(name, func)
+            self._consumers.append(await channel.consume(protocol.task_queue(name), on_message))
+
+    async def _declare_task_queues(self, channel: Channel) -> None:
+        arguments = protocol.task_queue_arguments(self._max_priority)
+        for name in self._tasks:
+            queue = protocol.task_queue(name)
+            try:
+                await channel.declare_queue(queue, durable=True, arguments=arguments)
+            except BrokerError as exc:
+                if exc.code == NOT_FOUND:  # its node restarts: connect_retrying tries again
+                    raise unavailable(exc, queue) from None
+                raise BrokerError(
+                    f"cannot declare {queue}: {exc.text}. It exists with other arguments; every "
+                    f"worker of a task must use the same max_priority (this one: "
+                    f"{self._max_priority}), or delete the queue", exc.code, exc.text) from None
+
+    async def cancel_consumers(self) -> None:
+        """Stop consuming the task queues, unless the task channel closed already."""
+        channel = self._calls.channel  # None once the handler knows the channel is lost
+        if channel is not None and channel.is_open:
+            for tag in self._consumers:
+                try:
+                    await channel.cancel(tag)
+                except CrewError:
+                    break
+        self._consumers.clear()
+
+    def lost(self) -> None:
+        """The connection or the task channel closed: stop following the cancel notices."""
+        if self._cancel_feed is not None:
+            self._cancel_feed.close()
+        self._consumers.clear()
+
+    async def close(self) -> None:
+        """Stop following the cancel notices and close the connection."""
+        if self._cancel_feed is not None:
+            self._cancel_feed.close()
+        await self.connection.close()

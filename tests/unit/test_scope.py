@@ -1,0 +1,156 @@
+"""What task code sees of its worker (a frozen Scope, not the Worker), the publisher behind
+``context.pubsub``, and the prefetch a worker lowers while calls wait for memory (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from crew import EncodeError, codec, protocol
+from crew.context import Context, Publisher, context
+from crew.jobs import Job, Scope, current_job
+from crew.memory import MemoryGate, Prefetch
+from crew.registry import Settings
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, str | None]] = []
+
+    def __call__(self, channel: str, body: bytes, encoding: str | None) -> None:
+        self.messages.append((channel, body, encoding))
+
+
+def _scope(**settings: Any) -> Scope:
+    return Scope(Settings(**settings), Publisher(_Sent()))
+
+
+def _job(scope: Scope | None, func: Any) -> Job:
+    body, _ = codec.encode(None)
+    return Job(scope, "t", func, 1, "cid", "reply", protocol.MSGPACK, None, body, {"h": 1},
+               time.monotonic() + 60)
+
+
+@pytest.fixture
+def bound_scope():
+    """Restores what ``context`` means outside a job (module state) after the test."""
+    saved = Context._scope
+    yield
+    Context._scope = saved
+
+
+def test_a_scope_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _scope().settings = Settings()  # type: ignore[misc]
+
+
+def test_a_job_sees_its_own_scope_and_outside_a_job_the_last_bound(bound_scope):
+    ours, other = _scope(name="ours"), _scope(name="other")
+    context._bind(other)
+    seen: list[Any] = []
+
+    def task(_argument: Any) -> None:
+        seen.extend([context.settings.name, context.pubsub, context.headers])
+
+    reply = _job(ours, task).run_sync()
+    assert reply.status == protocol.STATUS_OK
+    assert seen == ["ours", ours.pubsub, {"h": 1}]
+    assert current_job.get() is None
+    assert context.settings.name == "other" and context.pubsub is other.pubsub
+    with pytest.raises(RuntimeError, match="inside a job"):
+        context.headers
+
+
+def test_context_before_any_worker_started_says_so(bound_scope):
+    Context._scope = None
+    with pytest.raises(RuntimeError, match="once a worker has started"):
+        context.settings
+    outcome: list[str] = []
+
+    def task(_argument: Any) -> None:  # a job made outside a worker (tests, benchmarks)
+        try:
+            context.settings
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+
+    _job(None, task).run_sync()
+    assert outcome and "once a worker has started" in outcome[0]
+
+
+def test_the_publisher_checks_and_encodes_then_hands_the_message_on():
+    sent = _Sent()
+    publisher = Publisher(sent)
+    publisher.publish("news.sport", {"score": 1})
+    (channel, body, encoding), = sent.messages
+    assert channel == "news.sport" and codec.decode(body, protocol.MSGPACK, encoding) == {
+        "score": 1}
+    with pytest.raises(ValueError):
+        publisher.publish("")
+    with pytest.raises(EncodeError):
+        publisher.publish("news", object())
+    assert len(sent.messages) == 1
+
+
+class _QosChannel:
+    def __init__(self) -> None:
+        self.prefetches: list[int] = []
+
+    async def qos(self, prefetch_count: int, global_qos: bool = False) -> None:
+        assert global_qos
+        self.prefetches.append(prefetch_count)
+
+
+def test_the_prefetch_is_lowered_once_while_calls_wait_and_restored_after():
+    async def scenario() -> list[int]:
+        channel, gate, prefetch = _QosChannel(), MemoryGate(100), Prefetch(8)
+        started: list[str] = []
+        assert gate.admit("a", 60, lambda: started.append("a"))
+        for key, cost in (("b", 50), ("c", 60)):
+            if not gate.admit(key, cost, lambda key=key: started.append(key)):
+                prefetch.hold_back(channel, gate)
+        gate.release("a")  # b starts; c waits still
+        prefetch.resume(channel, gate)
+        gate.release("b")
+        prefetch.resume(channel, gate)
+        prefetch.resume(channel, gate)  # restored once only
+        await asyncio.sleep(0)
+        assert started == ["a", "b", "c"]
+        return channel.prefetches
+
+    assert asyncio.run(scenario()) == [1, 8]
+
+
+def test_a_new_channel_starts_with_the_workers_own_prefetch():
+    async def scenario() -> list[int]:
+        channel, prefetch, gate = _QosChannel(), Prefetch(4), MemoryGate(100)
+        for key in "abc":
+            gate.admit(key, 10, lambda: None)
+        prefetch.hold_back(channel, gate)
+        prefetch.reset()  # the channel closed
+        prefetch.resume(channel, gate)  # nothing to restore on the new one
+        prefetch.hold_back(None, gate)  # no channel: nothing
+        await asyncio.sleep(0)
+        return channel.prefetches
+
+    assert asyncio.run(scenario()) == [3]
+
+
+def test_every_job_of_a_worker_shares_its_settings():
+    scope = _scope(counter=0)
+    names: list[str] = []
+
+    def task(_argument: Any) -> None:
+        context.settings.counter += 1
+        names.append(threading.current_thread().name)
+
+    threads = [threading.Thread(target=_job(scope, task).run_sync) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert scope.settings.counter == 3 and len(names) == 3
