@@ -31,7 +31,8 @@ from typing import Any, Coroutine
 from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
-from .amqp import Channel, Connection, connect_retrying
+from .amqp import Channel, Connection
+from .connecting import connect_retrying
 from .exceptions import (CallError, CodecError, ConnectionLostError,
                          CrewError, DecodeError, ExpirationError, RemoteError, TimeoutError,
                          UnknownTaskError)

@@ -11,10 +11,22 @@ and body, ``Basic.Ack``, and, on the way in, content headers and ``Basic.Deliver
 It produces exactly pika's bytes and pika's objects. What it reads it reads as pika does,
 step for step, truncated and malformed bytes included; what it does not know it leaves to
 pika's own codec, which then does what pika does, with the same bytes, the same objects
-and the same errors: a property or header value of another kind (nested tables, arrays,
-decimals, timestamps, ``pika.compat.long`` on the way out), another frame, a flag word
-pika would read on from, anything that raises. tests/test_wire.py checks both directions
-against pika byte for byte and field for field, over generated input and edge cases.
+and the same errors: a property or header value of another kind (decimals, floats,
+``pika.compat.long`` on the way out, 64-bit integers below zero), another frame, a flag
+word pika would read on from. It uses only pika's public API (the attributes of
+``BasicProperties``, the public functions of ``pika.frame``, ``pika.spec`` and
+``pika.data``), and **any** exception it meets, an expected one or one raised because
+pika's objects changed shape, leaves the frame to pika's codec: a change in pika makes
+crew slower, never wrong. tests/test_wire.py checks both directions against pika byte
+for byte and field for field, over generated input and edge cases.
+
+One difference from pika, on purpose: :func:`decode_table` (crew's decoder of field
+tables, used for the headers of every content header crew reads) keeps a timestamp that
+Python cannot represent (past the year 9999) as an int of epoch seconds. pika raises on
+it while it parses the frame, which kills the connection; the broker passes the header
+through and redelivers the call, so one forged message would take a worker down again and
+again. This applies only where crew decodes frames (:mod:`crew.transport` uses it on both
+of its paths), never to pika elsewhere in the process.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import pika.frame
 import pika.spec
 from pika.spec import Basic, BasicProperties
 
-__all__ = ["ack_frame", "decode", "publish_frames"]
+__all__ = ["ack_frame", "decode", "decode_table", "decode_value", "publish_frames"]
 
 _END = bytes([pika.spec.FRAME_END])
 _FRAME = struct.Struct(">BHL")  # frame type, channel, payload size
@@ -68,6 +80,22 @@ _PROPERTIES = (
 _KNOWN_FLAGS = sum(flag for flag, _, _ in _PROPERTIES)
 
 
+def _long_reader(kind: bytes) -> struct.Struct | None:
+    """How this pika reads a 64-bit table integer of ``kind`` (``l`` or ``L``): signed since
+    pika 1.4, ``l`` unsigned before. Asked of pika once; None leaves the kind to pika."""
+    try:
+        value = pika.data.decode_value(kind + b"\xff" * 8, 0)[0]
+    except Exception:  # noqa: BLE001 - pika changed: let it read these itself
+        return None
+    if type(value) is not pika.compat.long:
+        return None
+    return {-1: _LONG, 2**64 - 1: _ULONG}.get(value)
+
+
+_ULONG = struct.Struct(">cQ")
+_LONG_READERS = {ord(kind): _long_reader(kind) for kind in (b"l", b"L")}
+
+
 class _PikasCase(Exception):
     """What the lean codec leaves to pika's."""
 
@@ -82,7 +110,9 @@ def publish_frames(channel: int, exchange: str, routing_key: str, mandatory: boo
     try:
         frames = [_publish_method(channel, exchange, routing_key, mandatory),
                   _content_header(channel, len(body), properties)]
-    except Exception:  # noqa: BLE001 - pika's codec decides: the same bytes, or its error
+    # Caught broadly: what the lean codec does not know, and anything a change in pika's
+    # objects breaks here, is pika's codec's to encode (the same bytes, or pika's error).
+    except Exception:  # noqa: BLE001
         frames = [pika.frame.Method(channel, Basic.Publish(
                       exchange=exchange, routing_key=routing_key, mandatory=mandatory)
                   ).marshal(),
@@ -102,8 +132,11 @@ def publish_frames(channel: int, exchange: str, routing_key: str, mandatory: boo
 
 def ack_frame(channel: int, delivery_tag: int) -> bytes:
     """A ``Basic.Ack`` of one delivery, as pika's ``basic_ack`` makes it."""
-    return _ACK.pack(pika.spec.FRAME_METHOD, channel, _ACK.size - _FRAME_SIZE, Basic.Ack.INDEX,
-                     delivery_tag, 0) + _END
+    try:
+        return _ACK.pack(pika.spec.FRAME_METHOD, channel, _ACK.size - _FRAME_SIZE,
+                         Basic.Ack.INDEX, delivery_tag, 0) + _END
+    except Exception:  # noqa: BLE001 - pika's codec decides (a tag out of range: its error)
+        return pika.frame.Method(channel, Basic.Ack(delivery_tag)).marshal()
 
 
 def _short(value: Any) -> bytes:
@@ -126,11 +159,10 @@ def _publish_method(channel: int, exchange: str, routing_key: str, mandatory: bo
 def _content_header(channel: int, body_size: int, properties: BasicProperties) -> bytes:
     if type(properties) is not BasicProperties:
         raise _PikasCase
-    fields = properties.__dict__
     flags = 0
     pieces = []
     for flag, name, kind in _PROPERTIES:
-        value = fields[name]
+        value = getattr(properties, name)
         if value is None:
             continue
         flags |= flag
@@ -165,9 +197,10 @@ def _table(table: Any) -> bytes:
             raw = value.encode()
             pieces.append(_STRING.pack(b"S", len(raw)))
             pieces.append(raw)
-        elif kind is int:
-            # pika: I when it fits 32 bits, else l; pika.compat.long is always l (below).
-            pieces.append(_INT.pack(b"I", value) if -0x80000000 <= value <= 0x7FFFFFFF
+        elif kind is int and -0x80000000 <= value:
+            # pika: I when it fits 32 bits, else l; pika.compat.long is always l, and a
+            # 64-bit value below zero is L before pika 1.4 (both left to pika, below).
+            pieces.append(_INT.pack(b"I", value) if value <= 0x7FFFFFFF
                           else _LONG.pack(b"l", value))
         elif kind is bytes:
             pieces.append(_STRING.pack(b"x", len(value)))
@@ -199,8 +232,10 @@ def decode(buffer: bytes, offset: int, end: int) -> Any | None:
             return _decode_header(channel, buffer[start:end - 1])
         if kind == pika.spec.FRAME_METHOD and buffer[start:start + 4] == _DELIVER_INDEX:
             return pika.frame.Method(channel, _decode_deliver(buffer[start:end - 1]))
-    except (_PikasCase, IndexError, struct.error):
-        pass  # bytes pika reads in its own way, or raises for
+    # Caught broadly: bytes pika reads in its own way or raises for, and anything a change
+    # in pika's objects breaks here, are pika's to decode.
+    except Exception:  # noqa: BLE001
+        pass
     return None
 
 
@@ -209,21 +244,22 @@ def _decode_header(channel: int, payload: bytes) -> pika.frame.Header:
     if class_id != BasicProperties.INDEX or flags & ~_KNOWN_FLAGS:
         raise _PikasCase  # another class, or a flag word pika would read on
     properties = BasicProperties()
-    fields = properties.__dict__
     offset = _HEADER_START.size
+    value: Any
     for flag, name, kind in _PROPERTIES:
         if not flags & flag:
             continue
         if kind == _SHORT:
-            fields[name], offset = _read_short(payload, offset)
+            value, offset = _read_short(payload, offset)
         elif kind == _TABLE:
-            fields[name], offset = _read_table(payload, offset)
+            value, offset = decode_table(payload, offset)
         elif kind == _OCTET:
-            fields[name] = payload[offset]
+            value = payload[offset]
             offset += 1
         else:
-            fields[name] = _U64.unpack_from(payload, offset)[0]
+            value = _U64.unpack_from(payload, offset)[0]
             offset += 8
+        setattr(properties, name, value)
     return pika.frame.Header(channel, body_size, properties)
 
 
@@ -249,11 +285,15 @@ def _read_short(data: bytes, offset: int) -> tuple[str | bytes, int]:
     return _text(data[offset + 1:end]), end
 
 
-def _read_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
+def decode_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
+    """The field table at ``offset`` (its length first) and the offset after it, as pika's
+    ``decode_table`` reads it, except for timestamps past the year 9999 (an int here: see
+    the module's docstring). Raises on bytes pika would raise for."""
     size, = _U32.unpack_from(data, offset)
     offset += 4
     limit = offset + size
     table: dict[Any, Any] = {}
+    value: Any
     while offset < limit:
         key, offset = _read_short(data, offset)
         kind = data[offset]
@@ -261,17 +301,42 @@ def _read_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
             length, = _U32.unpack_from(data, offset + 1)
             start = offset + 5
             offset = start + length
-            value: Any = _text(data[start:offset]) if kind == 0x53 else data[start:offset]
-        elif kind == 0x6C or kind == 0x4C:  # l, L: pika marks them pika.compat.long
-            value = pika.compat.long(_LONG.unpack_from(data, offset)[1])
-            offset += 9
+            value = _text(data[start:offset]) if kind == 0x53 else data[start:offset]
         elif kind == 0x49:  # I
             value = _INT.unpack_from(data, offset)[1]
             offset += 5
         elif kind == 0x74:  # t
             value = data[offset + 1] != 0
             offset += 2
+        elif (reader := _LONG_READERS.get(kind)) is not None:  # l, L: pika.compat.long
+            value = pika.compat.long(reader.unpack_from(data, offset)[1])
+            offset += 9
         else:
-            raise _PikasCase
+            value, offset = decode_value(data, offset)
         table[key] = value
     return table, offset
+
+
+def decode_value(data: bytes, offset: int) -> tuple[Any, int]:
+    """The field value at ``offset`` (its kind first) and the offset after it: pika's
+    ``decode_value``, except that crew reads nested tables and arrays itself (so that their
+    timestamps are read as :func:`decode_table` reads them) and keeps a timestamp past the
+    year 9999 an int."""
+    kind = data[offset:offset + 1]
+    if kind == b"F":
+        return decode_table(data, offset + 1)
+    if kind == b"A":
+        length, = _U32.unpack_from(data, offset + 1)
+        offset += 5
+        end = offset + length
+        values = []
+        while offset < end:
+            value, offset = decode_value(data, offset)
+            values.append(value)
+        return values, offset
+    try:
+        return pika.data.decode_value(data, offset)
+    except (OverflowError, OSError, ValueError):
+        if kind != b"T":
+            raise
+        return _U64.unpack_from(data, offset + 1)[0], offset + 9

@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping
 from pika.spec import BasicProperties
 
 from . import codec, protocol
-from .amqp import NOT_FOUND, Connection, Stopped, connect_retrying, unavailable
+from .amqp import Connection
+from .connecting import NOT_FOUND, Stopped, connect_retrying, unavailable
 from .calls import CallHandler
 from .cancels import CancelFeed
 from .context import context
