@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
-from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
-                                                     AMQPConnectorPhaseErrorBase)
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorPhaseErrorBase,
+)
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
@@ -212,7 +215,7 @@ class Connection:
         log.warning("the broker at %s accepts publishing again", self.settings.safe_url)
 
     @classmethod
-    async def open(cls, settings: BrokerSettings) -> "Connection":
+    async def open(cls, settings: BrokerSettings) -> Connection:
         """Connect and log in, or raise :class:`ConnectionLostError` saying why not."""
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[AsyncioConnection] = loop.create_future()

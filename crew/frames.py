@@ -11,7 +11,7 @@ which does touch pika's internals, lives in :mod:`crew.transport` (the fast path
 Frames are decoded by :func:`decode_frame`: crew's codec (:mod:`crew.wire`) first, pika's
 for what crew's leaves to it; and where pika raises on a content header, crew's codec is
 asked again, so that a header pika cannot read but crew can (a timestamp past the year
-9999, see :mod:`crew.wire`) does not close the connection.
+9999, see :mod:`crew.tables`) does not close the connection.
 """
 
 from __future__ import annotations

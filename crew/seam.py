@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pika
 import pika.frame
@@ -87,7 +87,7 @@ def report(choice: Choice) -> None:
             "fast (private)" if choice.fast else "public", choice.reason)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def codec_problem() -> str | None:
     """What is wrong with crew's codec under this pika, for a sample call, reply and ack
     (None: nothing)."""

@@ -27,7 +27,7 @@ same on either path. tests/test_seam.py scans crew's modules to keep it so.
 ``basic_publish`` and ``basic_ack``; :func:`publish_and_ack_now` returns False, so the loop
 sends. Its one private touch is :meth:`PublicConnection._read_frame`, which asks crew's
 codec again only when pika raises on a content header (a timestamp past the year 9999,
-see :mod:`crew.wire`), so that such a header does not close the connection; if a pika
+see :mod:`crew.tables`), so that such a header does not close the connection; if a pika
 lacks that method, the connection still works and only that protection is lost (logged).
 
 **The choice** is made once per connection by :mod:`crew.seam`: the ``CREW_PIKA_PATH``
@@ -50,7 +50,8 @@ import logging
 import os
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pika.connection
 import pika.exceptions
@@ -402,7 +403,7 @@ def _can_coalesce(transport: Any) -> bool:
 
 # --- the check of behaviour (crew.seam asks it once per process) ------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _internals_problem() -> str | None:
     """What is wrong with the pika internals the fast path uses (None: nothing), checked on
     bare objects: the methods it overrides take what it passes, and the ones it calls
@@ -451,7 +452,7 @@ def _transport_problem() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_if_headers_unprotected() -> None:
     """Check once that a content header pika cannot decode reaches crew's codec on the
     public path (through :meth:`PublicConnection._read_frame`); warn if it does not."""

@@ -20,13 +20,8 @@ pika's objects changed shape, leaves the frame to pika's codec: a change in pika
 crew slower, never wrong. tests/test_wire.py checks both directions against pika byte
 for byte and field for field, over generated input and edge cases.
 
-One difference from pika, on purpose: :func:`decode_table` (crew's decoder of field
-tables, used for the headers of every content header crew reads) keeps a timestamp that
-Python cannot represent (past the year 9999) as an int of epoch seconds. pika raises on
-it while it parses the frame, which kills the connection; the broker passes the header
-through and redelivers the call, so one forged message would take a worker down again and
-again. This applies only where crew decodes frames (:mod:`crew.transport` uses it on both
-of its paths), never to pika elsewhere in the process.
+One difference from pika, on purpose: content headers' tables are read by
+:func:`crew.tables.decode_table`, which keeps a timestamp past the year 9999 an int.
 """
 
 from __future__ import annotations
@@ -40,7 +35,9 @@ import pika.frame
 import pika.spec
 from pika.spec import Basic, BasicProperties
 
-__all__ = ["ack_frame", "decode", "decode_table", "decode_value", "publish_frames"]
+from . import tables
+
+__all__ = ["ack_frame", "decode", "publish_frames"]
 
 _END = bytes([pika.spec.FRAME_END])
 _FRAME = struct.Struct(">BHL")  # frame type, channel, payload size
@@ -78,22 +75,6 @@ _PROPERTIES = (
     (BasicProperties.FLAG_CLUSTER_ID, "cluster_id", _SHORT),
 )
 _KNOWN_FLAGS = sum(flag for flag, _, _ in _PROPERTIES)
-
-
-def _long_reader(kind: bytes) -> struct.Struct | None:
-    """How this pika reads a 64-bit table integer of ``kind`` (``l`` or ``L``): signed since
-    pika 1.4, ``l`` unsigned before. Asked of pika once; None leaves the kind to pika."""
-    try:
-        value = pika.data.decode_value(kind + b"\xff" * 8, 0)[0]
-    except Exception:  # noqa: BLE001 - pika changed: let it read these itself
-        return None
-    if type(value) is not pika.compat.long:
-        return None
-    return {-1: _LONG, 2**64 - 1: _ULONG}.get(value)
-
-
-_ULONG = struct.Struct(">cQ")
-_LONG_READERS = {ord(kind): _long_reader(kind) for kind in (b"l", b"L")}
 
 
 class _PikasCase(Exception):
@@ -250,9 +231,9 @@ def _decode_header(channel: int, payload: bytes) -> pika.frame.Header:
         if not flags & flag:
             continue
         if kind == _SHORT:
-            value, offset = _read_short(payload, offset)
+            value, offset = tables.read_short(payload, offset)
         elif kind == _TABLE:
-            value, offset = decode_table(payload, offset)
+            value, offset = tables.decode_table(payload, offset)
         elif kind == _OCTET:
             value = payload[offset]
             offset += 1
@@ -264,79 +245,9 @@ def _decode_header(channel: int, payload: bytes) -> pika.frame.Header:
 
 
 def _decode_deliver(payload: bytes) -> Any:
-    consumer_tag, offset = _read_short(payload, 4)
+    consumer_tag, offset = tables.read_short(payload, 4)
     delivery_tag, = _U64.unpack_from(payload, offset)
     redelivered = bool(payload[offset + 8] & 1)
-    exchange, offset = _read_short(payload, offset + 9)
-    routing_key, offset = _read_short(payload, offset)
+    exchange, offset = tables.read_short(payload, offset + 9)
+    routing_key, offset = tables.read_short(payload, offset)
     return Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
-
-
-def _text(raw: bytes) -> str | bytes:
-    """What pika makes of a string's octets: text if they are UTF-8, else the bytes."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return raw
-
-
-def _read_short(data: bytes, offset: int) -> tuple[str | bytes, int]:
-    end = offset + 1 + data[offset]
-    return _text(data[offset + 1:end]), end
-
-
-def decode_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
-    """The field table at ``offset`` (its length first) and the offset after it, as pika's
-    ``decode_table`` reads it, except for timestamps past the year 9999 (an int here: see
-    the module's docstring). Raises on bytes pika would raise for."""
-    size, = _U32.unpack_from(data, offset)
-    offset += 4
-    limit = offset + size
-    table: dict[Any, Any] = {}
-    value: Any
-    while offset < limit:
-        key, offset = _read_short(data, offset)
-        kind = data[offset]
-        if kind == 0x53 or kind == 0x78:  # S (text) or x (bytes): a length, then octets
-            length, = _U32.unpack_from(data, offset + 1)
-            start = offset + 5
-            offset = start + length
-            value = _text(data[start:offset]) if kind == 0x53 else data[start:offset]
-        elif kind == 0x49:  # I
-            value = _INT.unpack_from(data, offset)[1]
-            offset += 5
-        elif kind == 0x74:  # t
-            value = data[offset + 1] != 0
-            offset += 2
-        elif (reader := _LONG_READERS.get(kind)) is not None:  # l, L: pika.compat.long
-            value = pika.compat.long(reader.unpack_from(data, offset)[1])
-            offset += 9
-        else:
-            value, offset = decode_value(data, offset)
-        table[key] = value
-    return table, offset
-
-
-def decode_value(data: bytes, offset: int) -> tuple[Any, int]:
-    """The field value at ``offset`` (its kind first) and the offset after it: pika's
-    ``decode_value``, except that crew reads nested tables and arrays itself (so that their
-    timestamps are read as :func:`decode_table` reads them) and keeps a timestamp past the
-    year 9999 an int."""
-    kind = data[offset:offset + 1]
-    if kind == b"F":
-        return decode_table(data, offset + 1)
-    if kind == b"A":
-        length, = _U32.unpack_from(data, offset + 1)
-        offset += 5
-        end = offset + length
-        values = []
-        while offset < end:
-            value, offset = decode_value(data, offset)
-            values.append(value)
-        return values, offset
-    try:
-        return pika.data.decode_value(data, offset)
-    except (OverflowError, OSError, ValueError):
-        if kind != b"T":
-            raise
-        return _U64.unpack_from(data, offset + 1)[0], offset + 9

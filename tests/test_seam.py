@@ -10,8 +10,9 @@ import ast
 import asyncio
 import logging
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pika
 import pika.channel
@@ -31,8 +32,10 @@ CREW = Path(crew.__file__).parent
 
 
 @pytest.fixture(autouse=True)
-def _fresh_checks() -> Iterator[None]:
-    """Each test sees the checks made anew (some break pika on purpose) and its own log."""
+def _fresh_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test sees the checks made anew (some break pika on purpose) and its own log,
+    with the switch unset whatever the run's is."""
+    monkeypatch.delenv(seam.ENV, raising=False)
     seam.codec_problem.cache_clear()
     transport._internals_problem.cache_clear()
     seam._reported.clear()
@@ -134,7 +137,7 @@ EXPECTED_HEADERS = {"t": 2**62, "n": {"u": 2**62}}
 
 
 def test_the_fast_paths_reader_keeps_an_impossible_timestamp_an_int() -> None:
-    used, frames = FrameReader().feed(_hostile_header())
+    _, frames = FrameReader().feed(_hostile_header())
     assert frames[0].properties.headers == EXPECTED_HEADERS
 
 
@@ -163,8 +166,8 @@ def test_a_bad_header_still_raises_pikas_error_on_the_public_path() -> None:
 
 
 def test_pika_is_not_patched_for_the_rest_of_the_process() -> None:
+    import crew.master.tornado
     import crew.worker  # noqa: F401  (every crew module is imported)
-    import crew.master.tornado  # noqa: F401
 
     assert pika.data.decode_value.__module__ == "pika.data"
     assert pika.data.decode_table.__module__ == "pika.data"
