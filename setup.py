@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["crew", "crew.*"]),
     package_data={"crew": ["py.typed"]},
-    install_requires=["tornado>=6,<7", "pika>=1.3,<2", "msgpack>=1.0,<2"],
+    install_requires=["tornado>=6,<7", "pika>=1.3,<1.5", "msgpack>=1.0,<2"],
     extras_require={
         "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6"],
         # Pinned: a new release of either may find new things, which CI must not learn

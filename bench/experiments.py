@@ -5,7 +5,7 @@ whose worker and caller apply these patches before they start; crew's files are 
 touched. Each patch is a candidate change to crew (see docs/BENCHMARKS.md, "Profile").
 
 The patches that became crew's own code are gone from here; docs/BENCHMARKS.md keeps what
-they measured: ``recv`` and ``frames`` (crew/transport.py ``FrameReader``), ``sendmsg`` and
+they measured: ``recv`` and ``frames`` (crew/frames.py ``FrameReader``), ``sendmsg`` and
 ``soon`` (``CoalescingTransport``), ``coalesce`` (superseded by those two), ``callpath``
 (crew/client.py), ``batch`` (the worker's batched hand-back) and ``transient`` (the
 gateway's calls).

@@ -9,51 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
-import struct
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-import pika
-import pika.data
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
-from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
-                                                     AMQPConnectorPhaseErrorBase)
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorPhaseErrorBase,
+)
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
-from . import transport, wire
+from . import protocol, transport
 from .exceptions import AuthenticationError, BrokerError, ConnectionLostError
 from .settings import BrokerSettings
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-_pika_decode_value = pika.data.decode_value
-
-
-def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
-    """pika's header decoder, except that a timestamp Python cannot represent (past the year
-    9999) stays an int of epoch seconds.
-
-    pika raises on such a timestamp while it parses a frame, which kills the connection; the
-    broker passes the header through and redelivers the call, so one forged message would
-    take a worker down again and again. pika's table decoder looks this function up as a
-    module global, so nested tables are covered too.
-    """
-    if encoded[offset:offset + 1] == b"T":
-        seconds = struct.unpack_from(">Q", encoded, offset + 1)[0]
-        try:
-            return datetime.fromtimestamp(seconds, timezone.utc), offset + 9
-        except (OverflowError, OSError, ValueError):
-            return seconds, offset + 9
-    return _pika_decode_value(encoded, offset)
-
-
-pika.data.decode_value = _decode_value
 
 #: on_message(channel, method, properties, body), called on the loop's thread.
 MessageCallback = Callable[[PikaChannel, Basic.Deliver, BasicProperties, bytes], None]
@@ -163,21 +136,20 @@ class Channel:
         await self._wait(fut)
         return tag
 
+    async def declare_topology(self) -> None:
+        """Declare the exchanges that clients and workers both use: expiry notices
+        (headers), control (fanout) and pub/sub (topic)."""
+        await self.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
+        await self.declare_exchange(protocol.CONTROL_EXCHANGE, "fanout")
+        await self.declare_exchange(protocol.PUBSUB_EXCHANGE, "topic")
+
     async def cancel(self, consumer_tag: str) -> None:
         await self._rpc(self._channel.basic_cancel, consumer_tag)
 
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: BasicProperties, mandatory: bool = False) -> None:
         """Hand a message to the connection's write buffer (no broker round trip)."""
-        channel = self._channel
-        connection = channel.connection
-        if channel.is_open and isinstance(connection, transport.FrameReadingConnection):
-            # crew's codec (crew.wire) marshals the frames pika's basic_publish would.
-            connection._output_marshaled_frames(wire.publish_frames(
-                channel.channel_number, exchange, routing_key, mandatory, properties, body,
-                connection.params.frame_max))
-        else:
-            channel.basic_publish(exchange, routing_key, body, properties, mandatory)
+        transport.publish(self._channel, exchange, routing_key, body, properties, mandatory)
 
     def flush(self) -> None:
         """Send what was published on this channel's connection now rather than at the end
@@ -189,31 +161,15 @@ class Channel:
                             delivery_tag: int) -> bool:
         """From any thread: publish a message and then acknowledge ``delivery_tag``, both
         sent at once, in that order. False, and nothing sent, when this channel or its
-        connection is closed or cannot send from a thread (TLS, pika's own transport): use
+        connection is closed or cannot send from a thread (the public path, TLS): use
         :meth:`publish` and :meth:`ack` on the loop then. Raises what pika raises for
         properties it cannot encode.
         """
-        channel = self._channel
-        connection = channel.connection
-        if not isinstance(connection, transport.FrameReadingConnection):
-            return False
-        number = channel.channel_number
-        frames = wire.publish_frames(number, exchange, routing_key, mandatory, properties,
-                                     body, connection.params.frame_max)
-        frames.append(wire.ack_frame(number, delivery_tag))
-        # Asked again under the connection's send lock: the loop may be closing it.
-        return connection.send_now(frames, lambda: channel.is_open)
+        return transport.publish_and_ack_now(self._channel, exchange, routing_key, body,
+                                             properties, mandatory, delivery_tag)
 
     def ack(self, delivery_tag: int) -> None:
-        channel = self._channel
-        if not channel.is_open:
-            return
-        connection = channel.connection
-        if isinstance(connection, transport.FrameReadingConnection) and not connection.is_closed:
-            connection._output_marshaled_frames(
-                [wire.ack_frame(channel.channel_number, delivery_tag)])
-        else:
-            channel.basic_ack(delivery_tag)  # pika's, which raises on a closed connection
+        transport.ack(self._channel, delivery_tag)
 
     def reject(self, delivery_tag: int, requeue: bool) -> None:
         if self._channel.is_open:
@@ -259,7 +215,7 @@ class Connection:
         log.warning("the broker at %s accepts publishing again", self.settings.safe_url)
 
     @classmethod
-    async def open(cls, settings: BrokerSettings) -> "Connection":
+    async def open(cls, settings: BrokerSettings) -> Connection:
         """Connect and log in, or raise :class:`ConnectionLostError` saying why not."""
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[AsyncioConnection] = loop.create_future()
@@ -318,73 +274,6 @@ class Connection:
         if not self._connection.is_closed and not self._connection.is_closing:
             self._connection.close()
         await asyncio.shield(self.closed)
-
-
-def backoff(first: float = 0.25, cap: float = 15.0) -> Iterator[float]:
-    """Delays before reconnection attempts: doubling from ``first`` up to ``cap``, each
-    jittered down by up to half, so that many clients do not reconnect in step."""
-    delay = first
-    while True:
-        yield delay * random.uniform(0.5, 1.0)
-        delay = min(cap, delay * 2)
-
-
-#: AMQP reply code of a declare whose durable queue lives on a node that is down or still
-#: starting (after a restart, streams and quorum queues come back after the listener).
-NOT_FOUND = 404
-
-
-def unavailable(error: BrokerError, what: str) -> ConnectionLostError:
-    """The retryable error for a 404 on declaring ``what``: its node is down or starting."""
-    return ConnectionLostError(f"{what} is not available yet: {error.text}")
-
-
-class Stopped(Exception):
-    """A stop was requested while connecting."""
-
-
-async def connect_retrying(attempt: Callable[[], Awaitable[T]], *, who: str,
-                           timeout: float | None = None, retry_auth: bool = False,
-                           stop: asyncio.Event | None = None) -> T:
-    """Run ``attempt`` until it connects, waiting :func:`backoff` delays between tries.
-
-    Retries :class:`ConnectionLostError`; :class:`AuthenticationError` too if
-    ``retry_auth`` (a reconnection: the credentials worked before and may be fixed again),
-    else it is raised at once. ``timeout`` bounds the whole (the last try starts no later
-    than it), after which the last error is raised; a set ``stop`` raises :class:`Stopped`.
-    """
-    loop = asyncio.get_running_loop()
-    give_up = None if timeout is None else loop.time() + timeout
-    for number, delay in enumerate(backoff(), 1):
-        try:
-            return await attempt()
-        except AuthenticationError as exc:
-            if not retry_auth:
-                raise
-            error: ConnectionLostError = exc
-        except ConnectionLostError as exc:
-            error = exc
-        if give_up is not None:
-            remaining = give_up - loop.time()
-            if remaining <= 0:
-                raise error
-            delay = min(delay, remaining)
-        log.warning("%s cannot connect (attempt %d): %s; retrying in %.1f s", who, number,
-                    error, delay)
-        if stop is None:
-            await asyncio.sleep(delay)
-        elif await sleep_unless(stop, delay):
-            raise Stopped(f"{who} was stopped before it could connect")
-    raise AssertionError("unreachable: backoff() never ends")
-
-
-async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` or until ``event`` is set; True if it was set."""
-    try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except asyncio.TimeoutError:
-        return False
-    return True
 
 
 #: Connection failures that another attempt cannot mend.

@@ -34,7 +34,8 @@ from typing import Any, Callable
 from pika.spec import Basic, BasicProperties
 
 from . import protocol
-from .amqp import NOT_FOUND, Channel, Connection
+from .amqp import Channel, Connection
+from .connecting import NOT_FOUND
 from .exceptions import BrokerError, ConnectionLostError, CrewError
 
 __all__ = ["CancelFeed", "Remembered", "StreamUnavailable"]

@@ -15,7 +15,8 @@ from typing import Any
 from pika.spec import Basic, BasicProperties
 
 from . import protocol
-from .amqp import Channel, Connection, connect_retrying
+from .amqp import Channel, Connection
+from .connecting import connect_retrying
 from .exceptions import ConnectionLostError
 from .loops import Background, thread_loop
 from .pending import Call, Pending
@@ -103,9 +104,7 @@ class Link:
         connection = await Connection.open(self.broker)
         try:
             channel = await connection.channel()
-            await channel.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
-            await channel.declare_exchange(protocol.CONTROL_EXCHANGE, "fanout")
-            await channel.declare_exchange(protocol.PUBSUB_EXCHANGE, "topic")
+            await channel.declare_topology()
             # Server-named and exclusive: a fresh name per connection, so a reconnection never
             # waits for the broker to release the old one (405 RESOURCE_LOCKED).
             queue = await channel.declare_queue("", exclusive=True, auto_delete=True)

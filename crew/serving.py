@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping
 from pika.spec import BasicProperties
 
 from . import protocol
-from .amqp import Connection, Stopped, connect_retrying
+from .amqp import Connection
+from .connecting import Stopped, connect_retrying
 from .calls import CallHandler
 from .context import Publisher, context
 from .exceptions import ConnectionLostError

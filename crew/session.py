@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from . import protocol
-from .amqp import NOT_FOUND, Channel, Connection, unavailable
+from .amqp import Channel, Connection
+from .connecting import NOT_FOUND, unavailable
 from .calls import CallHandler
 from .cancels import CancelFeed
 from .exceptions import BrokerError, CrewError
@@ -47,7 +48,7 @@ class Session:
                    tasks: Mapping[str, TaskFunction], *, concurrency: int, max_priority: int,
                    worker_id: str) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is closed and
-        the error raised, for :func:`~crew.amqp.connect_retrying` to try again."""
+        the error raised, for :func:`~crew.connecting.connect_retrying` to try again."""
         session = cls(await Connection.open(broker), calls, tasks, concurrency=concurrency,
                       max_priority=max_priority, worker_id=worker_id)
         try:
@@ -63,9 +64,7 @@ class Session:
         self._calls.attach(channel)
         # Per-channel (global) prefetch: all task consumers share the concurrency slots.
         await channel.qos(self._concurrency, global_qos=True)
-        await channel.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
-        await channel.declare_exchange(protocol.CONTROL_EXCHANGE, "fanout")
-        await channel.declare_exchange(protocol.PUBSUB_EXCHANGE, "topic")
+        await channel.declare_topology()
         channel.on_return(self._calls.replies.on_reply_returned)
         await self._declare_task_queues(channel)
         # Cancel notices get a channel of their own: the task channel's prefetch limit

@@ -1,58 +1,68 @@
-"""Cheaper reads and writes under pika's asyncio connection (internal).
+"""The one module that touches pika's private internals: crew's two I/O paths (internal).
 
-pika 1.x moves bytes in ways that cost crew most of its time per call:
+Every use of a private pika name (a ``_name`` of a pika object or module, a private pika
+class, a ``__class__`` swap) is in this module; the rest of crew calls :func:`publish`,
+:func:`ack`, :func:`publish_and_ack_now`, :func:`flush` and :func:`tune`, which do the
+same on either path. tests/test_seam.py scans crew's modules to keep it so.
 
-- **Reads.** pika reads its socket 4 KiB at a time and appends each read to a ``bytes``
-  frame buffer, then cuts every parsed frame off the front of it. A 128 KiB body frame is
-  copied about 32 times while it arrives, and a read holding hundreds of small frames is
-  copied once per frame. :class:`FrameReader` keeps received chunks in a list until the
-  frame under way is complete, joins them once and parses frames at an offset (the frames
-  of calls and replies with crew's own codec, :mod:`crew.wire`). And where pika reads on
-  until ``recv`` fails with ``EAGAIN``, crew stops at the first short read.
-- **Writes.** pika hands each frame (method, header, body; each ack) to its transport
-  separately. The transport registers the socket for writability on the first one
-  (``add_writer``: an ``epoll_ctl``), waits for the next loop iteration, sends each frame
-  with a ``send`` of its own and unregisters (another ``epoll_ctl``). On loopback every
-  ``send`` also runs the receiving side of TCP. :class:`CoalescingTransport` instead
-  flushes at the end of the loop iteration, with one ``sendmsg`` for everything buffered
-  (the frames of all the calls or replies made in that iteration), and waits for
-  writability only when the socket did not take it all. Where waiting for the end of
-  the iteration gains nothing, crew flushes sooner (:func:`flush`): the worker after
-  each batch of replies, the client after a call made while no other is under way.
+**The fast path** (pika's internals, measured in docs/BENCHMARKS.md):
 
-- **Sends from another thread.** A worker's job thread that finishes the only call being
-  served sends its reply and acknowledgement itself (:meth:`FrameReadingConnection.send_now`)
-  rather than waking the loop to do it: the loop's wake-up (a write to its self-pipe, a
-  return from ``epoll``, the GIL handed over twice) cost a quarter of a worker's CPU per
-  sequential call. A lock (the connection's ``_crew_send_lock``) makes that safe: the loop
-  holds it while it writes frames and while it processes what it read, so a thread's
-  frames never land inside a message pika is writing, nor after the ``Channel.CloseOk``
-  that pika writes before it marks the channel closed.
+- *Reads.* :class:`FrameReadingConnection` feeds what the socket returned to
+  :class:`crew.frames.FrameReader` (chunks joined once per frame, not once per 4 KiB read;
+  frames of calls and replies decoded by :mod:`crew.wire`), and reads 128 KiB per ``recv``,
+  stopping at the first short read where pika reads on until ``EAGAIN``.
+- *Writes.* :class:`CoalescingTransport` flushes at the end of the loop iteration, with one
+  ``sendmsg`` for everything buffered, and waits for writability only when the socket did
+  not take it all (pika registers and unregisters a writer, two ``epoll_ctl``, and sends
+  each frame with a ``send`` of its own). Where waiting gains nothing crew flushes sooner
+  (:func:`flush`). Publishes and acks are marshalled by :mod:`crew.wire`.
+- *Sends from another thread.* A worker's job thread that finishes the only call being
+  served sends its reply and ack itself (:func:`publish_and_ack_now`) rather than waking
+  the loop (a quarter of a worker's CPU per sequential call). The connection's
+  ``_crew_send_lock``, held by the loop while it writes frames and while it processes what
+  it read, keeps a thread's frames out of a message pika is writing and after the
+  ``Channel.CloseOk`` pika writes before it marks the channel closed.
 
-Both lean on pika internals (pika is pinned below 2). :func:`connection_class` and
-:func:`tune` check that what they need is there and otherwise leave pika's own code in
-place, which behaves the same, only slower. TLS connections keep pika's transport: an
-``SSLSocket`` has no ``sendmsg``, and a thread's send is refused (the loop sends).
+**The public path**: pika's own ``AsyncioConnection``, transport, reads and frame decoding;
+``basic_publish`` and ``basic_ack``; :func:`publish_and_ack_now` returns False, so the loop
+sends. Its one private touch is :meth:`PublicConnection._read_frame`, which asks crew's
+codec again only when pika raises on a content header (a timestamp past the year 9999,
+see :mod:`crew.tables`), so that such a header does not close the connection; if a pika
+lacks that method, the connection still works and only that protection is lost (logged).
+
+**The choice** is made once per connection by :mod:`crew.seam`: the ``CREW_PIKA_PATH``
+switch (``auto``, ``fast``, ``public``), the pika versions the fast path was tested with,
+and a check of behaviour (crew's codec against pika's; the private methods and attributes
+used here exercised on bare objects). TLS connections on the fast path keep pika's
+transport (an ``SSLSocket`` has no ``sendmsg``) and send from the loop only.
 """
+
+# Longer than 300 lines because every use of pika's private names must be in this module.
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
+import inspect
 import itertools
 import logging
 import os
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pika.connection
 import pika.exceptions
-import pika.frame
 import pika.spec
 from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.adapters.utils import io_services_utils
+from pika.channel import Channel as PikaChannel
+from pika.spec import BasicProperties
 
-from . import wire
+from . import seam, wire
+from .frames import FrameReader, decode_frame
 
 log = logging.getLogger(__name__)
 
@@ -61,80 +71,80 @@ log = logging.getLogger(__name__)
 RECV_BYTES = 128 * 1024
 CONSUME_BYTES = 1024 * 1024
 
-_HEADER = struct.Struct(">BHL")  # frame type, channel, payload size
-_HEADER_SIZE = _HEADER.size  # 7
-_PROTOCOL_HEADER = b"AMQP"  # the broker's 8-byte protocol header (version mismatch only)
 #: Buffers per sendmsg(): the kernel refuses more than IOV_MAX (1024 on Linux).
 _MAX_IOV = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)
+_FRAME_HEADER = bytes([pika.spec.FRAME_HEADER])
 
 
-def _frame_size(buffer: bytes | memoryview, offset: int, max_payload: int) -> int:
-    """Length of the frame that starts at ``offset``, as far as the bytes there tell: the
-    header's size alone while the header is incomplete.
+# --- what the rest of crew calls --------------------------------------------------------
 
-    A size above ``max_payload`` raises pika's ``InvalidFrameError`` at once (a broker
-    never sends one; a peer that is not a broker at all, such as an HTTP server on the
-    port, would otherwise be read until its made-up length arrived).
-    """
-    if len(buffer) - offset < _HEADER_SIZE:
-        return _HEADER_SIZE
-    if buffer[offset] == _PROTOCOL_HEADER[0] and buffer[offset:offset + 4] == _PROTOCOL_HEADER:
-        return 8
-    payload = _HEADER.unpack_from(buffer, offset)[2]
-    if payload > max_payload:
-        raise pika.exceptions.InvalidFrameError(
-            f"frame of {payload} bytes, more than the frame_max of {max_payload}: "
-            "is this port an AMQP broker?")
-    return _HEADER_SIZE + payload + 1
+def connection_class() -> type[AsyncioConnection]:
+    """The class of the next connection: :class:`FrameReadingConnection` (the fast path)
+    or :class:`PublicConnection`, as :func:`crew.seam.choose` decides (logged once)."""
+    choice = seam.choose(_internals_problem)
+    seam.report(choice)
+    if not choice.fast:
+        _warn_if_headers_unprotected()
+    return FrameReadingConnection if choice.fast else PublicConnection
 
 
-def _decode(buffer: bytes, offset: int, end: int) -> Any:
-    """One frame of ``buffer[offset:end]``, as pika's ``decode_frame`` makes it."""
-    frame = wire.decode(buffer, offset, end)
-    if frame is not None:
-        return frame
-    whole = buffer if offset == 0 and end == len(buffer) else buffer[offset:end]
-    return pika.frame.decode_frame(whole)[1]
+def is_fast(connection: Any) -> bool:
+    """Whether ``connection`` takes the fast path."""
+    return isinstance(connection, FrameReadingConnection)
 
 
-class FrameReader:
-    """Splits the bytes of an AMQP connection into pika frames, copying each byte once.
+def publish(channel: PikaChannel, exchange: str, routing_key: str, body: bytes,
+            properties: BasicProperties, mandatory: bool) -> None:
+    """On the loop: hand a message to the connection's write buffer; pika's
+    ``basic_publish`` on the public path (which raises on a closed channel)."""
+    connection = channel.connection
+    if channel.is_open and isinstance(connection, FrameReadingConnection):
+        # crew's codec (crew.wire) marshals the frames pika's basic_publish would.
+        connection._output_marshaled_frames(wire.publish_frames(
+            channel.channel_number, exchange, routing_key, mandatory, properties, body,
+            connection.params.frame_max))
+    else:
+        channel.basic_publish(exchange, routing_key, body, properties, mandatory)
 
-    :meth:`feed` takes what one ``recv`` returned. Until the frame under way is complete the
-    chunk is only kept; then the kept chunks are joined and every complete frame in them is
-    decoded. An invalid frame raises pika's ``InvalidFrameError``, as pika's own reader does.
-    """
 
-    def __init__(self, max_payload: int = pika.spec.FRAME_MAX_SIZE) -> None:
-        self._max_payload = max_payload
-        self._chunks: list[bytes | memoryview] = []
-        self._buffered = 0
-        self._needed = 0
+def ack(channel: PikaChannel, delivery_tag: int) -> None:
+    """On the loop: acknowledge one delivery, if the channel is open."""
+    if not channel.is_open:
+        return
+    connection = channel.connection
+    if isinstance(connection, FrameReadingConnection) and not connection.is_closed:
+        connection._output_marshaled_frames(
+            [wire.ack_frame(channel.channel_number, delivery_tag)])
+    else:
+        channel.basic_ack(delivery_tag)  # pika's, which raises on a closed connection
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received that are not part of a complete frame yet."""
-        return self._buffered
 
-    def feed(self, data: bytes) -> tuple[int, list[Any]]:
-        """Add received bytes; return ``(bytes consumed, complete frames in order)``."""
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered < self._needed:
-            return 0, []  # the frame under way is still incomplete: no copy yet
-        buffer = data if len(self._chunks) == 1 else b"".join(self._chunks)
-        frames = []
-        offset = 0
-        while (end := offset + _frame_size(buffer, offset, self._max_payload)) <= len(buffer):
-            frames.append(_decode(buffer, offset, end))
-            offset = end
-        # The rest (the head of the next frame) is kept as a view: no copy until it is joined.
-        rest = memoryview(buffer)[offset:] if offset < len(buffer) else b""
-        self._chunks = [rest] if rest else []
-        self._buffered = len(rest)
-        self._needed = _frame_size(rest, 0, self._max_payload) if rest else 0
-        return offset, frames
+def publish_and_ack_now(channel: PikaChannel, exchange: str, routing_key: str, body: bytes,
+                        properties: BasicProperties, mandatory: bool,
+                        delivery_tag: int) -> bool:
+    """From any thread: publish a message and acknowledge ``delivery_tag``, both sent at
+    once, in that order. False, and nothing sent, on the public path, on TLS, or when the
+    channel or connection is closed: the caller then hands the work to the loop."""
+    connection = channel.connection
+    if not isinstance(connection, FrameReadingConnection):
+        return False
+    number = channel.channel_number
+    frames = wire.publish_frames(number, exchange, routing_key, mandatory, properties,
+                                 body, connection.params.frame_max)
+    frames.append(wire.ack_frame(number, delivery_tag))
+    # Asked again under the connection's send lock: the loop may be closing it.
+    return connection.send_now(frames, lambda: channel.is_open)
 
+
+def flush(connection: Any) -> None:
+    """Send what ``connection`` has buffered now, if its transport is a
+    :class:`CoalescingTransport`; pika's own transport sends as it goes."""
+    transport = getattr(connection, "_transport", None)
+    if isinstance(transport, CoalescingTransport):
+        transport.flush()
+
+
+# --- the fast path ----------------------------------------------------------------------
 
 class FrameReadingConnection(AsyncioConnection):
     """pika's ``AsyncioConnection`` with :class:`FrameReader` in place of its frame buffer,
@@ -152,7 +162,7 @@ class FrameReadingConnection(AsyncioConnection):
         if not hasattr(self, "_crew_send_lock"):  # one lock for the connection's whole life
             self._crew_send_lock = threading.RLock()
 
-    def _on_data_available(self, data_in: bytes) -> None:
+    def _on_data_available(self, data_in: bytes) -> None:  # pika's, with crew's reader
         consumed, frames = self._crew_reader.feed(data_in)
         # pika's heartbeat checker watches this counter to tell that the broker is alive.
         self.bytes_received += consumed
@@ -185,16 +195,19 @@ class FrameReadingConnection(AsyncioConnection):
         return True
 
 
-def connection_class() -> type[AsyncioConnection]:
-    """:class:`FrameReadingConnection` if this pika has what it overrides, else pika's own."""
-    overridden = ("_init_connection_state", "_on_data_available", "_process_frame",
-                  "_output_marshaled_frames")
-    if (all(hasattr(pika.connection.Connection, name) for name in overridden)
-            and hasattr(pika.frame, "decode_frame") and hasattr(pika.frame, "Body")):
-        return FrameReadingConnection
-    log.warning("this pika (%s) lacks the internals crew's frame reader needs; using "
-                "pika's own", getattr(pika, "__version__", "?"))
-    return AsyncioConnection
+class PublicConnection(AsyncioConnection):
+    """pika's ``AsyncioConnection``, except that a content header pika cannot decode is
+    given to crew's codec before the connection is failed (see the module's docstring)."""
+
+    def _read_frame(self) -> Any:
+        try:
+            return super()._read_frame()
+        except Exception:
+            data = self._frame_buffer
+            if data[:1] != _FRAME_HEADER:
+                raise
+            end = 8 + int.from_bytes(data[3:7], "big")  # pika raised: the frame is whole
+            return end, decode_frame(data, 0, end, lean=False)  # else pika's error again
 
 
 _PlainTransport = io_services_utils._AsyncPlaintextTransport
@@ -341,10 +354,13 @@ class CoalescingTransport(_PlainTransport):
 
 
 def tune(connection: AsyncioConnection) -> None:
-    """Give an open connection larger reads and, on plain TCP, coalesced writes.
+    """On the fast path, give an open connection larger reads and, on plain TCP, coalesced
+    writes; a :class:`PublicConnection` is left as pika made it.
 
     What this pika or this socket does not support is left as pika made it.
     """
+    if isinstance(connection, PublicConnection):
+        return  # the public path keeps pika's reads and writes
     transport = getattr(connection, "_transport", None)
     if transport is None or not hasattr(transport, "_MAX_RECV_BYTES"):
         return
@@ -363,14 +379,6 @@ def tune(connection: AsyncioConnection) -> None:
             transport._nbio.set_writer(transport._sock.fileno(), transport._on_socket_writable)
 
 
-def flush(connection: Any) -> None:
-    """Send what ``connection`` has buffered now, if its transport is a
-    :class:`CoalescingTransport`; pika's own transport sends as it goes."""
-    transport = getattr(connection, "_transport", None)
-    if isinstance(transport, CoalescingTransport):
-        transport.flush()
-
-
 def _unsent(frames: list[bytes], sent: int) -> list[bytes]:
     """What is left of ``frames`` once their first ``sent`` bytes are sent."""
     for index, frame in enumerate(frames):
@@ -385,6 +393,83 @@ def _can_coalesce(transport: Any) -> bool:
               "_tx_buffered_byte_count", "_buffer_tx_data", "_initiate_abort",
               "_protocol", "_sigint_safe_recv", "_MAX_CONSUME_BYTES", "RxEndOfFile")
     return (all(hasattr(transport, name) for name in needed)
+            and transport._state == transport._STATE_ACTIVE
+            and isinstance(transport._tx_buffers, collections.deque)
+            and isinstance(transport._tx_buffered_byte_count, int)
             and hasattr(transport._sock, "sendmsg")
             and isinstance(getattr(transport._nbio, "get_native_ioloop", lambda: None)(),
                            asyncio.AbstractEventLoop))
+
+
+# --- the check of behaviour (crew.seam asks it once per process) ------------------------
+
+@functools.cache
+def _internals_problem() -> str | None:
+    """What is wrong with the pika internals the fast path uses (None: nothing), checked on
+    bare objects: the methods it overrides take what it passes, and the ones it calls
+    write where it reads."""
+    try:
+        return _connection_problem() or _transport_problem()
+    except Exception as error:  # noqa: BLE001 - any failure is a failed check
+        return f"{error!r}"
+
+
+def _connection_problem() -> str | None:
+    expected = {"_init_connection_state": 0, "_on_data_available": 1, "_process_frame": 1,
+                "_output_marshaled_frames": 1}
+    for name, arguments in expected.items():
+        method = getattr(pika.connection.Connection, name, None)
+        if not callable(method) or len(inspect.signature(method).parameters) != arguments + 1:
+            return f"pika's Connection.{name} is not what crew overrides"
+    sink: list[bytes] = []
+    conn = AsyncioConnection.__new__(AsyncioConnection)
+    conn.bytes_sent = conn.frames_sent = 0
+    conn._transport = type("Sink", (), {"write": staticmethod(sink.append)})()
+    conn._output_marshaled_frames([b"ab", b"c"])
+    if sink != [b"ab", b"c"] or (conn.bytes_sent, conn.frames_sent) != (3, 2):
+        return "pika's Connection._output_marshaled_frames does not write as crew expects"
+    return None
+
+
+def _transport_problem() -> str | None:
+    plain = _PlainTransport
+    for name in ("_consume", "_buffer_tx_data", "_initiate_abort", "_sigint_safe_recv",
+                 "_produce", "write"):
+        if not callable(getattr(plain, name, None)):
+            return f"pika's plaintext transport has no {name}()"
+    if not (isinstance(getattr(plain, "_MAX_RECV_BYTES", None), int)
+            and isinstance(getattr(plain, "_MAX_CONSUME_BYTES", None), int)
+            and hasattr(plain, "_STATE_ACTIVE")
+            and issubclass(getattr(plain, "RxEndOfFile", type), BaseException)):
+        return "pika's plaintext transport lacks the constants crew sets or reads"
+    bare = plain.__new__(plain)
+    bare._state, bare._sock = plain._STATE_ACTIVE, None
+    bare._tx_buffers = collections.deque()
+    bare._tx_buffered_byte_count = 0
+    bare._buffer_tx_data(b"abc")
+    if list(bare._tx_buffers) != [b"abc"] or bare._tx_buffered_byte_count != 3:
+        return "pika's transport does not buffer as crew expects"
+    return None
+
+
+@functools.cache
+def _warn_if_headers_unprotected() -> None:
+    """Check once that a content header pika cannot decode reaches crew's codec on the
+    public path (through :meth:`PublicConnection._read_frame`); warn if it does not."""
+    table = b"\x01tT" + (2**62).to_bytes(8, "big")  # {"t": a timestamp past the year 9999}
+    payload = (struct.pack(">HHQH", BasicProperties.INDEX, 0, 0, BasicProperties.FLAG_HEADERS)
+               + len(table).to_bytes(4, "big") + table)
+    frame = struct.pack(">BHL", pika.spec.FRAME_HEADER, 1, len(payload)) + payload + b"\xce"
+    got: list[Any] = []
+    try:
+        conn = PublicConnection.__new__(PublicConnection)
+        conn._frame_buffer = b""
+        conn.bytes_received = 0
+        conn._process_frame = got.append
+        conn._on_data_available(frame)
+        if got and got[0].properties.headers == {"t": 2**62}:
+            return
+    except Exception:  # noqa: BLE001 - reported below
+        pass
+    log.warning("on this pika, a header timestamp past the year 9999 will close crew's "
+                "connections on the public path")

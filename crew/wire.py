@@ -11,10 +11,17 @@ and body, ``Basic.Ack``, and, on the way in, content headers and ``Basic.Deliver
 It produces exactly pika's bytes and pika's objects. What it reads it reads as pika does,
 step for step, truncated and malformed bytes included; what it does not know it leaves to
 pika's own codec, which then does what pika does, with the same bytes, the same objects
-and the same errors: a property or header value of another kind (nested tables, arrays,
-decimals, timestamps, ``pika.compat.long`` on the way out), another frame, a flag word
-pika would read on from, anything that raises. tests/test_wire.py checks both directions
-against pika byte for byte and field for field, over generated input and edge cases.
+and the same errors: a property or header value of another kind (decimals, floats,
+``pika.compat.long`` on the way out, 64-bit integers below zero), another frame, a flag
+word pika would read on from. It uses only pika's public API (the attributes of
+``BasicProperties``, the public functions of ``pika.frame``, ``pika.spec`` and
+``pika.data``), and **any** exception it meets, an expected one or one raised because
+pika's objects changed shape, leaves the frame to pika's codec: a change in pika makes
+crew slower, never wrong. tests/test_wire.py checks both directions against pika byte
+for byte and field for field, over generated input and edge cases.
+
+One difference from pika, on purpose: content headers' tables are read by
+:func:`crew.tables.decode_table`, which keeps a timestamp past the year 9999 an int.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import pika.data
 import pika.frame
 import pika.spec
 from pika.spec import Basic, BasicProperties
+
+from . import tables
 
 __all__ = ["ack_frame", "decode", "publish_frames"]
 
@@ -82,7 +91,9 @@ def publish_frames(channel: int, exchange: str, routing_key: str, mandatory: boo
     try:
         frames = [_publish_method(channel, exchange, routing_key, mandatory),
                   _content_header(channel, len(body), properties)]
-    except Exception:  # noqa: BLE001 - pika's codec decides: the same bytes, or its error
+    # Caught broadly: what the lean codec does not know, and anything a change in pika's
+    # objects breaks here, is pika's codec's to encode (the same bytes, or pika's error).
+    except Exception:  # noqa: BLE001
         frames = [pika.frame.Method(channel, Basic.Publish(
                       exchange=exchange, routing_key=routing_key, mandatory=mandatory)
                   ).marshal(),
@@ -102,8 +113,11 @@ def publish_frames(channel: int, exchange: str, routing_key: str, mandatory: boo
 
 def ack_frame(channel: int, delivery_tag: int) -> bytes:
     """A ``Basic.Ack`` of one delivery, as pika's ``basic_ack`` makes it."""
-    return _ACK.pack(pika.spec.FRAME_METHOD, channel, _ACK.size - _FRAME_SIZE, Basic.Ack.INDEX,
-                     delivery_tag, 0) + _END
+    try:
+        return _ACK.pack(pika.spec.FRAME_METHOD, channel, _ACK.size - _FRAME_SIZE,
+                         Basic.Ack.INDEX, delivery_tag, 0) + _END
+    except Exception:  # noqa: BLE001 - pika's codec decides (a tag out of range: its error)
+        return pika.frame.Method(channel, Basic.Ack(delivery_tag)).marshal()
 
 
 def _short(value: Any) -> bytes:
@@ -126,11 +140,10 @@ def _publish_method(channel: int, exchange: str, routing_key: str, mandatory: bo
 def _content_header(channel: int, body_size: int, properties: BasicProperties) -> bytes:
     if type(properties) is not BasicProperties:
         raise _PikasCase
-    fields = properties.__dict__
     flags = 0
     pieces = []
     for flag, name, kind in _PROPERTIES:
-        value = fields[name]
+        value = getattr(properties, name)
         if value is None:
             continue
         flags |= flag
@@ -165,9 +178,10 @@ def _table(table: Any) -> bytes:
             raw = value.encode()
             pieces.append(_STRING.pack(b"S", len(raw)))
             pieces.append(raw)
-        elif kind is int:
-            # pika: I when it fits 32 bits, else l; pika.compat.long is always l (below).
-            pieces.append(_INT.pack(b"I", value) if -0x80000000 <= value <= 0x7FFFFFFF
+        elif kind is int and -0x80000000 <= value:
+            # pika: I when it fits 32 bits, else l; pika.compat.long is always l, and a
+            # 64-bit value below zero is L before pika 1.4 (both left to pika, below).
+            pieces.append(_INT.pack(b"I", value) if value <= 0x7FFFFFFF
                           else _LONG.pack(b"l", value))
         elif kind is bytes:
             pieces.append(_STRING.pack(b"x", len(value)))
@@ -199,8 +213,10 @@ def decode(buffer: bytes, offset: int, end: int) -> Any | None:
             return _decode_header(channel, buffer[start:end - 1])
         if kind == pika.spec.FRAME_METHOD and buffer[start:start + 4] == _DELIVER_INDEX:
             return pika.frame.Method(channel, _decode_deliver(buffer[start:end - 1]))
-    except (_PikasCase, IndexError, struct.error):
-        pass  # bytes pika reads in its own way, or raises for
+    # Caught broadly: bytes pika reads in its own way or raises for, and anything a change
+    # in pika's objects breaks here, are pika's to decode.
+    except Exception:  # noqa: BLE001
+        pass
     return None
 
 
@@ -209,69 +225,29 @@ def _decode_header(channel: int, payload: bytes) -> pika.frame.Header:
     if class_id != BasicProperties.INDEX or flags & ~_KNOWN_FLAGS:
         raise _PikasCase  # another class, or a flag word pika would read on
     properties = BasicProperties()
-    fields = properties.__dict__
     offset = _HEADER_START.size
+    value: Any
     for flag, name, kind in _PROPERTIES:
         if not flags & flag:
             continue
         if kind == _SHORT:
-            fields[name], offset = _read_short(payload, offset)
+            value, offset = tables.read_short(payload, offset)
         elif kind == _TABLE:
-            fields[name], offset = _read_table(payload, offset)
+            value, offset = tables.decode_table(payload, offset)
         elif kind == _OCTET:
-            fields[name] = payload[offset]
+            value = payload[offset]
             offset += 1
         else:
-            fields[name] = _U64.unpack_from(payload, offset)[0]
+            value = _U64.unpack_from(payload, offset)[0]
             offset += 8
+        setattr(properties, name, value)
     return pika.frame.Header(channel, body_size, properties)
 
 
 def _decode_deliver(payload: bytes) -> Any:
-    consumer_tag, offset = _read_short(payload, 4)
+    consumer_tag, offset = tables.read_short(payload, 4)
     delivery_tag, = _U64.unpack_from(payload, offset)
     redelivered = bool(payload[offset + 8] & 1)
-    exchange, offset = _read_short(payload, offset + 9)
-    routing_key, offset = _read_short(payload, offset)
+    exchange, offset = tables.read_short(payload, offset + 9)
+    routing_key, offset = tables.read_short(payload, offset)
     return Basic.Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
-
-
-def _text(raw: bytes) -> str | bytes:
-    """What pika makes of a string's octets: text if they are UTF-8, else the bytes."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return raw
-
-
-def _read_short(data: bytes, offset: int) -> tuple[str | bytes, int]:
-    end = offset + 1 + data[offset]
-    return _text(data[offset + 1:end]), end
-
-
-def _read_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
-    size, = _U32.unpack_from(data, offset)
-    offset += 4
-    limit = offset + size
-    table: dict[Any, Any] = {}
-    while offset < limit:
-        key, offset = _read_short(data, offset)
-        kind = data[offset]
-        if kind == 0x53 or kind == 0x78:  # S (text) or x (bytes): a length, then octets
-            length, = _U32.unpack_from(data, offset + 1)
-            start = offset + 5
-            offset = start + length
-            value: Any = _text(data[start:offset]) if kind == 0x53 else data[start:offset]
-        elif kind == 0x6C or kind == 0x4C:  # l, L: pika marks them pika.compat.long
-            value = pika.compat.long(_LONG.unpack_from(data, offset)[1])
-            offset += 9
-        elif kind == 0x49:  # I
-            value = _INT.unpack_from(data, offset)[1]
-            offset += 5
-        elif kind == 0x74:  # t
-            value = data[offset + 1] != 0
-            offset += 2
-        else:
-            raise _PikasCase
-        table[key] = value
-    return table, offset

@@ -16,6 +16,12 @@ from crew.amqp import Channel
 from crew.calls import CallHandler
 
 
+@pytest.fixture(autouse=True)
+def _fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sends from job threads exist on crew's fast path to pika only (crew/transport.py)."""
+    monkeypatch.setenv("CREW_PIKA_PATH", "fast")
+
+
 class Sends(list):  # type: ignore[type-arg]
     """(thread name, whether it was sent) per reply a job thread tried to send itself. A
     send is recorded once it returns, which can be after the caller has the reply:

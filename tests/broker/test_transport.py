@@ -1,6 +1,8 @@
-"""crew's reads and writes under pika (crew/transport.py): frames split anywhere parse as
-pika parses them, writes leave in one sendmsg per loop iteration, a full socket or a dead
-peer is handled, and calls work both with these and with pika's own code (the fallback)."""
+"""crew's fast path under pika (crew/transport.py, crew/frames.py): frames split anywhere
+parse as pika parses them, writes leave in one sendmsg per loop iteration, a full socket or
+a dead peer is handled, and calls work both with these and with pika's own code (the public
+path). Every test here takes the fast path whatever CREW_PIKA_PATH says, except where
+``io_path`` runs it on both."""
 
 from __future__ import annotations
 
@@ -18,14 +20,17 @@ import pika.spec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pika.adapters.asyncio_connection import (
-    AsyncioConnection,
-    _AsyncioIOServicesAdapter,
-)
+from pika.adapters.asyncio_connection import _AsyncioIOServicesAdapter
 from pika.adapters.utils import io_services_utils
 
-from crew import transport
-from crew.transport import CoalescingTransport, FrameReader, FrameReadingConnection
+from crew import seam, transport
+from crew.frames import FrameReader
+from crew.transport import CoalescingTransport, FrameReadingConnection, PublicConnection
+
+
+@pytest.fixture(autouse=True)
+def _fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(seam.ENV, "fast")
 
 
 def _stream() -> tuple[bytes, list[bytes]]:
@@ -308,8 +313,7 @@ async def test_a_socket_without_sendmsg_keeps_pikas_writes() -> None:
 def io_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with crew's reads and writes, and again with pika's own (the fallback)."""
     if request.param == "pika":
-        monkeypatch.setattr(transport, "connection_class", lambda: AsyncioConnection)
-        monkeypatch.setattr(transport, "_can_coalesce", lambda _transport: False)
+        monkeypatch.setenv(seam.ENV, "public")
     return request.param
 
 
@@ -318,7 +322,7 @@ async def test_calls_work_on_both_paths(io_path, make_worker, client, uid):
     make_worker({f"echo.{uid}": lambda x: x}, concurrency=16)
     pika_connection = client._connection._connection
     expected = ((FrameReadingConnection, CoalescingTransport) if io_path == "crew"
-                else (AsyncioConnection, io_services_utils._AsyncPlaintextTransport))
+                else (PublicConnection, io_services_utils._AsyncPlaintextTransport))
     assert (type(pika_connection), type(pika_connection._transport)) == expected
     big = os.urandom(3 * 1024 * 1024 + 17)  # many frames, not a multiple of the frame size
     assert await client.call(f"echo.{uid}", big, persistent=False) == big

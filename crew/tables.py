@@ -1,0 +1,118 @@
+"""AMQP field tables (message headers) as crew reads them (internal).
+
+:func:`decode_table` reads a table as pika's ``pika.data.decode_table`` does, values of
+the same types included, with one difference on purpose: a timestamp that Python cannot
+represent (past the year 9999) stays an int of epoch seconds. pika raises on it while it
+parses a frame, which kills the connection; the broker passes the header through and
+redelivers the call, so one forged message would take a worker down again and again.
+
+It replaces crew's former process-wide patch of ``pika.data.decode_value``: it applies
+only where crew decodes frames (:mod:`crew.wire`'s content headers, on the fast path and,
+when pika's own decoding raised, on the public path: see :mod:`crew.transport`), never to
+pika elsewhere in the process. The kinds crew sends (strings, bytes, 32- and 64-bit
+integers, booleans) are read here; tables and arrays are walked here too, so that their
+timestamps are read the same way; every other kind is read by pika's public
+``pika.data.decode_value``, so its quirks of each version (``b`` and ``B`` swapped before
+1.4) stay pika's.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pika.compat
+import pika.data
+
+__all__ = ["decode_table", "decode_value", "read_short", "text"]
+
+_U32 = struct.Struct(">L")
+_U64 = struct.Struct(">Q")
+_INT = struct.Struct(">ci")  # a table's signed 32-bit integer (I)
+_LONG = struct.Struct(">cq")  # a signed 64-bit integer (l and L since pika 1.4)
+_ULONG = struct.Struct(">cQ")  # l before pika 1.4
+
+
+def _long_reader(kind: bytes) -> struct.Struct | None:
+    """How this pika reads a 64-bit table integer of ``kind`` (``l`` or ``L``): signed since
+    pika 1.4, ``l`` unsigned before. Asked of pika once; None leaves the kind to pika."""
+    try:
+        value = pika.data.decode_value(kind + b"\xff" * 8, 0)[0]
+    except Exception:  # noqa: BLE001 - pika changed: let it read these itself
+        return None
+    if type(value) is not pika.compat.long:
+        return None
+    return {-1: _LONG, 2**64 - 1: _ULONG}.get(value)
+
+
+_LONG_READERS = {ord(kind): _long_reader(kind) for kind in (b"l", b"L")}
+
+
+def text(raw: bytes) -> str | bytes:
+    """What pika makes of a string's octets: text if they are UTF-8, else the bytes."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
+
+
+def read_short(data: bytes, offset: int) -> tuple[str | bytes, int]:
+    end = offset + 1 + data[offset]
+    return text(data[offset + 1:end]), end
+
+
+def decode_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
+    """The field table at ``offset`` (its length first) and the offset after it, as pika's
+    ``decode_table`` reads it, except for timestamps past the year 9999 (an int here: see
+    the module's docstring). Raises on bytes pika would raise for."""
+    size, = _U32.unpack_from(data, offset)
+    offset += 4
+    limit = offset + size
+    table: dict[Any, Any] = {}
+    value: Any
+    while offset < limit:
+        key, offset = read_short(data, offset)
+        kind = data[offset]
+        if kind == 0x53 or kind == 0x78:  # S (text) or x (bytes): a length, then octets
+            length, = _U32.unpack_from(data, offset + 1)
+            start = offset + 5
+            offset = start + length
+            value = text(data[start:offset]) if kind == 0x53 else data[start:offset]
+        elif kind == 0x49:  # I
+            value = _INT.unpack_from(data, offset)[1]
+            offset += 5
+        elif kind == 0x74:  # t
+            value = data[offset + 1] != 0
+            offset += 2
+        elif (reader := _LONG_READERS.get(kind)) is not None:  # l, L: pika.compat.long
+            value = pika.compat.long(reader.unpack_from(data, offset)[1])
+            offset += 9
+        else:
+            value, offset = decode_value(data, offset)
+        table[key] = value
+    return table, offset
+
+
+def decode_value(data: bytes, offset: int) -> tuple[Any, int]:
+    """The field value at ``offset`` (its kind first) and the offset after it: pika's
+    ``decode_value``, except that crew reads nested tables and arrays itself (so that their
+    timestamps are read as :func:`decode_table` reads them) and keeps a timestamp past the
+    year 9999 an int."""
+    kind = data[offset:offset + 1]
+    if kind == b"F":
+        return decode_table(data, offset + 1)
+    if kind == b"A":
+        length, = _U32.unpack_from(data, offset + 1)
+        offset += 5
+        end = offset + length
+        values = []
+        while offset < end:
+            value, offset = decode_value(data, offset)
+            values.append(value)
+        return values, offset
+    try:
+        return pika.data.decode_value(data, offset)
+    except (OverflowError, OSError, ValueError):
+        if kind != b"T":
+            raise
+        return _U64.unpack_from(data, offset + 1)[0], offset + 9
