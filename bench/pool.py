@@ -271,7 +271,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{kind:8}" + "".join(f"{medians[kind][f]:15.2f}" for f in figures))
     for kind in kinds[1:]:  # per-round ratios, so that the rounds' noise cancels
         ratios = {f: statistics.median(a[f] / b[f] if b[f] else float("nan") for a, b in
-                                       zip(results[kinds[0]], results[kind]))
+                                       zip(results[kinds[0]], results[kind], strict=True))
                   for f in ("burst cpu", "burst wall", "seq cpu", "seq wall")}
         print(f"{kinds[0]}/{kind}: " + ", ".join(f"{f} {v:.2f}x" for f, v in ratios.items()))
 

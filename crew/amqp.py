@@ -51,11 +51,11 @@ class Channel:
 
     @property
     def is_open(self) -> bool:
-        return self._channel.is_open
+        return bool(self._channel.is_open)
 
     @property
     def number(self) -> int:
-        return self._channel.channel_number
+        return int(self._channel.channel_number)
 
     def _on_close(self, _channel: PikaChannel, reason: BaseException) -> None:
         code, text = describe_close(reason)
@@ -108,7 +108,7 @@ class Channel:
         frame = await self._rpc(self._channel.queue_declare, queue=name, durable=durable,
                                 exclusive=exclusive, auto_delete=auto_delete, passive=passive,
                                 arguments=arguments)
-        return frame.method.queue
+        return str(frame.method.queue)
 
     async def delete_queue(self, name: str) -> None:
         await self._rpc(self._channel.queue_delete, queue=name)
@@ -134,7 +134,7 @@ class Channel:
         tag, fut = self._start(self._channel.basic_consume, queue, on_message,
                                auto_ack=auto_ack, exclusive=exclusive, arguments=arguments)
         await self._wait(fut)
-        return tag
+        return str(tag)
 
     async def declare_topology(self) -> None:
         """Declare the exchanges that clients and workers both use: expiry notices
@@ -251,7 +251,7 @@ class Connection:
 
     @property
     def is_open(self) -> bool:
-        return self._connection.is_open
+        return bool(self._connection.is_open)
 
     async def channel(self) -> Channel:
         loop = asyncio.get_running_loop()

@@ -1,18 +1,16 @@
 """The call path of a worker: from a delivered call to its running job, and the job's stop.
 
-:class:`CallHandler` takes each delivery off a task queue, checks it, admits it under the
-worker's memory ceiling (:mod:`crew.memory`), starts its job (in a job thread of
-:mod:`crew.pool`, or as a coroutine for ``async`` tasks) and arms a loop timer for its
-deadline. It stops a job at its deadline, on its caller's cancel notice (remembered, for a
-call not delivered yet, by :class:`crew.cancels.Remembered`), when the task channel is lost
-and on a graceful stop, and counts the job threads that do not return once interrupted. How
-each call then ends, exactly once, is :mod:`crew.replies`. docs/PROTOCOL.md, section 6, is
-both modules in prose.
+:class:`CallHandler` checks each delivery, admits it under the worker's memory ceiling
+(:mod:`crew.memory`), starts its job (in a job thread of :mod:`crew.pool`, or as a coroutine
+for ``async`` tasks) and arms a timer for its deadline. It stops a job at its deadline, on
+its caller's cancel notice (remembered for a call not delivered yet), when the task channel
+is lost and on a graceful stop, and counts the job threads that do not return once
+interrupted. How each call then ends, exactly once, is :mod:`crew.replies`;
+docs/PROTOCOL.md, section 6, has both modules in prose.
 
-Everything here runs on the worker's loop. The lifecycle (connecting, reconnecting,
-stopping) is :mod:`crew.serving`'s: the :class:`~crew.serving.Worker` owns one handler for
-its whole life, as job threads and remembered cancel notices outlive a reconnection, and
-tells it which task channel is current (:meth:`CallHandler.attach`).
+Everything here runs on the worker's loop. The :class:`~crew.serving.Worker` owns one
+handler for its whole life (job threads and remembered cancel notices outlive a
+reconnection) and tells it which task channel is current (:meth:`CallHandler.attach`).
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ class CallHandler:
     ``concurrency``: jobs run at once (the worker's prefetch too); ``worker_id`` names the
     job threads; ``max_memory``: bytes the calls served may hold (see :mod:`crew.memory`);
     ``on_too_many_stuck()`` is called (on the loop) once more than ``max_stuck`` job threads
-    are stuck; ``call_in_loop(func, *args)`` runs ``func`` on the worker's loop from any
-    thread.
+    are stuck; ``call_in_loop(func, *args)`` runs ``func`` on the loop from any thread.
     """
 
     def __init__(self, scope: Scope, *, concurrency: int, worker_id: str, max_memory: int,
@@ -98,8 +95,7 @@ class CallHandler:
 
     @property
     def serving(self) -> int:
-        """How many calls are being served (running, or waiting for a job thread), once
-        the calls that job threads answered themselves are forgotten. On the loop only."""
+        """How many calls are being served (running, or waiting); on the loop only."""
         self.replies.settle_sent()
         return len(self.replies.jobs)
 
@@ -171,9 +167,8 @@ class CallHandler:
         """Start a checked call's job, unless its deadline has passed already."""
         remaining = job.deadline - time.monotonic()
         if remaining <= 0:
-            self.replies.answer(job, job.encode_reply(protocol.STATUS_EXPIRED, {
-                "type": "ExpirationError", "message": "deadline passed before a worker "
-                f"started the call ({-remaining:.3f} s ago)", "traceback": ""}))
+            self.replies.answer(job, job.expired_reply(
+                f"deadline passed before a worker started the call ({-remaining:.3f} s ago)"))
             return
         cost = codec.decode_memory(job.body, job.content_type, job.content_encoding)
         if cost > self._memory.limit:
@@ -230,11 +225,8 @@ class CallHandler:
         if state == "ended":
             return  # it ended just now: its thread answers it
         if state == "pending":
-            waited_for = ("memory" if self._memory.is_waiting(job.key)
-                          else "a job thread")
-            reply = job.encode_reply(protocol.STATUS_EXPIRED, {
-                "type": "ExpirationError", "message": f"deadline passed before {waited_for} "
-                "was free", "traceback": ""})
+            waited_for = "memory" if self._memory.is_waiting(job.key) else "a job thread"
+            reply = job.expired_reply(f"deadline passed before {waited_for} was free")
         else:
             log.warning("job %s of task %s interrupted at its deadline", job.correlation_id,
                         job.task)
@@ -257,11 +249,11 @@ class CallHandler:
     def _check_stuck(self, job: Job, thread: threading.Thread) -> None:
         if thread not in self._threads.stuck:
             return
-        count, limit = len(self._threads.stuck), self._max_stuck
+        count = len(self._threads.stuck)
         log.error("job thread %s (task %s, call %s) is stuck %.0f s after its interruption; "
                   "%d stuck thread(s), limit %d", thread.name, job.task, job.correlation_id,
-                  STUCK_AFTER, count, limit)
-        if count > limit and not self.replies.stopping:
+                  STUCK_AFTER, count, self._max_stuck)
+        if count > self._max_stuck and not self.replies.stopping:
             self._on_too_many_stuck()
 
     def channel_lost(self) -> None:

@@ -42,7 +42,7 @@ def frame_size(buffer: bytes | memoryview, offset: int, max_payload: int) -> int
         return _HEADER_SIZE
     if buffer[offset] == _PROTOCOL_HEADER[0] and buffer[offset:offset + 4] == _PROTOCOL_HEADER:
         return 8
-    payload = _HEADER.unpack_from(buffer, offset)[2]
+    payload: int = _HEADER.unpack_from(buffer, offset)[2]
     if payload > max_payload:
         raise pika.exceptions.InvalidFrameError(
             f"frame of {payload} bytes, more than the frame_max of {max_payload}: "

@@ -53,7 +53,8 @@ class JSONHandler(RequestHandler):
 
     @property
     def client(self) -> "Client":
-        return self.settings["crew"]
+        client: Client = self.settings["crew"]
+        return client
 
     def finish_json(self, value: Any) -> None:
         try:
@@ -100,7 +101,8 @@ class BodyHandler(JSONHandler):
         if length.isdigit() and int(length) > self.settings["max_body"]:
             # Tornado answers a body over its own limit with a bare 400: lift that limit for
             # this request. Finishing before the body is read closes the connection.
-            self.request.connection.set_max_body_size(int(length))  # type: ignore[attr-defined]
+            self.request.connection.set_max_body_size(  # type: ignore[union-attr]
+                int(length))
             self.refuse_body()
 
     def data_received(self, chunk: bytes) -> None:
@@ -192,7 +194,8 @@ async def _serve_http(app: Application, client: "Client", address: str, port: in
     # A signal must stop the server while the client still waits for the broker, too.
     stopping = asyncio.ensure_future(stop.wait())
     connecting = asyncio.ensure_future(client.connect())
-    await asyncio.wait({stopping, connecting}, return_when=asyncio.FIRST_COMPLETED)
+    waits: set[asyncio.Future[Any]] = {stopping, connecting}
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     if not connecting.done():
         connecting.cancel()
         await client.close()

@@ -139,6 +139,11 @@ class Job:
                     with_traceback: bool = True) -> Reply:
         return self.encode_reply(status, codec.error_envelope(exc, with_traceback))
 
+    def expired_reply(self, message: str) -> Reply:
+        """The reply to a call whose deadline passed before its job began."""
+        return self.encode_reply(protocol.STATUS_EXPIRED, {
+            "type": "ExpirationError", "message": message, "traceback": ""})
+
     def encode_reply(self, status: str, value: Any) -> Reply:
         """Encode ``value`` in the call's content type; never raises.
 
@@ -176,7 +181,7 @@ class Job:
                 result = self.func(argument)
             except JobKilled:
                 raise
-            except BaseException as exc:  # the task's own failure, SystemExit included
+            except BaseException as exc:  # noqa: BLE001 - the task's own, SystemExit included
                 return self.error_reply(exc)
             return self.encode_reply(protocol.STATUS_OK, result)
         finally:
@@ -193,7 +198,7 @@ class Job:
             result = await self.func(argument)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the task's own failure
             return self.error_reply(exc)
         return self.encode_reply(protocol.STATUS_OK, result)
 

@@ -158,7 +158,8 @@ class Link:
             remaining = (call.deadline_ms - protocol.now_ms()) / 1000
             waiter = asyncio.ensure_future(self.ready.wait())
             try:
-                await asyncio.wait({waiter, call.future}, timeout=max(0.0, remaining),
+                waits: set[asyncio.Future[Any]] = {waiter, call.future}
+                await asyncio.wait(waits, timeout=max(0.0, remaining),
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()

@@ -1,5 +1,5 @@
-"""The event loop that will run what a thread schedules before any loop runs, and the
-tasks that nobody awaits (internal).
+"""Event-loop helpers (internal): the loop that will run what a thread schedules before any
+loop runs, the tasks that nobody awaits, and waiting for the first of several events.
 
 The article calls ``client.connect()`` at the top level of a script, then
 ``IOLoop.instance().start()``: the connect must be scheduled on the loop that ``start()``
@@ -22,7 +22,7 @@ from typing import Any, Coroutine
 
 from .exceptions import ConnectionLostError
 
-__all__ = ["Background", "thread_loop"]
+__all__ = ["Background", "first_set", "running_loop", "thread_loop"]
 
 
 def thread_loop() -> asyncio.AbstractEventLoop:
@@ -77,3 +77,21 @@ class Background:
             self._log.info("%s stopped: %s", describe, task.exception())
         else:
             self._log.error("%s failed", describe, exc_info=task.exception())
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running loop, or None outside one."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def first_set(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -181,7 +181,7 @@ class _Settled:
         if self._error is not None:
             raise self._error
         return None
-        yield  # makes this a generator, as __await__ must be
+        yield  # type: ignore[unreachable]  # a generator, as __await__ must be
 
 
 def _done() -> _Settled:

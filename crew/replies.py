@@ -99,7 +99,7 @@ class Replies:
             return  # the call will be redelivered by the broker
         try:
             self._publish_reply(channel, job, reply, job.headers)
-        except Exception as exc:  # pika cannot encode a header value the task set
+        except Exception as exc:  # noqa: BLE001 - pika cannot encode a header the task set
             log.warning("reply to call %r could not be sent: %s", job.correlation_id, exc)
             error = EncodeError(f"the reply's headers cannot be sent: {exc}")
             self._publish_reply(channel, job, job.error_reply(error, with_traceback=False), {})
@@ -193,7 +193,7 @@ class Replies:
             return channel.publish_and_ack_now(
                 "", job.reply_to, reply.body, _reply_properties(job, reply, job.headers),
                 mandatory=True, delivery_tag=job.delivery_tag)
-        except Exception:  # pika cannot encode a header the task set: the loop's path says so
+        except Exception:  # noqa: BLE001 - a header pika cannot encode: the loop's path says so
             return False
 
     def job_done(self, job: Job, reply: Reply) -> None:

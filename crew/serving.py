@@ -29,6 +29,7 @@ from .calls import CallHandler
 from .context import Publisher, context
 from .exceptions import ConnectionLostError
 from .jobs import Scope
+from .loops import first_set, running_loop
 from .registry import Settings, TaskFunction, tasks
 from .session import Session
 from .settings import (DEFAULT_GRACE, DEFAULT_MAX_MEMORY, DEFAULT_MAX_STUCK, BrokerSettings,
@@ -167,7 +168,7 @@ class Worker:
         stop, lost = self._stop_requested, self._lost
         try:
             while True:
-                await _first_set(stop, lost)  # type: ignore[arg-type]  # set by start()
+                await first_set(stop, lost)  # type: ignore[arg-type]  # set by start()
                 if stop.is_set():  # type: ignore[union-attr]
                     break
                 lost.clear()
@@ -261,27 +262,10 @@ class Worker:
         loop = self._loop
         if loop is None or loop.is_closed():
             raise ConnectionLostError("the worker is not running")
-        if _running_loop() is loop:
+        if running_loop() is loop:
             func(*args)
         else:
             loop.call_soon_threadsafe(func, *args)
-
-
-async def _first_set(*events: asyncio.Event) -> None:
-    """Wait until any of ``events`` is set."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def serve_in_thread(worker: Worker) -> threading.Thread:
@@ -296,7 +280,7 @@ def serve_in_thread(worker: Worker) -> threading.Thread:
     async def main() -> None:
         try:
             await worker.start()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             failure.append(exc)
             started.set()
             return

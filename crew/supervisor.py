@@ -73,7 +73,7 @@ def _child(target: Callable[[], int]) -> None:
     raise SystemExit(target())
 
 
-def _start(context: multiprocessing.context.BaseContext, slot: _Slot,
+def _start(context: multiprocessing.context.ForkContext, slot: _Slot,
            target: Callable[[], int]) -> None:
     slot.process = context.Process(target=_child, args=(target,), name=f"crew-worker-{slot.number}")
     slot.process.start()

@@ -111,7 +111,8 @@ def decode_value(data: bytes, offset: int) -> tuple[Any, int]:
             values.append(value)
         return values, offset
     try:
-        return pika.data.decode_value(data, offset)
+        decoded: tuple[Any, int] = pika.data.decode_value(data, offset)
+        return decoded
     except (OverflowError, OSError, ValueError):
         if kind != b"T":
             raise

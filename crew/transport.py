@@ -213,7 +213,7 @@ class PublicConnection(AsyncioConnection):
 _PlainTransport = io_services_utils._AsyncPlaintextTransport
 
 
-class CoalescingTransport(_PlainTransport):
+class CoalescingTransport(io_services_utils._AsyncPlaintextTransport):
     """pika's plaintext transport, flushing once per loop iteration with one ``sendmsg``.
 
     Instances are made by :func:`tune` from pika's own, by changing their class: pika builds

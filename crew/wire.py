@@ -117,7 +117,8 @@ def ack_frame(channel: int, delivery_tag: int) -> bytes:
         return _ACK.pack(pika.spec.FRAME_METHOD, channel, _ACK.size - _FRAME_SIZE,
                          Basic.Ack.INDEX, delivery_tag, 0) + _END
     except Exception:  # noqa: BLE001 - pika's codec decides (a tag out of range: its error)
-        return pika.frame.Method(channel, Basic.Ack(delivery_tag)).marshal()
+        marshaled: bytes = pika.frame.Method(channel, Basic.Ack(delivery_tag)).marshal()
+        return marshaled
 
 
 def _short(value: Any) -> bytes:

@@ -45,7 +45,7 @@ def long_task(req: Any) -> str:
 @Task("stat", registry=tasks)
 def get_counter(req: Any) -> str:
     """Count the call; say which worker answered and how many calls it has served."""
-    return 'I\'m worker "%s". And I serve %s tasks' % (context.settings.uuid, _count())
+    return f'I\'m worker "{context.settings.uuid}". And I serve {_count()} tasks'
 
 
 @Task("dead", registry=tasks)

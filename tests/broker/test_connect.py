@@ -47,7 +47,7 @@ def in_thread(target: Any) -> Any:
     def run() -> None:
         try:
             outcome.append(("ok", target()))
-        except BaseException as exc:  # re-raised in the test's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             outcome.append(("raised", exc))
 
     thread = threading.Thread(target=run)
@@ -172,7 +172,7 @@ async def test_connect_timeout_bounds_the_wait_for_a_connect_under_way(uid):
     connecting = client.connect()  # no timeout: keeps trying
     try:
         began = time.monotonic()
-        with pytest.raises(ConnectionLostError, match="within 0.5 s"):
+        with pytest.raises(ConnectionLostError, match=r"within 0\.5 s"):
             await client.connect(timeout=0.5)
         assert time.monotonic() - began < 5
         assert not connecting.done()

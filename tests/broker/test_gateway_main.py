@@ -34,7 +34,8 @@ async def test_gateway_as_a_process_serves_until_sigterm(broker_url):
     output = Output(proc)
     try:
         listening = await output.wait_for("listening on http://")
-        base = "http://127.0.0.1:%s" % re.search(r":(\d+)/", listening).group(1)
+        port = re.search(r":(\d+)/", listening).group(1)
+        base = f"http://127.0.0.1:{port}"
         http = AsyncHTTPClient()
         health = await http.fetch(f"{base}/health")
         assert json.loads(health.body) == {"broker": "up", "listeners": 0}

@@ -224,7 +224,7 @@ async def test_flush_sends_at_once() -> None:
 async def test_a_short_read_ends_the_readiness_event_without_another_recv() -> None:
     ours, peer = socket.socketpair()
     counting = _CountingSocket(ours)
-    tx, protocol, _ = await _tuned(counting)
+    _, protocol, _ = await _tuned(counting)
     peer.sendall(b"x" * 100)
     await asyncio.wait_for(protocol.got_data.wait(), 10)
     # pika reads on until recv raises EAGAIN; a short read says the socket is drained.

@@ -96,7 +96,7 @@ def same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, list):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, float):
@@ -185,7 +185,7 @@ def test_task_exceptions_come_back_as_remote_errors(name, message, traceback, co
     error_class = type(name, (Exception,), {})
     try:
         raise error_class(message)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any task error
         reply = job.error_reply(exc, with_traceback=traceback)
     assert reply.status == protocol.STATUS_ERROR
     outcome = _received(reply, job.reply_type)

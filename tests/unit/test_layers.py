@@ -105,9 +105,10 @@ def test_a_module_missing_from_the_layers_is_caught():
 
 
 def test_the_readme_lists_the_same_layers():
-    """README's "How crew is built" names every layer, bottom first, as ``crew/x.py``."""
+    """README's "How crew is built" lists every module, bottom first, one per item
+    (``- `crew/x.py`: ...``)."""
     text = README.read_text()
     section = text.split("## How crew is built", 1)[1].split("\n## ", 1)[0]
     listed = [module_name(CREW.parent / path) for path in
-              re.findall(r"`(crew/[\w/]+\.py)`", section)]
+              re.findall(r"^- `(crew/[\w/]+\.py)`", section, re.MULTILINE)]
     assert listed == [name for name in LAYERS if crew_modules()[name].name != "__init__.py"]

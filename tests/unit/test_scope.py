@@ -63,18 +63,18 @@ def test_a_job_sees_its_own_scope_and_outside_a_job_the_last_bound(bound_scope):
     assert current_job.get() is None
     assert context.settings.name == "other" and context.pubsub is other.pubsub
     with pytest.raises(RuntimeError, match="inside a job"):
-        context.headers
+        context.headers  # noqa: B018 - the property raises
 
 
 def test_context_before_any_worker_started_says_so(bound_scope):
     Context._scope = None
     with pytest.raises(RuntimeError, match="once a worker has started"):
-        context.settings
+        context.settings  # noqa: B018 - the property raises
     outcome: list[str] = []
 
     def task(_argument: Any) -> None:  # a job made outside a worker (tests, benchmarks)
         try:
-            context.settings
+            context.settings  # noqa: B018 - the property raises
         except RuntimeError as exc:
             outcome.append(str(exc))
 

@@ -20,7 +20,7 @@ def _run_in_thread(target):
     def wrapper():
         try:
             result["value"] = target()
-        except BaseException as exc:  # report everything, the kill included
+        except BaseException as exc:  # noqa: BLE001 - report everything, the kill included
             result["error"] = exc
 
     thread = threading.Thread(target=wrapper, daemon=True)
@@ -567,6 +567,6 @@ def test_kills_at_random_moments_never_break_the_pool():
         sys.setswitchinterval(switch_interval)
         threading.excepthook = previous_hook
     assert died == [] and pool.stuck == set()
-    for state, ends in zip(states, outcomes.values()):
+    for state, ends in zip(states, outcomes.values(), strict=True):
         assert ends == (["ok"] if state == "ended" else [])
     assert "running" in states and "ended" in states  # the races were really run
