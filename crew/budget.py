@@ -14,7 +14,7 @@ short kinds (small negative integers and 2-4 byte strings in msgpack, whose exce
 counted before decoding, for every byte that could start one) costs at most 16 bytes per
 byte of its encoding, its slot included. So decoding never holds more than
 :data:`DECODE_BOUND_FACTOR` times the body plus the floor, whatever the bytes (plus, for
-JSON, the str that :func:`json.loads` first makes of the text); ``tests/test_budget.py``
+JSON, the str that :func:`json.loads` first makes of the text); ``tests/unit/test_budget.py``
 measures every shape.
 
 Bodies that cannot reach the budget skip all of this: bodies of at most

@@ -3,7 +3,7 @@
 Every use of a private pika name (a ``_name`` of a pika object or module, a private pika
 class, a ``__class__`` swap) is in this module; the rest of crew calls :func:`publish`,
 :func:`ack`, :func:`publish_and_ack_now`, :func:`flush` and :func:`tune`, which do the
-same on either path. tests/test_seam.py scans crew's modules to keep it so.
+same on either path. tests/unit/test_seam.py scans crew's modules to keep it so.
 
 **The fast path** (pika's internals, measured in docs/BENCHMARKS.md):
 

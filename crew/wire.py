@@ -17,7 +17,7 @@ word pika would read on from. It uses only pika's public API (the attributes of
 ``BasicProperties``, the public functions of ``pika.frame``, ``pika.spec`` and
 ``pika.data``), and **any** exception it meets, an expected one or one raised because
 pika's objects changed shape, leaves the frame to pika's codec: a change in pika makes
-crew slower, never wrong. tests/test_wire.py checks both directions against pika byte
+crew slower, never wrong. tests/unit/test_wire.py checks both directions against pika byte
 for byte and field for field, over generated input and edge cases.
 
 One difference from pika, on purpose: content headers' tables are read by

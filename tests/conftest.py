@@ -22,6 +22,7 @@ import pytest
 
 from crew import Client
 from crew.worker import Worker, serve_in_thread
+from tests.support.bombs import MiB, gzip_bomb
 from tests.support.broker import broker_answers, rabbitmqctl
 
 
@@ -95,3 +96,9 @@ def make_client(io_loop: Any, broker_url: str) -> Iterator[Callable[..., Any]]:
     yield make
     for c in made:
         io_loop.run_sync(c.close)
+
+
+@pytest.fixture(scope="session")
+def bomb() -> bytes:
+    """A gzip body of 1 GiB of zeros, about 1 MiB on the wire."""
+    return gzip_bomb(1024 * MiB)

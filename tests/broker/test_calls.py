@@ -321,20 +321,6 @@ async def test_a_job_longer_than_three_heartbeats_neither_drops_nor_reruns(
     assert worker._connection is not None and worker._connection.is_open
 
 
-def test_registering_a_task_name_twice_is_an_error_and_functions_stay_callable():
-    registry = crew.worker.TaskRegistry()
-
-    @crew.Task("twice", registry=registry)
-    def first(x):
-        return x + 1
-
-    assert first(1) == 2  # still the plain function
-    with pytest.raises(ValueError, match="already registered"):
-        crew.Task("twice", registry=registry)(lambda x: x)
-    with pytest.raises(ValueError):
-        crew.Task("has space")
-
-
 @pytest.mark.gen_test(timeout=30)
 async def test_a_header_value_amqp_cannot_carry_becomes_an_error_reply(make_worker, client, uid):
     def bad_header(_):

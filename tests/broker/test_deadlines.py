@@ -296,8 +296,3 @@ async def test_duplicate_and_late_replies_are_ignored(make_worker, client, broke
     await asyncio.sleep(0.3)  # the worker's real reply arrives late and is dropped too
     assert client._pending == {}
     assert await client.call(f"slow.{uid}", "again", expiration=10) == "again"
-
-
-def test_default_expiration_stays_below_the_broker_consumer_timeout():
-    consumer_timeout = 30 * 60  # RabbitMQ's default, in seconds
-    assert crew.protocol.DEFAULT_EXPIRATION < crew.protocol.MAX_EXPIRATION < consumer_timeout

@@ -9,23 +9,6 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient
 
 from tests.support.processes import Output, spawn_python, stop
-from crew import gateway
-
-
-def test_main_refuses_bad_options_with_usage(capsys):
-    with pytest.raises(SystemExit) as exited:
-        gateway.main(["--max-body", "0"])
-    assert exited.value.code == 2
-    assert "max_body must be" in capsys.readouterr().err
-
-
-def test_main_help_names_the_gateway_options(capsys):
-    with pytest.raises(SystemExit) as exited:
-        gateway.main(["--help"])
-    assert exited.value.code == 0
-    usage = capsys.readouterr().out
-    assert usage.startswith("usage: python -m crew.gateway")
-    assert "--broker-port" in usage and "--poll-timeout" in usage and "--max-body" in usage
 
 
 @pytest.mark.gen_test(timeout=60)

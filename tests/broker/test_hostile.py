@@ -30,8 +30,7 @@ import msgpack
 import pika
 import pytest
 
-from crew import RemoteError, codec, protocol
-from crew.exceptions import MessageTooLargeError
+from crew import RemoteError, protocol
 from crew.worker import Worker, serve_in_thread
 from tests.support.hostile import (
     JSON,
@@ -41,26 +40,7 @@ from tests.support.hostile import (
     crew_log_lines,
     decode_reply,
 )
-
-MiB = 1024 * 1024
-
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def gzip_bomb(size: int) -> bytes:
-    """A valid gzip body of ``size`` zero bytes (a multiple of 1 MiB), about 1000 times
-    smaller, built without ever holding ``size`` bytes: after a full flush deflate starts
-    afresh, so every 1 MiB of zeros compresses to the same block."""
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate; gzip framing below
-    zeros = bytes(MiB)
-    block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
-    crc = 0
-    for _ in range(size // MiB):
-        crc = zlib.crc32(zeros, crc)
-    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
-    trailer = struct.pack("<II", crc, size & 0xFFFFFFFF)
-    return header + block * (size // MiB) + compressor.flush() + trailer
+from tests.support.bombs import MiB
 
 
 class MakesAFile:
@@ -109,6 +89,7 @@ def _gzip(data: bytes) -> bytes:
 # --- calls that get an error reply -------------------------------------------------------
 
 _NOW_MS = time.time_ns() // 1_000_000
+
 
 # (id, body, properties, envelope type)
 ERROR_REPLY_CASES = [
@@ -230,34 +211,6 @@ def test_body_over_the_size_limit_is_refused(served, raw, broker_url, caplog):
         assert len(lines) == 1 and cid in lines[0], lines
     assert len(served["runs"]) == runs_before + 1, "the task ran on the oversized call"
     assert_queue_empty(broker_url, protocol.task_queue(served["task"]))
-
-
-# --- the gzip bomb ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def bomb() -> bytes:
-    return gzip_bomb(1024 * MiB)
-
-
-def test_gzip_bomb_is_what_it_claims(bomb):
-    assert len(bomb) < 2 * MiB
-    decompressor = zlib.decompressobj(31)
-    assert decompressor.decompress(bomb, 3 * MiB) == bytes(3 * MiB)
-
-
-def test_gzip_bomb_decode_stays_within_the_decompressed_limit(bomb):
-    limit = protocol.MAX_DECOMPRESSED_BYTES
-    tracemalloc.start()
-    try:
-        with pytest.raises(MessageTooLargeError, match="decompresses to more than"):
-            codec.decode(bomb, MSGPACK, "gzip")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    # The limit, the output buffer's growth reserve (an eighth) and a step or two: far from
-    # the 1 GiB the bomb expands to, and from the 2x limit of a one-shot decompress().
-    assert peak < limit + limit // 8 + 4 * MiB, f"peak {peak / MiB:.1f} MiB"
 
 
 def test_gzip_bomb_sent_to_a_worker_gets_an_error_and_bounded_memory(served, raw, broker_url,
