@@ -482,12 +482,12 @@ def table(rows: list[dict[str, Any]]) -> str:
                 line.append("" if row is None else _cell(row))
             body.append(line)
         widths = [max(len(str(x[i])) for x in [header] + body) for i in range(len(header))]
-        cells = (h.ljust(w) for h, w in zip(header, widths, strict=True))
-        lines.append("| " + " | ".join(cells) + " |")
+        padded = (h.ljust(w) for h, w in zip(header, widths, strict=True))
+        lines.append("| " + " | ".join(padded) + " |")
         lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for line in body:
-            cells = (c.ljust(w) for c, w in zip(line, widths, strict=True))
-            lines.append("| " + " | ".join(cells) + " |")
+            padded = (c.ljust(w) for c, w in zip(line, widths, strict=True))
+            lines.append("| " + " | ".join(padded) + " |")
         lines.append("")
     return "\n".join(lines)
 
