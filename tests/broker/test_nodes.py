@@ -101,8 +101,8 @@ async def test_a_lost_node_moves_client_and_worker_to_the_next_node_first(
             before = len(lines(caplog, client_on)), len(lines(caplog, worker_on))
             lost.set_mode(RESET)  # every connection through it cut with an RST...
             lost.set_mode(REFUSE)  # ...and nothing listens any more
-            await until(lambda: len(lines(caplog, client_on)) > before[0]
-                        and len(lines(caplog, worker_on)) > before[1], 30,
+            await until(lambda c=client_on, w=worker_on, n=before:
+                        len(lines(caplog, c)) > n[0] and len(lines(caplog, w)) > n[1], 30,
                         f"client and worker connected again, to the node on {other.port}")
             for value in range(5):
                 assert await client.call(echo, value, expiration=20) == value
