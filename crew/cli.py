@@ -62,13 +62,16 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *,
     HTTP servers pass ``port_flags=("--broker-port",)``: their ``--port`` is the HTTP port.
     """
     parser.add_argument("--url", default=None,
-                        help="amqp:// or amqps:// URL (default $CREW_URL, else "
+                        help="amqp:// or amqps:// URL; several, separated by commas, are the "
+                             "nodes of one cluster, tried in turn, which must agree on all "
+                             "but host and port (default $CREW_URL, else "
                              "amqp://guest:guest@localhost:5672/)")
-    parser.add_argument("-H", "--host", default=None, help="broker host (overrides the URL)")
+    parser.add_argument("-H", "--host", default=None,
+                        help="broker host (overrides the URL's; refused with several URLs)")
     parser.add_argument(*port_flags, dest="broker_port", type=int, default=None,
-                        metavar="PORT", help="broker port")
-    parser.add_argument("--vhost", default=None, help="virtual host")
-    parser.add_argument("--user", default=None, help="user name")
+                        metavar="PORT", help="broker port (refused with several URLs)")
+    parser.add_argument("--vhost", default=None, help="virtual host (of every node)")
+    parser.add_argument("--user", default=None, help="user name (on every node)")
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:

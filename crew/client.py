@@ -23,7 +23,7 @@ import asyncio
 import itertools
 import logging
 import uuid
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Sequence
 
 from pika.spec import BasicProperties
 
@@ -52,7 +52,9 @@ class Client:
     """A connection to the broker that calls tasks and carries pubsub.
 
     ``url``: amqp:// or amqps:// (default ``$CREW_URL``, else guest on localhost); ``host``,
-    ``port``, ``vhost``, ``user``, ``password`` override parts of it. ``content_type``: how
+    ``port``, ``vhost``, ``user``, ``password`` override parts of it. Several URLs (a list,
+    or separated by commas) are the nodes of one cluster, tried in turn (then ``host`` and
+    ``port`` are refused). ``content_type``: how
     calls are encoded (msgpack, or JSON). ``expiration``: the default deadline of a call in
     seconds. ``deadline_grace``: how long past a deadline the client waits for the worker's
     or broker's own answer before raising :class:`~crew.TimeoutError` itself.
@@ -60,7 +62,7 @@ class Client:
     backoff) and declare its reply queue and subscriptions again.
     """
 
-    def __init__(self, url: str | None = None, *, host: str | None = None,
+    def __init__(self, url: str | Sequence[str] | None = None, *, host: str | None = None,
                  port: int | None = None, vhost: str | None = None, user: str | None = None,
                  password: str | None = None, broker: BrokerSettings | None = None,
                  content_type: str = protocol.MSGPACK,

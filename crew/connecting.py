@@ -3,7 +3,8 @@
 :func:`connect_retrying` runs a connection attempt (one of :class:`crew.amqp.Connection`'s
 opens, or more) until it succeeds, with jittered, doubling delays between tries; clients,
 workers and the cancel stream use it. A 404 on declaring a durable queue whose node is
-down or starting is made retryable by :func:`unavailable`.
+down or starting is made retryable by :func:`unavailable`. :class:`Nodes` says which node of
+a cluster each attempt goes to.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from .exceptions import AuthenticationError, BrokerError, ConnectionLostError
+from .settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,28 @@ def backoff(first: float = 0.25, cap: float = 15.0) -> Iterator[float]:
     while True:
         yield delay * random.uniform(0.5, 1.0)
         delay = min(cap, delay * 2)
+
+
+class Nodes:
+    """The nodes of ``broker`` in turn: each connection attempt takes the next one.
+
+    The first attempt goes to a node chosen at random (``start`` chooses it instead), so
+    that many clients and workers given the same URLs spread over the cluster instead of
+    all piling onto the first node; then round robin, so that after a lost connection the
+    first attempt goes to the next node, not back to the one that was just lost. With one
+    node every attempt goes to it, as with a single URL.
+    """
+
+    def __init__(self, broker: BrokerSettings, start: int | None = None) -> None:
+        self.broker = broker
+        count = len(broker.nodes)
+        self._next = random.randrange(count) if start is None else start % count
+
+    def next(self) -> BrokerSettings:
+        """The settings of the node the next attempt goes to."""
+        node = self.broker.node(self._next)
+        self._next = (self._next + 1) % len(self.broker.nodes)
+        return node
 
 
 #: AMQP reply code of a declare whose durable queue lives on a node that is down or still

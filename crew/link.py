@@ -3,7 +3,8 @@
 A :class:`Link` connects with capped, jittered backoff, declares the client's private reply
 queue, receives on it the replies (handed to the pending calls) and the pubsub messages
 (handed to the subscriptions), and after a lost connection connects again by itself. Calls
-made while it reconnects wait for :attr:`Link.ready`.
+made while it reconnects wait for :attr:`Link.ready`. Given several nodes, each attempt goes
+to the next one (:class:`crew.connecting.Nodes`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pika.spec import Basic, BasicProperties
 
 from . import protocol
 from .amqp import Channel, Connection
-from .connecting import connect_retrying
+from .connecting import Nodes, connect_retrying
 from .exceptions import ConnectionLostError
 from .loops import Background, thread_loop
 from .pending import Call, Pending
@@ -51,6 +52,8 @@ class Link:
         self._pending = pending
         self._subscriptions = subscriptions
         self._background = background
+        #: The nodes of :attr:`broker` in turn (made again when :attr:`broker` changes).
+        self._nodes: Nodes | None = None
 
     @property
     def connected(self) -> bool:
@@ -100,8 +103,13 @@ class Link:
     async def _reconnect(self) -> None:
         await connect_retrying(self._open, who="client", retry_auth=True)
 
+    def _next_node(self) -> BrokerSettings:
+        if self._nodes is None or self._nodes.broker is not self.broker:
+            self._nodes = Nodes(self.broker)
+        return self._nodes.next()
+
     async def _open(self) -> None:
-        connection = await Connection.open(self.broker)
+        connection = await Connection.open(self._next_node())
         try:
             channel = await connection.channel()
             await channel.declare_topology()
@@ -122,7 +130,7 @@ class Link:
         self._subscriptions.attach(channel, queue)
         connection.closed.add_done_callback(self._on_connection_closed)
         self.ready.set()
-        log.info("client connected to %s, reply queue %s", self.broker.safe_url, queue)
+        log.info("client connected to %s, reply queue %s", connection.settings.safe_url, queue)
 
     async def close(self) -> None:
         """Fail every pending call, stop a connect or reconnection under way, disconnect."""
@@ -140,7 +148,7 @@ class Link:
     def _on_connection_closed(self, fut: asyncio.Future[BaseException]) -> None:
         if self._background.closing:
             return
-        log.error("client lost its broker connection: %s", fut.result())
+        log.error("client lost its broker connection%s: %s", self._node_named(), fut.result())
         self.ready.clear()
         self.channel = None
         self._subscriptions.detach()
@@ -149,6 +157,13 @@ class Link:
             self.connector = self._background.spawn(self._reconnect(), "reconnecting")
         else:
             self.connector = None  # calls fail at once, not at their deadline
+
+    def _node_named(self) -> str:
+        """' to <node>' when the client has several nodes to choose from, else nothing."""
+        connection = self.connection
+        if connection is None or len(connection.settings.nodes) < 2:
+            return ""
+        return f" to {connection.settings.safe_url}"
 
     async def send(self, call: Call, properties: BasicProperties, body: bytes) -> None:
         """Publish the call, first waiting for a connection up to its deadline."""

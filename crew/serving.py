@@ -24,7 +24,7 @@ from pika.spec import BasicProperties
 
 from . import protocol
 from .amqp import Connection
-from .connecting import Stopped, connect_retrying
+from .connecting import Nodes, Stopped, connect_retrying
 from .calls import CallHandler
 from .context import Publisher, context
 from .exceptions import ConnectionLostError
@@ -33,7 +33,7 @@ from .loops import first_set, running_loop
 from .registry import Settings, TaskFunction, tasks
 from .session import Session
 from .settings import (DEFAULT_GRACE, DEFAULT_MAX_MEMORY, DEFAULT_MAX_STUCK, BrokerSettings,
-                       check_worker_limits)
+                       BrokerSpec, check_worker_limits)
 
 __all__ = ["Worker", "serve_in_thread"]
 
@@ -48,7 +48,7 @@ class Worker:
     """Serves tasks from their queues until stopped.
 
     ``tasks``: a mapping of names to functions (default: everything ``@Task`` registered).
-    ``broker``: a :class:`~crew.settings.BrokerSettings` or URL (default from ``$CREW_URL``).
+    ``broker``: a :class:`~crew.settings.BrokerSettings` or URL(s) (default ``$CREW_URL``).
     ``concurrency``: jobs run at once; the prefetch equals it, so waiting calls stay in the
     broker, in priority order, for any worker to take. ``max_priority``: ``x-max-priority``
     of the task queues (must match every other worker's). ``settings``: what jobs see as
@@ -60,7 +60,7 @@ class Worker:
     """
 
     def __init__(self, tasks: Mapping[str, TaskFunction] | None = None, *,
-                 broker: BrokerSettings | str | None = None, concurrency: int = 1,
+                 broker: BrokerSpec = None, concurrency: int = 1,
                  max_priority: int = protocol.DEFAULT_QUEUE_MAX_PRIORITY,
                  settings: Mapping[str, Any] | None = None, options: Any = None,
                  max_stuck: int = DEFAULT_MAX_STUCK, grace: float = DEFAULT_GRACE,
@@ -72,8 +72,8 @@ class Worker:
             protocol.validate_task_name(name)
         check_worker_limits(concurrency, max_stuck, grace, max_memory)
         self.tasks = dict(registry)
-        self.broker = (broker if isinstance(broker, BrokerSettings)
-                       else BrokerSettings.from_url(broker))
+        self.broker = BrokerSettings.given(broker)
+        self._nodes = Nodes(self.broker)  # which node each connection attempt goes to
         self.concurrency = concurrency
         self.max_priority = protocol.validate_max_priority(max_priority)
         self.max_stuck = max_stuck
@@ -138,11 +138,12 @@ class Worker:
         session.channel.closed.add_done_callback(  # type: ignore[union-attr]  # by open()
             partial(self._on_lost, session, "task channel"))
         log.info("worker %s serving %s on %s (concurrency %d)", self.uuid,
-                 ", ".join(sorted(self.tasks)), self.broker.safe_url, self.concurrency)
+                 ", ".join(sorted(self.tasks)), session.connection.settings.safe_url,
+                 self.concurrency)
 
     async def _open(self) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is retried."""
-        return await Session.open(self.broker, self._calls, self.tasks,
+        return await Session.open(self._nodes.next(), self._calls, self.tasks,
                                   concurrency=self.concurrency, max_priority=self.max_priority,
                                   worker_id=self.uuid)
 

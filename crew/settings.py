@@ -4,6 +4,11 @@ Sources, strongest first: explicit arguments, the URL (argument, else ``$CREW_UR
 guest on localhost:5672), ``$CREW_PASSWORD``, ``$CREW_PASSWORD_FILE``, then ``guest``.
 The password is never shown: :attr:`BrokerSettings.safe_url` and ``repr`` mask it.
 
+Several URLs (a list, or one string with commas) name the nodes of one cluster: they must
+agree on everything but host and port (scheme, vhost, user, password, options), and
+:attr:`BrokerSettings.nodes` holds their addresses; :meth:`BrokerSettings.node` gives the
+settings of one node, which is what a connection attempt uses.
+
 Also the defaults and ranges of a worker's own settings, in one place for
 :class:`crew.worker.Worker` and its command line alike.
 """
@@ -12,14 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import ssl
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pika
 
-__all__ = ["BrokerSettings", "DEFAULT_GRACE", "DEFAULT_MAX_MEMORY", "DEFAULT_MAX_STUCK",
-           "DEFAULT_URL", "MIN_MAX_MEMORY", "check_worker_limits"]
+__all__ = ["BrokerSettings", "BrokerSpec", "DEFAULT_GRACE", "DEFAULT_MAX_MEMORY",
+           "DEFAULT_MAX_STUCK", "DEFAULT_URL", "MIN_MAX_MEMORY", "check_worker_limits",
+           "split_urls"]
 
 #: Without a URL: guest on localhost (the password, "guest" unless the environment says
 #: otherwise, is deliberately not in it, so that $CREW_PASSWORD applies).
@@ -57,7 +64,12 @@ def check_worker_limits(concurrency: int, max_stuck: int, grace: float,
 
 @dataclasses.dataclass(frozen=True)
 class BrokerSettings:
-    """Connection settings for one broker."""
+    """Connection settings for one broker, or for the nodes of one cluster.
+
+    ``nodes``: every node as ``(host, port)``, in the order given, each once; ``host`` and
+    ``port`` are the node a connection uses (the first one, unless made by :meth:`node`).
+    With fewer than two nodes given, ``host`` and ``port`` are the only node.
+    """
 
     host: str = "localhost"
     port: int = 5672
@@ -71,29 +83,71 @@ class BrokerSettings:
     verify: bool = True
     heartbeat: int = DEFAULT_HEARTBEAT
     name: str = "crew"
+    nodes: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.nodes) < 2:
+            object.__setattr__(self, "nodes", ((self.host, self.port),))
+        elif (self.host, self.port) not in self.nodes:
+            raise ValueError(f"host and port ({self.host}:{self.port}) must be one of the "
+                             f"nodes ({_addresses(self.nodes)})")
 
     @classmethod
-    def from_url(cls, url: str | None = None, *, environ: Mapping[str, str] | None = None,
-                 **overrides: Any) -> "BrokerSettings":
-        """Build settings from an amqp:// or amqps:// URL plus overrides (None = not given)."""
+    def from_url(cls, url: str | Sequence[str] | None = None, *,
+                 environ: Mapping[str, str] | None = None, **overrides: Any) -> "BrokerSettings":
+        """Build settings from amqp:// or amqps:// URLs plus overrides (None = not given).
+
+        ``url``: one URL, several separated by commas, or a list of them (the nodes of one
+        cluster). ``host`` and ``port`` overrides are refused with several URLs; the others
+        (``vhost``, ``user``, ``password``, ``tls``...) apply to every node.
+        """
         env = os.environ if environ is None else environ
-        parsed = _parse_url(url or env.get("CREW_URL") or DEFAULT_URL)
-        port_given = parsed.pop("port_given")
-        if "password" not in parsed:
+        urls = split_urls(url or env.get("CREW_URL") or DEFAULT_URL)
+        parsed = [_parse_url(one) for one in urls]
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if len(parsed) > 1 and given.keys() & {"host", "port"}:
+            raise ValueError("a host or port override picks one node: with several broker "
+                             "URLs, give each node's host and port in its URL")
+        shared = _shared(parsed)
+        if "password" not in shared:
             password = _password_from_env(env)
             if password is not None:
-                parsed["password"] = password
-        parsed.update({k: v for k, v in overrides.items() if v is not None})
-        if overrides.get("tls") and overrides.get("port") is None and not port_given:
-            parsed["port"] = _DEFAULT_PORTS["amqps"]
-        return cls(**parsed)
+                shared["password"] = password
+        shared.update(given)
+        moved = bool(overrides.get("tls")) and "port" not in given  # tls=True: amqps's port
+        nodes = tuple(dict.fromkeys(
+            (given.get("host", p["host"]),
+             _DEFAULT_PORTS["amqps"] if moved and not p["port_given"]
+             else given.get("port", p["port"])) for p in parsed))
+        shared["host"], shared["port"] = nodes[0]
+        return cls(**shared, nodes=nodes)
+
+    @classmethod
+    def given(cls, broker: "BrokerSpec") -> "BrokerSettings":
+        """``broker`` if it is settings already, else settings from its URL(s)."""
+        return broker if isinstance(broker, BrokerSettings) else cls.from_url(broker)
+
+    def node(self, index: int) -> "BrokerSettings":
+        """The settings of node ``index`` (modulo their number): where a connection goes."""
+        host, port = self.nodes[index % len(self.nodes)]
+        if (host, port) == (self.host, self.port):
+            return self
+        return dataclasses.replace(self, host=host, port=port)
 
     @property
     def safe_url(self) -> str:
-        """The URL with the password masked, for logs and error messages."""
+        """The URL (of the node in use) with the password masked, for logs and errors."""
+        return self._safe_url(self.host, self.port)
+
+    @property
+    def safe_urls(self) -> str:
+        """Every node's URL, comma-separated, with the password masked."""
+        return ",".join(self._safe_url(host, port) for host, port in self.nodes)
+
+    def _safe_url(self, host: str, port: int) -> str:
         scheme = "amqps" if self.tls else "amqp"
         vhost = quote(self.vhost, safe="")
-        return f"{scheme}://{quote(self.user, safe='')}:***@{self.host}:{self.port}/{vhost}"
+        return f"{scheme}://{quote(self.user, safe='')}:***@{host}:{port}/{vhost}"
 
     def pika_parameters(self) -> pika.ConnectionParameters:
         """pika's connection parameters for these settings."""
@@ -121,6 +175,11 @@ class BrokerSettings:
         return context
 
 
+#: What a worker or client takes as its broker: settings, a URL, several URLs separated by
+#: commas, a list of URLs, or None (``$CREW_URL``, else the default).
+BrokerSpec = BrokerSettings | str | Sequence[str] | None
+
+
 def _password_from_env(env: Mapping[str, str]) -> str | None:
     if env.get("CREW_PASSWORD"):
         return env["CREW_PASSWORD"]
@@ -131,6 +190,70 @@ def _password_from_env(env: Mapping[str, str]) -> str | None:
     return None
 
 
+#: Where a list of URLs splits: a comma (and spaces) before the next URL's scheme. A comma
+#: inside a URL (a password may hold one unencoded) splits nothing.
+_NEXT_URL = re.compile(r"\s*,\s*(?=amqps?://)", re.IGNORECASE)
+
+
+def split_urls(urls: str | Sequence[str]) -> list[str]:
+    """The URLs in ``urls``: a list of them, or one string with commas between them."""
+    pieces = _NEXT_URL.split(urls.strip()) if isinstance(urls, str) else list(urls)
+    if not pieces or not all(isinstance(p, str) and p.strip() for p in pieces):
+        raise ValueError("broker URLs must be non-empty strings, separated by commas")
+    return [piece.strip() for piece in pieces]
+
+
+#: What every node's URL must agree on: all but the address.
+_SHARED = ("tls", "vhost", "user", "password", "cafile", "certfile", "keyfile", "heartbeat",
+           "verify")
+
+
+def _shared(parsed: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the URLs give besides host and port, checked to be the same in every one."""
+    first = {k: v for k, v in parsed[0].items() if k in _SHARED}
+    for number, other in enumerate(parsed[1:], 2):
+        for key in _SHARED:
+            # No user in a URL means guest; no password means the environment's, which
+            # differs from one given in a URL.
+            default = _default(key)
+            if other.get(key, default) != first.get(key, default):
+                raise ValueError(f"the broker URLs disagree on the {_what(key)}: "
+                                 f"{_difference(key, first, other, number)}; the nodes of "
+                                 "one cluster share them")
+    return first
+
+
+def _default(key: str) -> Any:
+    """What a URL without ``key`` means (not the password: that comes from elsewhere)."""
+    return {"user": "guest", "heartbeat": DEFAULT_HEARTBEAT, "verify": True}.get(key)
+
+
+def _what(key: str) -> str:
+    return {"tls": "scheme (amqp or amqps)", "vhost": "virtual host"}.get(key, key)
+
+
+def _difference(key: str, first: dict[str, Any], other: dict[str, Any], number: int) -> str:
+    """How URL ``number`` differs from URL 1 on ``key``; a password is never shown."""
+    if key == "password":
+        if "password" in first and "password" in other:
+            return f"URL {number} gives another one than URL 1"
+        return f"URL 1 gives {'one' if 'password' in first else 'none'}, URL {number} " \
+               f"{'one' if 'password' in other else 'none'}"
+    return f"URL 1 {_shown(key, first)}, URL {number} {_shown(key, other)}"
+
+
+def _shown(key: str, parsed: dict[str, Any]) -> str:
+    if key == "tls":
+        return "amqps" if parsed["tls"] else "amqp"
+    if key in parsed:
+        return repr(parsed[key])
+    return f"none (default {_default(key)!r})"
+
+
+def _addresses(nodes: Sequence[tuple[str, int]]) -> str:
+    return ", ".join(f"{host}:{port}" for host, port in nodes)
+
+
 def _parse_url(url: str) -> dict[str, Any]:
     parts = urlsplit(url)
     if parts.scheme not in _DEFAULT_PORTS:
@@ -139,6 +262,9 @@ def _parse_url(url: str) -> dict[str, Any]:
         port = parts.port
     except ValueError:
         raise ValueError("broker URL has an invalid port") from None
+    if parts.hostname and "," in parts.hostname:
+        raise ValueError("several broker URLs must each start with amqp:// or amqps://, "
+                         "separated by commas")
     result: dict[str, Any] = {
         "host": parts.hostname or "localhost",
         "port": port or _DEFAULT_PORTS[parts.scheme],
