@@ -280,10 +280,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="seconds /subscribe waits before 204 (default %(default)s)")
     options = parser.parse_args(argv)
     setup_logging(options)
-    client = Client(broker=broker_from_options(options, "crew-gateway"))
     try:
+        client = Client(broker=broker_from_options(options, "crew-gateway"))
         app = make_app(client, max_body=options.max_body, poll_timeout=options.poll_timeout)
-    except ValueError as exc:
+    except ValueError as exc:  # a bad URL or option: usage and status 2, not a traceback
         parser.error(str(exc))
     sys.exit(run_http(app, client, options))
 

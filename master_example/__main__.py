@@ -15,7 +15,10 @@ def main() -> None:
                                            "tasks (run python -m worker_example beside it).")
     options = parser.parse_args()
     setup_logging(options)
-    client = Client(broker=broker_from_options(options, "crew-master-example"))
+    try:
+        client = Client(broker=broker_from_options(options, "crew-master-example"))
+    except ValueError as exc:  # a bad URL or option: usage and status 2, not a traceback
+        parser.error(str(exc))
     app = make_app(client)  # subscribes before connecting, as the article did at import time
     sys.exit(run_http(app, client, options))
 
