@@ -18,49 +18,23 @@ import logging
 import os
 import random
 import re
-import subprocess
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from crew import Client
 from crew.serving import Worker, serve_in_thread
+from tests.support.cluster import Cluster, cluster_nodes
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "rabbitmq-cluster"
 BASE_PORT = 5740
-#: Seconds the script may take: prepare reuses a cached root (building one takes a minute or
-#: two), three nodes boot in about 6 s.
-SCRIPT_TIMEOUT = 900
-
-
-def cluster_script(*args: str, timeout: float = SCRIPT_TIMEOUT) -> str:
-    """Run ``scripts/rabbitmq-cluster --base-port 5740 ARGS``; its stdout, or fail the test
-    with its stderr."""
-    done = subprocess.run([str(SCRIPT), "--base-port", str(BASE_PORT), *args],
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        pytest.fail(f"scripts/rabbitmq-cluster {' '.join(args)} failed "
-                    f"({done.returncode}):\n{done.stderr[-3000:]}", pytrace=False)
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[list[str]]:
-    """The three nodes' amqp URLs (vhost ``crew``); the cluster is stopped afterwards."""
-    if os.geteuid() != 0:
-        pytest.fail("the cluster tests need root: scripts/rabbitmq-cluster builds a Debian "
-                    "root and runs RabbitMQ 4.x nodes in it with chroot", pytrace=False)
-    cluster_script("prepare")
-    try:
-        urls = [line.strip() for line in cluster_script("start", "--nodes", "3").splitlines()
-                if line.startswith("amqp://")]
-        assert len(urls) == 3, f"the script printed {urls}, not three URLs"
-        yield urls
-    finally:
-        subprocess.run([str(SCRIPT), "--base-port", str(BASE_PORT), "stop"],
-                       capture_output=True, timeout=300)
+def cluster() -> Iterator[Cluster]:
+    """The three nodes (vhost ``crew``); the cluster is stopped afterwards."""
+    with cluster_nodes(BASE_PORT, 3) as nodes:
+        yield nodes
 
 
 @pytest.fixture
@@ -96,7 +70,7 @@ def stop_worker(worker: Worker, thread: object) -> None:
 async def test_client_and_worker_move_to_another_node_when_theirs_stops(
         cluster, caplog, first_node_first):
     caplog.set_level(logging.INFO)
-    first, second, third = cluster
+    first, second, third = cluster.urls
     echo = f"echo.nodes{os.getpid()}"
     # The task queue (and the cancel stream) declared from the third node, which stays up.
     declarer = Worker({echo: lambda x: x}, broker=third, grace=1)
@@ -105,9 +79,9 @@ async def test_client_and_worker_move_to_another_node_when_theirs_stops(
                 "the declaring worker served")
     stop_worker(declarer, thread)
 
-    worker = Worker({echo: lambda x: x}, broker=",".join(cluster), grace=1)
+    worker = Worker({echo: lambda x: x}, broker=",".join(cluster.urls), grace=1)
     thread = serve_in_thread(worker)
-    client = Client(cluster)
+    client = Client(cluster.urls)
     stopped = False
     try:
         await client.connect(timeout=60)
@@ -116,7 +90,7 @@ async def test_client_and_worker_move_to_another_node_when_theirs_stops(
                              rf"{port(first)}/crew")
         assert lines(caplog, rf"^worker {worker.uuid} serving .* on .*:{port(first)}/crew")
 
-        cluster_script("ctl", "1", "stop_app", timeout=120)
+        cluster.ctl(1, "stop_app")
         stopped = True
         await until(lambda: bool(
             lines(caplog, rf"^client connected to .*:{port(second)}/crew") and
@@ -131,5 +105,5 @@ async def test_client_and_worker_move_to_another_node_when_theirs_stops(
         await client.close()
         stop_worker(worker, thread)
         if stopped:
-            cluster_script("ctl", "1", "start_app", timeout=120)
+            cluster.ctl(1, "start_app")
     assert all("guest:guest" not in r.getMessage() for r in caplog.records)
