@@ -53,10 +53,6 @@ class Channel:
     def is_open(self) -> bool:
         return bool(self._channel.is_open)
 
-    @property
-    def number(self) -> int:
-        return int(self._channel.channel_number)
-
     def _on_close(self, _channel: PikaChannel, reason: BaseException) -> None:
         code, text = describe_close(reason)
         error: Exception
@@ -145,6 +141,10 @@ class Channel:
 
     async def cancel(self, consumer_tag: str) -> None:
         await self._rpc(self._channel.basic_cancel, consumer_tag)
+
+    def cancel_nowait(self, consumer_tag: str) -> None:
+        """Cancel a consumer, not waiting (pika requeues what it delivers after)."""
+        self._channel.basic_cancel(consumer_tag)
 
     def publish(self, exchange: str, routing_key: str, body: bytes,
                 properties: BasicProperties, mandatory: bool = False) -> None:

@@ -5,9 +5,8 @@
 for ``async`` tasks) and arms a timer for its deadline. It stops a job at its deadline, on
 its caller's cancel notice (remembered for a call not delivered yet), when the task channel
 is lost and on a graceful stop, and counts the job threads that do not return once
-interrupted. How each call then ends, exactly once, is :mod:`crew.replies`;
-docs/PROTOCOL.md, section 6, has both modules in prose.
-
+interrupted. How each call then ends, exactly once, is :mod:`crew.replies`; which calls
+are let in, :mod:`crew.intake`; docs/PROTOCOL.md, section 6, has them in prose.
 Everything here runs on the worker's loop. The :class:`~crew.serving.Worker` owns one
 handler for its whole life (job threads and remembered cancel notices outlive a
 reconnection) and tells it which task channel is current (:meth:`CallHandler.attach`).
@@ -30,7 +29,8 @@ from .amqp import Channel
 from .cancels import Key, Remembered
 from .exceptions import JobKilled, MessageTooLargeError
 from .jobs import Job, Scope
-from .memory import MemoryGate, Prefetch
+from .intake import Intake
+from .memory import MemoryGate
 from .pool import JobThreads
 from .registry import TaskFunction
 from .replies import Replies
@@ -47,7 +47,7 @@ class CallHandler:
     """Serves the calls delivered to one worker; :attr:`replies` ends each exactly once.
 
     ``scope``: what task code sees of the worker (``context.settings`` and ``.pubsub``);
-    ``concurrency``: jobs run at once (the worker's prefetch too); ``worker_id`` names the
+    ``concurrency``: jobs run at once (and calls held, :mod:`crew.intake`); ``worker_id`` names the
     job threads; ``max_memory``: bytes the calls served may hold (see :mod:`crew.memory`);
     ``on_too_many_stuck()`` is called (on the loop) once more than ``max_stuck`` job threads
     are stuck; ``call_in_loop(func, *args)`` runs ``func`` on the loop from any thread.
@@ -68,7 +68,7 @@ class CallHandler:
                                    self.replies.thread_done)
         #: What the calls being served may hold decoded, against the worker's max_memory.
         self._memory = MemoryGate(max_memory)
-        self._prefetch = Prefetch(concurrency)
+        self.intake = Intake(concurrency, self.replies, self._memory)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve calls on ``loop``, the loop that owns the worker's connection."""
@@ -181,12 +181,12 @@ class CallHandler:
         self.replies.add(job)
         job.timer = self._loop.call_later(remaining, self._on_deadline, job)  # type: ignore
         if not self._memory.admit(job.key, cost, partial(self._start, job, is_async)):
-            self._prefetch.hold_back(self.replies.channel, self._memory)
+            self.intake.check()  # consume nothing while a call waits for memory
 
     def _released(self, job: Job) -> None:
         """``job``'s call is no longer served: its memory may start the calls that wait."""
         self._memory.release(job.key)
-        self._prefetch.resume(self.replies.channel, self._memory)
+        self.intake.check()
 
     def _start(self, job: Job, is_async: bool) -> None:
         """Run a call that has its memory reserved: in a job thread, or as a coroutine."""
@@ -271,7 +271,7 @@ class CallHandler:
             job.watch.abandon(JobKilled)
             replies.forget(job)
         replies.detach()
-        self._prefetch.reset()
+        self.intake.detach()
 
     def requeue_waiting(self) -> None:
         """Return the calls whose job waits for memory or a thread to their queues

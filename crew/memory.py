@@ -5,10 +5,10 @@ Each call reserves, before it is decoded, the most its decoding can hold at once
 starts only while the reservations of the calls already started leave room for its own under
 ``limit``, or when no other call holds any (so that any call that fits the ceiling alone
 runs in the end). The others wait, in order of delivery, holding only their undecoded
-body; the broker keeps every call beyond the prefetch (= concurrency), and the worker lowers
-its prefetch while calls wait (:class:`Prefetch`). A call's reservation is released when it
-is answered, dropped or requeued (:mod:`crew.calls` admits calls, :mod:`crew.replies` ends
-them).
+body; the worker holds at most ``concurrency`` calls, and consumes nothing while calls
+wait for memory, so the broker keeps the next ones for other workers (:mod:`crew.intake`).
+A call's reservation is released when it is answered, dropped or requeued (:mod:`crew.calls`
+admits calls, :mod:`crew.replies` ends them).
 
 What a task allocates itself is not counted: the ceiling covers what crew holds for calls.
 Everything here runs on the worker's loop.
@@ -16,13 +16,10 @@ Everything here runs on the worker's loop.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
-from typing import Callable, Hashable, Protocol
+from typing import Callable, Hashable
 
-from .exceptions import CrewError
-
-__all__ = ["MemoryGate", "Prefetch"]
+__all__ = ["MemoryGate"]
 
 
 class MemoryGate:
@@ -76,52 +73,3 @@ class MemoryGate:
     def _reserve(self, key: Hashable, cost: int) -> None:
         self._held[key] = cost
         self.reserved += cost
-
-
-class QosChannel(Protocol):
-    """What :class:`Prefetch` needs of a task channel (a :class:`crew.amqp.Channel`)."""
-
-    async def qos(self, prefetch_count: int, global_qos: bool = False) -> None: ...
-
-
-class Prefetch:
-    """A worker's prefetch (``concurrency``), lowered while calls wait for memory.
-
-    Lowered to the calls running, the broker keeps the next calls for other workers (or for
-    this one, once the waiting calls have started) instead of delivering them here to wait
-    too; once no call waits, the worker's own prefetch again.
-    """
-
-    def __init__(self, concurrency: int) -> None:
-        self._concurrency = concurrency
-        #: Set while the channel's prefetch is lowered because calls wait for memory.
-        self._holding_back = False
-        self._qos_tasks: set[asyncio.Task[None]] = set()
-
-    def hold_back(self, channel: QosChannel | None, gate: MemoryGate) -> None:
-        """Calls wait for memory: lower ``channel``'s prefetch to the calls ``gate`` started."""
-        if not self._holding_back and channel is not None:
-            self._holding_back = True
-            self._set(channel, max(1, gate.started))
-
-    def resume(self, channel: QosChannel | None, gate: MemoryGate) -> None:
-        """If no call waits for memory in ``gate`` any more: the worker's own prefetch."""
-        if self._holding_back and not gate.waiting and channel is not None:
-            self._holding_back = False
-            self._set(channel, self._concurrency)
-
-    def reset(self) -> None:
-        """The channel closed: a new channel starts with the worker's own prefetch."""
-        self._holding_back = False
-
-    def _set(self, channel: QosChannel, count: int) -> None:
-        async def qos() -> None:
-            try:
-                await channel.qos(count, global_qos=True)
-            except CrewError:  # the channel closed: a new one gets the worker's prefetch
-                pass
-
-        # Issued in order on one channel, so the last one set wins.
-        task = asyncio.get_running_loop().create_task(qos())
-        self._qos_tasks.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._qos_tasks.discard)

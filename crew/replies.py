@@ -56,6 +56,9 @@ class Replies:
         self.channel: Channel | None = None
         #: Set once the worker stops: a job thread then wakes the loop, which waits for it.
         self.stopping = False
+        #: Set while the worker consumes nothing (:mod:`crew.intake`): a job thread then
+        #: wakes the loop, which consumes again once a slot is free.
+        self.wake_on_end = False
         #: The calls being served (running, or waiting for memory or a job thread).
         self.jobs: dict[Key, Job] = {}
         #: Set while no call is being served (created by :meth:`start`).
@@ -171,7 +174,7 @@ class Replies:
         if self._alone() and self._send_now(job, reply):
             with self._finished_lock:
                 self._sent.append(job)
-                wake = self.stopping and not self._finished_scheduled
+                wake = (self.stopping or self.wake_on_end) and not self._finished_scheduled
                 if wake:
                     self._finished_scheduled = True
             if wake:

@@ -1,9 +1,11 @@
 """A worker's session: what it sets up on one broker connection, and takes down again.
 
-On each connection (the first, and every reconnection) a worker opens its task channel with
-its prefetch, declares the exchanges and its task queues, starts following the cancel notices
-(:class:`crew.cancels.CancelFeed`) and consumes its task queues, handing each delivery to its
-:class:`~crew.calls.CallHandler`, which outlives the session. Connecting again after a loss,
+On each connection (the first, and every reconnection) a worker opens its task channel,
+declares the exchanges and its task queues, starts following the cancel notices
+(:class:`crew.cancels.CancelFeed`) and consumes its task queues through its intake
+(:mod:`crew.intake`: per-consumer prefetch, at most ``concurrency`` calls held across
+them), handing each delivery to its :class:`~crew.calls.CallHandler`, which outlives the
+session. Connecting again after a loss,
 and stopping, is :class:`crew.serving.Worker`'s.
 """
 
@@ -16,7 +18,7 @@ from .amqp import Channel, Connection
 from .connecting import NOT_FOUND, unavailable
 from .calls import CallHandler
 from .cancels import CancelFeed
-from .exceptions import BrokerError, CrewError
+from .exceptions import BrokerError
 from .registry import TaskFunction
 from .settings import BrokerSettings
 
@@ -41,7 +43,6 @@ class Session:
         self._max_priority = max_priority
         self._worker_id = worker_id
         self._cancel_feed: CancelFeed | None = None
-        self._consumers: list[str] = []
 
     @classmethod
     async def open(cls, broker: BrokerSettings, calls: CallHandler,
@@ -54,7 +55,7 @@ class Session:
         try:
             await session._setup()
         except BaseException:
-            session._consumers.clear()
+            calls.intake.detach()
             await session.close()
             raise
         return session
@@ -62,19 +63,26 @@ class Session:
     async def _setup(self) -> None:
         channel = self.channel = await self.connection.channel()
         self._calls.attach(channel)
-        # Per-channel (global) prefetch: all task consumers share the concurrency slots.
-        await channel.qos(self._concurrency, global_qos=True)
         await channel.declare_topology()
         channel.on_return(self._calls.replies.on_reply_returned)
         await self._declare_task_queues(channel)
-        # Cancel notices get a channel of their own: the task channel's prefetch limit
-        # holds back every delivery on it while jobs run. They are read up to now before
+        # Cancel notices get a channel of their own: the task channel's intake stops
+        # consuming while the worker is full. They are read up to now before
         # any call is taken, so that a notice sent while no worker ran still holds.
         self._cancel_feed = CancelFeed(self.connection, self._calls.on_cancel, self._worker_id)
         await self._cancel_feed.start()
-        for name, func in self._tasks.items():
-            on_message = self._calls.consumer(name, func)
-            self._consumers.append(await channel.consume(protocol.task_queue(name), on_message))
+        await self._calls.intake.start(channel, {
+            protocol.task_queue(name): self._calls.consumer(name, func)
+            for name, func in self._tasks.items()}, self._redeclare)
+
+    async def _redeclare(self) -> None:
+        """Declare the task queues again, on a channel of their own: a failed declare
+        closes its channel, and the task channel holds the calls being served."""
+        channel = await self.connection.channel()
+        try:
+            await self._declare_task_queues(channel)
+        finally:
+            await channel.close()
 
     async def _declare_task_queues(self, channel: Channel) -> None:
         arguments = protocol.task_queue_arguments(self._max_priority)
@@ -92,20 +100,13 @@ class Session:
 
     async def cancel_consumers(self) -> None:
         """Stop consuming the task queues, unless the task channel closed already."""
-        channel = self._calls.channel  # None once the handler knows the channel is lost
-        if channel is not None and channel.is_open:
-            for tag in self._consumers:
-                try:
-                    await channel.cancel(tag)
-                except CrewError:
-                    break
-        self._consumers.clear()
+        await self._calls.intake.stop()
 
     def lost(self) -> None:
         """The connection or the task channel closed: stop following the cancel notices."""
         if self._cancel_feed is not None:
             self._cancel_feed.close()
-        self._consumers.clear()
+        self._calls.intake.detach()
 
     async def close(self) -> None:
         """Stop following the cancel notices and close the connection."""

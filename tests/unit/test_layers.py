@@ -21,8 +21,9 @@ LAYERS = [
     "crew.exceptions", "crew.protocol", "crew.settings", "crew.threads", "crew.loops",
     "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec", "crew.frames",
     "crew.seam", "crew.transport", "crew.amqp", "crew.connecting", "crew.registry", "crew.cancels",
-    "crew.jobs", "crew.context", "crew.pool", "crew.replies", "crew.calls", "crew.session",
-    "crew.serving", "crew.pubsub", "crew.pending", "crew.parallel", "crew.link", "crew.client",
+    "crew.jobs", "crew.context", "crew.pool", "crew.replies", "crew.intake", "crew.calls",
+    "crew.session", "crew.serving", "crew.pubsub", "crew.pending", "crew.parallel", "crew.link",
+    "crew.client",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
     "crew.master.tornado", "crew",
 ]

@@ -1,11 +1,9 @@
 """What task code sees of its worker (a frozen Scope, not the Worker), the publisher behind
-``context.pubsub``, and the prefetch a worker lowers while calls wait for memory (no broker)."""
+``context.pubsub`` (no broker)."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
 import time
 from typing import Any
 
@@ -14,7 +12,6 @@ import pytest
 from crew import EncodeError, codec, protocol
 from crew.context import Context, Publisher, context
 from crew.jobs import Job, Scope, current_job
-from crew.memory import MemoryGate, Prefetch
 from crew.registry import Settings
 
 
@@ -94,63 +91,3 @@ def test_the_publisher_checks_and_encodes_then_hands_the_message_on():
     with pytest.raises(EncodeError):
         publisher.publish("news", object())
     assert len(sent.messages) == 1
-
-
-class _QosChannel:
-    def __init__(self) -> None:
-        self.prefetches: list[int] = []
-
-    async def qos(self, prefetch_count: int, global_qos: bool = False) -> None:
-        assert global_qos
-        self.prefetches.append(prefetch_count)
-
-
-def test_the_prefetch_is_lowered_once_while_calls_wait_and_restored_after():
-    async def scenario() -> list[int]:
-        channel, gate, prefetch = _QosChannel(), MemoryGate(100), Prefetch(8)
-        started: list[str] = []
-        assert gate.admit("a", 60, lambda: started.append("a"))
-        for key, cost in (("b", 50), ("c", 60)):
-            if not gate.admit(key, cost, lambda key=key: started.append(key)):
-                prefetch.hold_back(channel, gate)
-        gate.release("a")  # b starts; c waits still
-        prefetch.resume(channel, gate)
-        gate.release("b")
-        prefetch.resume(channel, gate)
-        prefetch.resume(channel, gate)  # restored once only
-        await asyncio.sleep(0)
-        assert started == ["a", "b", "c"]
-        return channel.prefetches
-
-    assert asyncio.run(scenario()) == [1, 8]
-
-
-def test_a_new_channel_starts_with_the_workers_own_prefetch():
-    async def scenario() -> list[int]:
-        channel, prefetch, gate = _QosChannel(), Prefetch(4), MemoryGate(100)
-        for key in "abc":
-            gate.admit(key, 10, lambda: None)
-        prefetch.hold_back(channel, gate)
-        prefetch.reset()  # the channel closed
-        prefetch.resume(channel, gate)  # nothing to restore on the new one
-        prefetch.hold_back(None, gate)  # no channel: nothing
-        await asyncio.sleep(0)
-        return channel.prefetches
-
-    assert asyncio.run(scenario()) == [3]
-
-
-def test_every_job_of_a_worker_shares_its_settings():
-    scope = _scope(counter=0)
-    names: list[str] = []
-
-    def task(_argument: Any) -> None:
-        context.settings.counter += 1
-        names.append(threading.current_thread().name)
-
-    threads = [threading.Thread(target=_job(scope, task).run_sync) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert scope.settings.counter == 3 and len(names) == 3
