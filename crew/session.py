@@ -64,7 +64,9 @@ class Session:
         channel = self.channel = await self.connection.channel()
         self._calls.attach(channel)
         # Per-channel (global) prefetch: all task consumers share the concurrency slots.
-        await channel.qos(self._concurrency, global_qos=True)
+        # Quorum queues refuse a global one on 3.10 (540 NOT_IMPLEMENTED on consume; 4.3.6
+        # applies it per consumer): per consumer there, so N tasks may hold N x concurrency.
+        await channel.qos(self._concurrency, global_qos=self._queue_type == protocol.CLASSIC)
         await channel.declare_topology()
         channel.on_return(self._calls.replies.on_reply_returned)
         await self._declare_task_queues(channel)
