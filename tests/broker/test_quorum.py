@@ -4,10 +4,14 @@ limit of their own. RabbitMQ 4.x-only facts are in tests/nodes/test_quorum_4x.py
 
 from __future__ import annotations
 
+import subprocess
+from urllib.parse import unquote, urlsplit
+
 import pytest
 
 from crew import BrokerError, DeliveryLimitError, ExpirationError, Worker, protocol
 from crew.worker import serve_in_thread
+from tests.support.broker import rabbitmqctl_command
 from tests.support.quorum import call_poison, ready_calls, served_order, server_version
 
 
@@ -80,3 +84,24 @@ async def test_a_poison_call_ends_with_delivery_limit_error(broker_url, client, 
     assert outcome.deliveries == protocol.DELIVERY_LIMIT + 1 == deaths
     assert f"delivered {deaths} times" in str(outcome)
     assert ready_calls(broker_url, protocol.task_queue(task)) == 0
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_moving_a_task_from_classic_to_quorum_as_the_readme_says(
+        broker_url, client, uid):
+    """README, "Moving a task to quorum queues": stop the classic workers, delete the queue
+    with rabbitmqctl, start the workers with --queue-type quorum."""
+    task = f"move.{uid}"
+    _declare(broker_url, task)  # a classic task queue whose workers have stopped
+    rabbitmqctl = rabbitmqctl_command()
+    assert rabbitmqctl, "set CREW_TEST_RABBITMQCTL with CREW_TEST_URL: this test deletes a queue"
+    vhost = unquote(urlsplit(broker_url).path[1:]) or "/"
+    subprocess.run([*rabbitmqctl, "-q", "-p", vhost, "delete_queue", protocol.task_queue(task)],
+                   check=True, capture_output=True, timeout=60)
+    worker = Worker({task: lambda x: x + 1}, broker=broker_url, queue_type="quorum")
+    thread = serve_in_thread(worker)
+    try:
+        assert await client.call(task, 1) == 2
+    finally:
+        worker.request_stop(grace=0)
+        thread.join(30)
