@@ -72,7 +72,8 @@ async def test_priorities_on_quorum_queues_follow_the_broker_version(broker_url,
 
 @pytest.mark.gen_test(timeout=90)
 async def test_classic_queues_keep_their_priorities(broker_url, client, uid):
-    order = await served_order(client, broker_url, f"c.prio.{uid}", [0, 3, 9, 200, 5, 10, 1])
+    order = await served_order(client, broker_url, f"c.prio.{uid}", [0, 3, 9, 200, 5, 10, 1],
+                               queue_type="classic")  # also when $CREW_QUEUE_TYPE says quorum
     assert order == [200, 10, 9, 5, 3, 1, 0]  # x-max-priority 10: 200 counts as 10
 
 
