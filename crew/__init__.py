@@ -6,8 +6,8 @@ calls them from any asyncio program and awaits the reply. See README.md.
 
 from .client import Client, Parallel
 from .exceptions import (AuthenticationError, BrokerError, CallError, CodecError,
-                         ConnectionLostError, CrewError, DecodeError, EncodeError,
-                         ExpirationError, JobKilled, MessageTooLargeError, RemoteError,
+                         ConnectionLostError, CrewError, DecodeError, DeliveryLimitError,
+                         EncodeError, ExpirationError, JobKilled, MessageTooLargeError, RemoteError,
                          TimeoutError, UnknownTaskError)
 from .settings import BrokerSettings
 from .worker import Task, Worker, context
@@ -24,6 +24,7 @@ __all__ = [
     "ConnectionLostError",
     "CrewError",
     "DecodeError",
+    "DeliveryLimitError",
     "EncodeError",
     "ExpirationError",
     "JobKilled",

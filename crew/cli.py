@@ -39,8 +39,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="run N worker processes under a supervisor that restarts a dead "
                              "one (default 0: this process is the worker)")
     parser.add_argument("--max-priority", type=int, default=protocol.DEFAULT_QUEUE_MAX_PRIORITY,
-                        help="x-max-priority of the task queues; higher call priorities count "
-                             "as this (default %(default)s)")
+                        help="x-max-priority of classic task queues; higher call priorities "
+                             "count as this (default %(default)s)")
+    parser.add_argument("--queue-type", choices=protocol.QUEUE_TYPES, default=None,
+                        help="task queue type: quorum queues are replicated over a cluster "
+                             "(default $CREW_QUEUE_TYPE, else classic)")
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                         help="seconds running jobs get to finish on SIGTERM (default %(default)g)")
     parser.add_argument("--max-stuck", type=int, default=DEFAULT_MAX_STUCK,

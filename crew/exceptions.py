@@ -10,7 +10,9 @@
     │   │                               (also builtins.TimeoutError)
     │   ├── ExpirationError             no worker started the call before its deadline
     │   │                               (also builtins.TimeoutError)
-    │   └── UnknownTaskError            no queue exists for the task name (also LookupError)
+    │   ├── UnknownTaskError            no queue exists for the task name (also LookupError)
+    │   └── DeliveryLimitError          a quorum queue gave the call up after delivering it
+    │                                   DELIVERY_LIMIT + 1 times (its worker died each time)
     ├── ConnectionLostError             the broker connection is gone (also ConnectionError)
     │   └── AuthenticationError         login refused, or the broker's certificate failed
     │                                   verification: not retried
@@ -38,6 +40,7 @@ __all__ = [
     "ConnectionLostError",
     "CrewError",
     "DecodeError",
+    "DeliveryLimitError",
     "EncodeError",
     "ExpirationError",
     "JobKilled",
@@ -88,6 +91,22 @@ class UnknownTaskError(CallError, LookupError):
     def __init__(self, task: str) -> None:
         super().__init__(f"unknown task {task!r}: no queue crew.tasks.{task} exists")
         self.task = task
+
+
+class DeliveryLimitError(CallError):
+    """A quorum task queue dead-lettered the call: it was delivered ``deliveries`` times and
+    never answered (its worker died, or lost its connection, every time: a *poison call*).
+
+    The task may have run, partly, each time. The broker does not offer it again.
+    """
+
+    def __init__(self, task: str, deliveries: int) -> None:
+        super().__init__(
+            f"the call to {task!r} was delivered {deliveries} times and never answered (its "
+            "worker died or lost its connection each time); the task queue's delivery limit "
+            "gave it up")
+        self.task = task
+        self.deliveries = deliveries
 
 
 class ConnectionLostError(CrewError, ConnectionError):

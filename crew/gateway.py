@@ -9,10 +9,10 @@
     GET  /health                                200 {"broker": "up", ...} or 503
 
 Errors are JSON, ``{"error": "<name>", "message": "..."}``: 400 bad request or bad JSON,
-404 unknown task, 413 body over ``max_body``, 502 the task raised (``type`` names its
-exception) or returned what JSON cannot carry, 503 expired (no worker took the call) or broker
-down, 504 the job was interrupted at its deadline. An HTTP client that disconnects cancels its
-call. Each request logs one line (status, method, path, time, error name), never a body.
+404 unknown task, 413 body over ``max_body``, 502 the task raised (``type`` names it), its
+result is not JSON or it killed its worker at every delivery, 503 expired (no worker took the
+call) or broker down, 504 the job was interrupted at its deadline. A client that disconnects
+cancels its call. Each request logs one line (status, method, path, time, error name), never a body.
 docs/GATEWAY.md shows every endpoint with curl.
 
 Not for untrusted networks as it is: whoever reaches the gateway can call every task. It
@@ -34,8 +34,8 @@ from tornado.web import Application
 from . import protocol
 from .cli import broker_from_options, setup_logging
 from .client import Client
-from .exceptions import (ConnectionLostError, CrewError, EncodeError, ExpirationError,
-                         RemoteError, TimeoutError, UnknownTaskError)
+from .exceptions import (ConnectionLostError, CrewError, DeliveryLimitError, EncodeError,
+                         ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
 from .httpapi import (BodyHandler, JSONHandler, NotFound, Refused, bad_request,
                       build_http_parser, dumps, log_request, run_http)
 
@@ -56,7 +56,7 @@ SSE_BACKLOG = 1000
 #: HTTP status of each error a call or publish can end with; the first match counts.
 _STATUS_OF: tuple[tuple[type[CrewError], int], ...] = (
     (UnknownTaskError, 404), (ExpirationError, 503), (TimeoutError, 504), (RemoteError, 502),
-    (ConnectionLostError, 503), (EncodeError, 400), (CrewError, 502))
+    (DeliveryLimitError, 502), (ConnectionLostError, 503), (EncodeError, 400), (CrewError, 502))
 _GONE = object()  # what a waiting request gets when its HTTP client disconnects
 
 

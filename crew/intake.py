@@ -17,6 +17,11 @@ quorum queues never had one, so every consumer gets its own prefetch, and:
   whenever it is full) thus never cancels anything.
 - While a call waits for memory (:mod:`crew.memory`) the worker consumes nothing, with one
   queue or several, and consumes again once no call waits.
+- On quorum task queues none of this: every return of a call (a reject, and a delivery to a
+  cancelled consumer, which pika rejects) counts against its delivery limit, which would
+  turn a worker's fullness into a caller's ``DeliveryLimitError``. There each consumer keeps
+  the prefetch N, and a worker may hold up to N per task queue, the calls past N waiting for
+  a job slot (``returns=False`` in :meth:`Intake.start`).
 
 A consumer the broker cancels (its queue deleted, its node lost, a quorum queue's consumer
 timeout on RabbitMQ 4.3) is logged once, its queue declared again on a channel of its own,
@@ -70,15 +75,19 @@ class Intake:
         self._turn = 0
         self._stopped = False
         self._renew = False  # consume every queue anew once the pending RPC is answered
+        self._returns = True  # see start()
         self.cancels = self.consumes = self.rejects = 0
 
     async def start(self, channel: Channel, consumers: Mapping[str, MessageCallback],
-                    redeclare: Callable[[], Awaitable[None]]) -> None:
+                    redeclare: Callable[[], Awaitable[None]], *, returns: bool = True) -> None:
         """Consume each queue of ``consumers`` on ``channel`` with its ``on_message``;
-        ``redeclare()`` declares the task queues again (after the broker cancelled one)."""
+        ``redeclare()`` declares the task queues again (after the broker cancelled one).
+        ``returns``: whether calls may go back to their queue at no cost (False on quorum
+        queues: then the worker never pauses and never turns a call back)."""
         self._channel, self._redeclare, self._paused = channel, redeclare, False
         self._tags, self._missing, self._parked = {}, set(), []
-        multi = len(consumers) > 1
+        self._returns = returns
+        multi = returns and len(consumers) > 1
         self._queues = {queue: (self._guard(on_message) if multi else on_message)
                         for queue, on_message in consumers.items()}
         channel.on_cancel(self._on_broker_cancel)
@@ -124,7 +133,7 @@ class Intake:
 
     def check(self) -> None:
         """After a call was let in or released: pause, consume again, or raise the prefetch."""
-        if self._channel is None or self._stopped or self._changing:
+        if self._channel is None or self._stopped or self._changing or not self._returns:
             return
         held, waiting = self._load()
         free = self._limit - held
@@ -176,7 +185,7 @@ class Intake:
                 self.consumes += 1
         finally:
             self._changing = False
-        if self._parked or self._renew or self._stopped or self._load()[1]:
+        if self._parked or self._renew or self._stopped or (self._returns and self._load()[1]):
             self._renew = False
             self._pause()
         parked, self._parked = self._parked, []
@@ -226,7 +235,12 @@ class Intake:
         self._restoring.pop(queue, None)
         self._missing.discard(queue)
         log.info("consuming %s again", queue)
-        if self._changing:
+        if not self._returns:  # quorum queues: the others' consumers stay as they are
+            if self._channel is not None and not self._stopped:
+                tag = await self._channel.consume(queue, self._queues[queue])
+                self._tags[tag] = queue
+                self.consumes += 1
+        elif self._changing:
             self._renew = True  # see the end of _consume
         elif self._channel is not None and not self._stopped and not self._paused:
             self._pause()  # all consumers anew, this queue among them

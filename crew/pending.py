@@ -20,9 +20,11 @@ from pika.spec import Basic, BasicProperties
 
 from . import codec, protocol
 from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, DecodeError,
-                         ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
+                         DeliveryLimitError, ExpirationError, RemoteError, TimeoutError,
+                         UnknownTaskError)
 
-__all__ = ["OFF_LOOP_BYTES", "Call", "Outcome", "Pending", "Resend", "encode", "outcome"]
+__all__ = ["OFF_LOOP_BYTES", "Call", "Outcome", "Pending", "Resend", "dead_letter_error", "encode",
+           "outcome"]
 
 # The client's logger: these lines are the client's.
 log = logging.getLogger("crew.client")
@@ -102,8 +104,7 @@ class Pending:
                      "or forged); dropped", props.correlation_id)
             return
         if exchange == protocol.EXPIRED_EXCHANGE:
-            call.settle(ExpirationError(
-                f"no worker took the call to {call.task!r} before its deadline"))
+            call.settle(dead_letter_error(call.task, props.headers))
             return
         if props.content_encoding == protocol.GZIP and len(body) >= OFF_LOOP_BYTES:
             # Inflating megabytes would hold up every other coroutine on this loop; zlib
@@ -130,6 +131,14 @@ class Pending:
         """End every pending call with ``error``."""
         for call in list(self.calls.values()):
             call.settle(error)
+
+
+def dead_letter_error(task: str, headers: dict[str, Any] | None) -> CallError:
+    """The error a dead letter of a call to ``task`` means, by its ``x-death`` reason: a
+    quorum queue's delivery limit, else (``expired``, or anything else) expiry."""
+    if protocol.dead_letter_reason(headers) == protocol.DELIVERY_LIMIT_REASON:
+        return DeliveryLimitError(task, protocol.DELIVERY_LIMIT + 1)
+    return ExpirationError(f"no worker took the call to {task!r} before its deadline")
 
 
 def _settle_decoded(call: Call, decoding: asyncio.Future[Any]) -> None:

@@ -7,6 +7,7 @@ header name.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Final
 
@@ -96,6 +97,22 @@ MAX_DECOMPRESSED_BYTES: Final = 64 * 1024 * 1024
 #: Bodies at least this large are gzipped automatically when a sample shows it pays.
 GZIP_THRESHOLD: Final = 64 * 1024
 
+# --- Queue types ----------------------------------------------------------------------
+
+CLASSIC: Final = "classic"
+#: Replicated over a cluster's nodes (Raft); RabbitMQ 3.8+. See docs/PROTOCOL.md, 2.2.
+QUORUM: Final = "quorum"
+QUEUE_TYPES: Final = (CLASSIC, QUORUM)
+#: Environment variable naming the task queue type when the worker is not told.
+QUEUE_TYPE_ENV: Final = "CREW_QUEUE_TYPE"
+#: ``x-delivery-limit`` of quorum task queues: a call given back this often (its worker died,
+#: lost its connection, or stopped and requeued it) is dead-lettered on its next return, after
+#: DELIVERY_LIMIT + 1 deliveries. Fixed, so every worker declares the same and a caller knows
+#: the count (RabbitMQ 4.x's default is 20; 3.x has none).
+DELIVERY_LIMIT: Final = 5
+#: ``x-death`` reason of a call dead-lettered for the delivery limit (expired ones: "expired").
+DELIVERY_LIMIT_REASON: Final = "delivery_limit"
+
 # --- Priorities and deadlines -----------------------------------------------------------
 
 MIN_PRIORITY: Final = 0
@@ -124,19 +141,43 @@ def task_queue(task: str) -> str:
     return TASK_QUEUE_PREFIX + task
 
 
-def task_queue_arguments(max_priority: int) -> dict[str, Any]:
-    """Arguments every task queue is declared with.
+def task_queue_arguments(max_priority: int, queue_type: str = CLASSIC) -> dict[str, Any]:
+    """Arguments every task queue is declared with (docs/PROTOCOL.md, section 2.2).
 
-    ``x-max-priority`` makes the queue honour message priorities at all (without it the
-    priority property is ignored); ``x-dead-letter-exchange`` routes expired calls back to
-    their caller. Declaring an existing queue with other values fails with 406
-    PRECONDITION_FAILED, so every worker of a task must use the same maximum.
+    Both dead-letter to ``crew.expired`` (expired calls, and calls over a quorum queue's
+    delivery limit, go back to their caller). Classic queues need ``x-max-priority`` for
+    priorities; quorum queues refuse it (406) and order by priority themselves (RabbitMQ 4.x).
+    Declaring an existing queue with other values fails with 406 PRECONDITION_FAILED.
     """
-    return {
-        "x-max-priority": max_priority,
-        "x-dead-letter-exchange": EXPIRED_EXCHANGE,
-        "x-queue-type": "classic",  # quorum queues refuse x-max-priority on RabbitMQ 3.x
-    }
+    if queue_type == QUORUM:
+        return {"x-queue-type": QUORUM, "x-dead-letter-exchange": EXPIRED_EXCHANGE,
+                "x-delivery-limit": DELIVERY_LIMIT}
+    return {"x-max-priority": max_priority, "x-dead-letter-exchange": EXPIRED_EXCHANGE,
+            "x-queue-type": CLASSIC}
+
+
+def queue_type(value: object = None) -> str:
+    """The task queue type: ``value``, else ``$CREW_QUEUE_TYPE``, else ``classic``; raise
+    ``ValueError`` (or ``TypeError``) naming the accepted values for anything else."""
+    env = os.environ.get(QUEUE_TYPE_ENV) if value is None else None
+    where = f" (from ${QUEUE_TYPE_ENV})" if env else ""
+    value = value if value is not None else env or CLASSIC
+    if not isinstance(value, str):
+        raise TypeError(f"queue_type must be a str, not {type(value).__name__}")
+    if value not in QUEUE_TYPES:
+        raise ValueError(f"queue type must be one of {', '.join(QUEUE_TYPES)}, "
+                         f"not {value!r}{where}")
+    return value
+
+
+def dead_letter_reason(headers: dict[str, Any] | None) -> str:
+    """Why the broker dead-lettered a call: ``x-death``'s newest ``reason`` (``expired``,
+    ``delivery_limit``, ...), or ``""`` if the headers do not say."""
+    deaths = (headers or {}).get("x-death")
+    reason = deaths[0].get("reason") if deaths and isinstance(deaths[0], dict) else None
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    return reason if isinstance(reason, str) else ""
 
 
 def cancel_stream_arguments() -> dict[str, Any]:

@@ -50,9 +50,10 @@ class Worker:
     ``tasks``: a mapping of names to functions (default: everything ``@Task`` registered).
     ``broker``: a :class:`~crew.settings.BrokerSettings` or URL(s) (default ``$CREW_URL``).
     ``concurrency``: jobs run at once; the prefetch equals it, so waiting calls stay in the
-    broker, in priority order, for any worker to take. ``max_priority``: ``x-max-priority``
-    of the task queues (must match every other worker's). ``settings``: what jobs see as
-    ``context.settings``. ``max_stuck``: stuck job threads tolerated before the worker drains
+    broker, in priority order, for any worker to take. ``queue_type``: ``"classic"`` or
+    ``"quorum"`` task queues (default ``$CREW_QUEUE_TYPE``, else classic). ``max_priority``:
+    classic queues' ``x-max-priority`` (as every other worker's). ``settings``: what jobs see
+    as ``context.settings``. ``max_stuck``: stuck job threads tolerated before the worker drains
     and exits (see :mod:`crew.pool`). ``grace``: seconds running jobs get on a graceful stop.
     ``max_memory``: bytes the calls being served may hold undecoded, inflated and decoded
     (see :mod:`crew.memory`); a call that could need more alone is refused with
@@ -64,7 +65,7 @@ class Worker:
                  max_priority: int = protocol.DEFAULT_QUEUE_MAX_PRIORITY,
                  settings: Mapping[str, Any] | None = None, options: Any = None,
                  max_stuck: int = DEFAULT_MAX_STUCK, grace: float = DEFAULT_GRACE,
-                 max_memory: int = DEFAULT_MAX_MEMORY) -> None:
+                 max_memory: int = DEFAULT_MAX_MEMORY, queue_type: str | None = None) -> None:
         registry = _default_registry if tasks is None else tasks
         if not registry:
             raise ValueError("a worker needs at least one task")
@@ -76,6 +77,7 @@ class Worker:
         self._nodes = Nodes(self.broker)  # which node each connection attempt goes to
         self.concurrency = concurrency
         self.max_priority = protocol.validate_max_priority(max_priority)
+        self.queue_type = protocol.queue_type(queue_type)
         self.max_stuck = max_stuck
         self.grace = grace
         self.max_memory = max_memory
@@ -137,15 +139,14 @@ class Worker:
         # (406); the connection stays up and the worker would otherwise serve nothing.
         session.channel.closed.add_done_callback(  # type: ignore[union-attr]  # by open()
             partial(self._on_lost, session, "task channel"))
-        log.info("worker %s serving %s on %s (concurrency %d)", self.uuid,
-                 ", ".join(sorted(self.tasks)), session.connection.settings.safe_url,
-                 self.concurrency)
+        log.info("worker %s serving %s on %s (concurrency %d, %s)", self.uuid, ", ".join(sorted(
+            self.tasks)), session.connection.settings.safe_url, self.concurrency, self.queue_type)
 
     async def _open(self) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is retried."""
         return await Session.open(self._nodes.next(), self._calls, self.tasks,
                                   concurrency=self.concurrency, max_priority=self.max_priority,
-                                  worker_id=self.uuid)
+                                  worker_id=self.uuid, queue_type=self.queue_type)
 
     @property
     def _connection(self) -> Connection | None:

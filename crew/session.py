@@ -33,7 +33,7 @@ class Session:
 
     def __init__(self, connection: Connection, calls: CallHandler,
                  tasks: Mapping[str, TaskFunction], *, concurrency: int, max_priority: int,
-                 worker_id: str) -> None:
+                 worker_id: str, queue_type: str = protocol.CLASSIC) -> None:
         self.connection = connection
         #: The task channel, once opened.
         self.channel: Channel | None = None
@@ -41,17 +41,18 @@ class Session:
         self._tasks = tasks
         self._concurrency = concurrency
         self._max_priority = max_priority
+        self._queue_type = queue_type
         self._worker_id = worker_id
         self._cancel_feed: CancelFeed | None = None
 
     @classmethod
     async def open(cls, broker: BrokerSettings, calls: CallHandler,
                    tasks: Mapping[str, TaskFunction], *, concurrency: int, max_priority: int,
-                   worker_id: str) -> Session:
+                   worker_id: str, queue_type: str = protocol.CLASSIC) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is closed and
         the error raised, for :func:`~crew.connecting.connect_retrying` to try again."""
         session = cls(await Connection.open(broker), calls, tasks, concurrency=concurrency,
-                      max_priority=max_priority, worker_id=worker_id)
+                      max_priority=max_priority, worker_id=worker_id, queue_type=queue_type)
         try:
             await session._setup()
         except BaseException:
@@ -73,7 +74,8 @@ class Session:
         await self._cancel_feed.start()
         await self._calls.intake.start(channel, {
             protocol.task_queue(name): self._calls.consumer(name, func)
-            for name, func in self._tasks.items()}, self._redeclare)
+            for name, func in self._tasks.items()}, self._redeclare,
+            returns=self._queue_type == protocol.CLASSIC)
 
     async def _redeclare(self) -> None:
         """Declare the task queues again, on a channel of their own: a failed declare
@@ -85,7 +87,7 @@ class Session:
             await channel.close()
 
     async def _declare_task_queues(self, channel: Channel) -> None:
-        arguments = protocol.task_queue_arguments(self._max_priority)
+        arguments = protocol.task_queue_arguments(self._max_priority, self._queue_type)
         for name in self._tasks:
             queue = protocol.task_queue(name)
             try:
@@ -93,10 +95,23 @@ class Session:
             except BrokerError as exc:
                 if exc.code == NOT_FOUND:  # its node restarts: connect_retrying tries again
                     raise unavailable(exc, queue) from None
-                raise BrokerError(
-                    f"cannot declare {queue}: {exc.text}. It exists with other arguments; every "
-                    f"worker of a task must use the same max_priority (this one: "
-                    f"{self._max_priority}), or delete the queue", exc.code, exc.text) from None
+                raise BrokerError(f"cannot declare {queue}: {exc.text}. {self._mismatch(exc)}",
+                                  exc.code, exc.text) from None
+
+    def _mismatch(self, exc: BrokerError) -> str:
+        """What to do about a 406 on declaring a task queue that exists with other arguments."""
+        other = protocol.CLASSIC if self._queue_type == protocol.QUORUM else protocol.QUORUM
+        if "x-queue-type" in exc.text or (  # a quorum declare meets x-max-priority first
+                self._queue_type == protocol.QUORUM and "x-max-priority" in exc.text):
+            return (f"It is a {other} queue and this worker declares {self._queue_type} ones: "
+                    f"run it with --queue-type {other} (or $CREW_QUEUE_TYPE, "
+                    f"Worker(queue_type=...)) like the task's other workers, or move the task "
+                    f"to {self._queue_type} queues (README, 'Quorum task queues')")
+        if self._queue_type == protocol.QUORUM:
+            return ("It exists with other arguments: every worker of a task must use the same "
+                    "crew version and queue type, or delete the queue")
+        return ("It exists with other arguments; every worker of a task must use the same "
+                f"max_priority (this one: {self._max_priority}), or delete the queue")
 
     async def cancel_consumers(self) -> None:
         """Stop consuming the task queues, unless the task channel closed already."""

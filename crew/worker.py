@@ -80,7 +80,8 @@ def serve(tasks: Mapping[str, Any], settings: Mapping[str, Any],
         worker = Worker(tasks, broker=broker_from_options(options, "crew-worker"),
                         concurrency=options.concurrency, max_priority=options.max_priority,
                         settings=settings, options=options, max_stuck=options.max_stuck,
-                        grace=options.grace, max_memory=options.max_memory * 1024 * 1024)
+                        grace=options.grace, max_memory=options.max_memory * 1024 * 1024,
+                        queue_type=options.queue_type)
     except (TypeError, ValueError) as exc:
         log.error("%s", exc)
         return 2
