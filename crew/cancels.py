@@ -172,7 +172,7 @@ class CancelFeed:
             await channel.declare_queue(protocol.CANCEL_STREAM, durable=True,
                                         arguments=protocol.cancel_stream_arguments())
         except BrokerError as exc:
-            if exc.code == NOT_FOUND:
+            if exc.code == NOT_FOUND or "running replica" in exc.text:  # node (re)starting
                 raise StreamUnavailable(f"the stream {protocol.CANCEL_STREAM} is not "
                                         f"available: {exc.text}") from None
             raise BrokerError(
@@ -180,12 +180,19 @@ class CancelFeed:
                 "with other arguments (delete it), or streams are off on this broker "
                 "(RabbitMQ 3.9 or later, feature flag stream_queue)", exc.code,
                 exc.text) from None
-        await channel.bind(protocol.CANCEL_STREAM, protocol.CONTROL_EXCHANGE)
         self._marker = f"{self._name}.{next(self._markers)}"
         caught_up = self._caught_up = asyncio.get_running_loop().create_future()
         since = datetime.fromtimestamp(time.time() - protocol.MAX_EXPIRATION, timezone.utc)
-        await channel.consume(protocol.CANCEL_STREAM, self._on_stream_message,
-                              arguments={"x-stream-offset": since})
+        try:
+            await channel.bind(protocol.CANCEL_STREAM, protocol.CONTROL_EXCHANGE)
+            await channel.consume(protocol.CANCEL_STREAM, self._on_stream_message,
+                                  arguments={"x-stream-offset": since})
+        except BrokerError as exc:
+            # On a cluster, a node whose replica of the stream is not running (yet: after
+            # the node restarted) refuses its consumers with 406 "does not have a running
+            # replica on the local node": live notices serve until the stream is back.
+            raise StreamUnavailable(f"the stream {protocol.CANCEL_STREAM} cannot be read "
+                                    f"here: {exc.text}") from None
         channel.publish("", protocol.CANCEL_STREAM, b"", BasicProperties(
             type=protocol.MARKER_TYPE, correlation_id=self._marker, delivery_mode=1))
         channel.flush()

@@ -15,6 +15,7 @@ answers by kind, calls lost (must be 0), runs.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections import Counter
@@ -133,8 +134,8 @@ async def test_quorum_task_queues_survive_node_kills_and_a_rolling_restart(
         await asyncio.to_thread(cluster.restart, leader)
         ledger.fault(f"node {leader} restarted")
         await asyncio.sleep(3)
-        other = next(n for n in (1, 2, 3)
-                     if n != await asyncio.to_thread(cluster.leader, leader, queue))
+        now_leading = await asyncio.to_thread(cluster.leader, leader, queue)
+        other = next(n for n in (1, 2, 3) if n not in (now_leading, leader))
         ledger.fault(f"kill -9 node {other}, not the leader")
         await asyncio.to_thread(cluster.kill, other)
         await asyncio.sleep(5)
@@ -149,6 +150,8 @@ async def test_quorum_task_queues_survive_node_kills_and_a_rolling_restart(
         outcomes = await load.stop()
         await client.close()
     figures = report(ledger, outcomes, workers)
+    if os.environ.get("CREW_CLUSTER_VERBOSE"):
+        print(workers.output(limit=None))
     assert figures["lost"] == 0
     for outcome, record in zip(outcomes, ledger.calls.values(), strict=True):
         if record.retry:
@@ -161,7 +164,8 @@ async def test_quorum_task_queues_survive_node_kills_and_a_rolling_restart(
     assert figures["completed twice"] <= figures["reruns"]
     assert await drained(cluster, workers.prefix) == []
     for worker in workers.started:
-        assert worker.popen.poll() is None, f"worker {worker.name} exited"
+        assert worker.popen.poll() is None, \
+            f"worker {worker.name} exited:\n{worker.text()[-3000:]}"
 
 
 @pytest.mark.gen_test(timeout=300)
