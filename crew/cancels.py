@@ -166,7 +166,7 @@ class CancelFeed:
         if self._again is not None:
             self._again.cancel()
 
-    async def _read_stream(self, channel: Channel, timeout: float) -> None:
+    async def _declare_stream(self, channel: Channel) -> None:
         try:
             await channel.qos(_PREFETCH)  # per consumer: streams refuse a global prefetch
             await channel.declare_queue(protocol.CANCEL_STREAM, durable=True,
@@ -180,6 +180,9 @@ class CancelFeed:
                 "with other arguments (delete it), or streams are off on this broker "
                 "(RabbitMQ 3.9 or later, feature flag stream_queue)", exc.code,
                 exc.text) from None
+
+    async def _read_stream(self, channel: Channel, timeout: float) -> None:
+        await self._declare_stream(channel)
         self._marker = f"{self._name}.{next(self._markers)}"
         caught_up = self._caught_up = asyncio.get_running_loop().create_future()
         since = datetime.fromtimestamp(time.time() - protocol.MAX_EXPIRATION, timezone.utc)
