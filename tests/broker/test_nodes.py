@@ -5,12 +5,9 @@ a private node). A real three-node cluster: tests/nodes/test_cluster_nodes.py.""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
-import re
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -18,6 +15,7 @@ import pytest
 from crew import Client
 from tests.support.connect import refused_port
 from tests.support.faults import PASS, REFUSE, RESET, FaultProxy
+from tests.support.logs import lines, until
 
 
 def at_port(url: str, port: int) -> str:
@@ -42,18 +40,6 @@ def proxies(broker_url: str) -> Iterator[tuple[FaultProxy, FaultProxy]]:
     with FaultProxy(upstream) as a, FaultProxy(upstream) as b:
         yield a, b
 
-
-def lines(caplog: pytest.LogCaptureFixture, pattern: str) -> list[str]:
-    regex = re.compile(pattern)
-    return [r.getMessage() for r in caplog.records if regex.search(r.getMessage())]
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.gen_test(timeout=60)

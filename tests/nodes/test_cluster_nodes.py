@@ -13,19 +13,18 @@ alone, so that what is tested is the client's and the worker's move, not the que
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import random
 import re
-import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from crew import Client
 from crew.serving import Worker, serve_in_thread
 from tests.support.cluster import Cluster, cluster_nodes
+from tests.support.logs import lines, until
 
 BASE_PORT = 5740
 
@@ -47,18 +46,6 @@ def first_node_first(monkeypatch: pytest.MonkeyPatch) -> None:
 def port(url: str) -> int:
     return int(re.search(r":(\d+)/", url)[1])  # type: ignore[index]
 
-
-def lines(caplog: pytest.LogCaptureFixture, pattern: str) -> list[str]:
-    regex = re.compile(pattern)
-    return [r.getMessage() for r in caplog.records if regex.search(r.getMessage())]
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(0.1)
 
 
 def stop_worker(worker: Worker, thread: object) -> None:
