@@ -145,8 +145,8 @@ class Worker:
     async def _open(self) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is retried."""
         return await Session.open(self._nodes.next(), self._calls, self.tasks,
-                                  concurrency=self.concurrency, max_priority=self.max_priority,
-                                  worker_id=self.uuid, queue_type=self.queue_type)
+                                  max_priority=self.max_priority, worker_id=self.uuid,
+                                  queue_type=self.queue_type)
 
     @property
     def _connection(self) -> Connection | None:

@@ -3,10 +3,10 @@
 On each connection (the first, and every reconnection) a worker opens its task channel,
 declares the exchanges and its task queues, starts following the cancel notices
 (:class:`crew.cancels.CancelFeed`) and consumes its task queues through its intake
-(:mod:`crew.intake`: per-consumer prefetch, at most ``concurrency`` calls held across
-them), handing each delivery to its :class:`~crew.calls.CallHandler`, which outlives the
-session. Connecting again after a loss,
-and stopping, is :class:`crew.serving.Worker`'s.
+(:mod:`crew.intake`: per-consumer prefetch; on classic queues at most the worker's
+concurrency held across them), handing each delivery to its
+:class:`~crew.calls.CallHandler`, which outlives the session. Connecting again after a
+loss, and stopping, is :class:`crew.serving.Worker`'s.
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ class Session:
     """
 
     def __init__(self, connection: Connection, calls: CallHandler,
-                 tasks: Mapping[str, TaskFunction], *, concurrency: int, max_priority: int,
-                 worker_id: str, queue_type: str = protocol.CLASSIC) -> None:
+                 tasks: Mapping[str, TaskFunction], *, max_priority: int, worker_id: str,
+                 queue_type: str = protocol.CLASSIC) -> None:
         self.connection = connection
         #: The task channel, once opened.
         self.channel: Channel | None = None
         self._calls = calls
         self._tasks = tasks
-        self._concurrency = concurrency
         self._max_priority = max_priority
         self._queue_type = queue_type
         self._worker_id = worker_id
@@ -47,12 +46,12 @@ class Session:
 
     @classmethod
     async def open(cls, broker: BrokerSettings, calls: CallHandler,
-                   tasks: Mapping[str, TaskFunction], *, concurrency: int, max_priority: int,
-                   worker_id: str, queue_type: str = protocol.CLASSIC) -> Session:
+                   tasks: Mapping[str, TaskFunction], *, max_priority: int, worker_id: str,
+                   queue_type: str = protocol.CLASSIC) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is closed and
         the error raised, for :func:`~crew.connecting.connect_retrying` to try again."""
-        session = cls(await Connection.open(broker), calls, tasks, concurrency=concurrency,
-                      max_priority=max_priority, worker_id=worker_id, queue_type=queue_type)
+        session = cls(await Connection.open(broker), calls, tasks, max_priority=max_priority,
+                      worker_id=worker_id, queue_type=queue_type)
         try:
             await session._setup()
         except BaseException:
