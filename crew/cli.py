@@ -33,8 +33,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                "never pass it on the command line (every local user can read that).")
     add_broker_arguments(parser)
     parser.add_argument("-c", "--concurrency", type=int, default=1,
-                        help="jobs run at once in each process; the prefetch follows it "
-                             "(default 1)")
+                        help="jobs run at once in each process; it holds no more calls "
+                             "than that across its tasks (classic queues) (default 1)")
     parser.add_argument("--forks", type=int, default=0,
                         help="run N worker processes under a supervisor that restarts a dead "
                              "one (default 0: this process is the worker)")

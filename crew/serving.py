@@ -49,7 +49,7 @@ class Worker:
 
     ``tasks``: a mapping of names to functions (default: everything ``@Task`` registered).
     ``broker``: a :class:`~crew.settings.BrokerSettings` or URL(s) (default ``$CREW_URL``).
-    ``concurrency``: jobs run at once; the prefetch equals it, so waiting calls stay in the
+    ``concurrency``: jobs run at once; the calls held follow it, so waiting calls stay in the
     broker, in priority order, for any worker to take. ``queue_type``: ``"classic"`` or
     ``"quorum"`` task queues (default ``$CREW_QUEUE_TYPE``, else classic). ``max_priority``:
     classic queues' ``x-max-priority`` (as every other worker's). ``settings``: what jobs see
