@@ -90,7 +90,8 @@ async def run(url: str, rounds: int, seq_calls: int, flight_calls: int) -> dict[
     finally:
         for proc in workers.values():
             proc.communicate("", timeout=60)
-        connection = pika.BlockingConnection(pika.URLParameters(url))
+        connection = pika.BlockingConnection(pika.URLParameters(
+            crew.settings.split_urls(url)[0]))
         channel = connection.channel()
         for task in tasks.values():
             channel.queue_delete("crew.tasks." + task)
@@ -106,14 +107,16 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--in-flight", type=int, default=3000)
     options = parser.parse_args()
-    connection = pika.BlockingConnection(pika.URLParameters(options.url))
+    first = crew.settings.split_urls(options.url)[0]  # several URLs: a cluster's nodes
+    connection = pika.BlockingConnection(pika.URLParameters(first))
     version = connection._impl.server_properties["version"]
     connection.close()
     version = version.decode() if isinstance(version, bytes) else version
     figures = asyncio.run(run(options.url, options.rounds, options.sequential,
                               options.in_flight))
     med = {k: {f: statistics.median(v) for f, v in figs.items()} for k, figs in figures.items()}
-    print(f"RabbitMQ {version} at {options.url.split('@')[-1]}, {options.rounds} rounds "
+    where = first.split("@")[-1] + (" and its cluster" if first != options.url else "")
+    print(f"RabbitMQ {version} at {where}, {options.rounds} rounds "
           f"(medians), crew defaults (persistent calls), worker concurrency 64")
     print(f"{'workload':34} {'classic':>10} {'quorum':>10} {'quorum/classic':>15}")
     rows = (("sequential, calls/s", "seq"), ("sequential, median latency ms", "p50"),
