@@ -50,17 +50,19 @@ class Interruptible:
     the loop calls :meth:`abandon` when the deadline passes or the call is cancelled. The
     lock makes "send the exception" and "the work ended" mutually exclusive.
 
-    The exception can land at any bytecode until :meth:`end` has run, including on the call
-    of :meth:`end` itself, before its own ``try``. So the thread runs the work *and* the
-    call of :meth:`end` inside one ``try``, and calls :meth:`end` again in its
-    ``except exc_type`` (only one exception is ever sent, so the second call is safe)::
+    The exception can land at any bytecode from the moment :meth:`begin` marked the work
+    running (before :meth:`begin` even returns) until :meth:`end` has run, including on the
+    call of :meth:`end` itself, before its own ``try``. So the thread calls :meth:`begin`,
+    runs the work *and* calls :meth:`end` inside one ``try``, and calls :meth:`end` again in
+    its ``except exc_type`` (only one exception is ever sent, so the second call is safe)::
 
         try:
-            try:
-                work()
-            except exc_type:
-                ...
-            abandoned = watch.end(exc_type)
+            if watch.begin():
+                try:
+                    work()
+                except exc_type:
+                    ...
+                abandoned = watch.end(exc_type)
         except exc_type:
             abandoned = watch.end(exc_type)
     """

@@ -100,16 +100,16 @@ def test_the_kill_never_lands_after_the_work_ended():
             if work is None:
                 break
             taken.set()
-            if work.begin():
-                try:  # the pattern the Interruptible docstring prescribes
+            try:  # the pattern the Interruptible docstring prescribes, begin() inside
+                if work.begin():
                     try:
                         for _ in range(random.randint(0, 20000)):
                             pass
                     except JobKilled:
                         pass
                     work.end(JobKilled)
-                except JobKilled:
-                    work.end(JobKilled)
+            except JobKilled:
+                work.end(JobKilled)
             try:
                 for _ in range(3000):  # the worker's own code: the kill must not land here
                     pass
@@ -127,7 +127,8 @@ def test_the_kill_never_lands_after_the_work_ended():
         for _ in range(800):
             work, taken = Interruptible(), threading.Event()
             jobs.put((work, taken))
-            taken.wait(5)
+            # A worker thread that a kill ended would leave every later round waiting.
+            assert taken.wait(5), "the worker thread died (see its traceback above)"
             for _ in range(random.randint(0, 20000)):
                 pass
             states.add(work.abandon(JobKilled))
