@@ -6,9 +6,10 @@ non-durable queue (transient messages, no confirms), wait in ``process_data_even
 With ``"confirms"`` in its orders, both sides publish in confirm mode: the "raw + confirms"
 row, which measures what publisher confirms would cost crew's calls and replies. With
 ``"crew_queue"``, the same loop carries what crew asks of the broker: the queue has crew's
-arguments (``x-max-priority``, a dead-letter exchange), calls carry a priority, a per-message
-TTL and crew's three headers and are published ``mandatory``, replies carry a status header:
-the "raw + crew's queue" row, the broker's share of crew's cost. With ``"url"``, both
+arguments (``x-max-priority``, a dead-letter exchange; a quorum queue's with
+``"queue_type"``), calls carry a priority, a per-message TTL and crew's three headers and
+are published ``mandatory`` (and persistent, in bench/queue_types.py), replies carry a
+status header: the "raw + crew's queue" row, the broker's share of crew's cost. With ``"url"``, both
 connect there instead of ``$BENCH_URL`` (a rate-limited link, bench/link.py); with
 ``"link"``, the caller runs the 1 MB workloads of the link only.
 
@@ -41,7 +42,8 @@ def worker(spec: dict[str, Any]) -> None:
         channel.exchange_declare(protocol.EXPIRED_EXCHANGE, "headers", durable=True)
         channel.queue_declare(spec["queue"], durable=True,
                               arguments=protocol.task_queue_arguments(
-                                  protocol.DEFAULT_QUEUE_MAX_PRIORITY))
+                                  protocol.DEFAULT_QUEUE_MAX_PRIORITY,
+                                  spec.get("queue_type", protocol.CLASSIC)))
         reply_headers = {protocol.STATUS_HEADER: protocol.STATUS_OK}
     else:
         channel.queue_declare(spec["queue"], durable=False)
@@ -64,9 +66,10 @@ def worker(spec: dict[str, Any]) -> None:
 
 class Caller:
     def __init__(self, queue: str, confirms: bool = False, crew_queue: bool = False,
-                 url: str = URL) -> None:
+                 url: str = URL, persistent: bool = False) -> None:
         self.queue = queue
         self.crew_queue = crew_queue
+        self.delivery_mode = 2 if persistent else None
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
         if confirms:  # each publish then waits for the broker's ack
@@ -86,7 +89,8 @@ class Caller:
         correlation_id = uuid.uuid4().hex
         self.waiting[correlation_id] = on_reply
         properties = pika.BasicProperties(reply_to=self.reply_queue,
-                                          correlation_id=correlation_id)
+                                          correlation_id=correlation_id,
+                                          delivery_mode=self.delivery_mode)
         if self.crew_queue:  # what crew's client sends with every call
             deadline = protocol.now_ms() + 60_000
             properties.priority = 0

@@ -154,9 +154,9 @@ class CallHandler:
             channel.ack(method.delivery_tag)
             return True
         if key in self.replies.jobs:
-            # Only a replayed or forged copy meets its original here (a redelivered call
-            # comes after the worker forgot the old delivery); replying to it would answer
-            # the real caller's call with the copy's outcome.
+            # A replayed or forged copy, or the call itself returned by a 4.3 quorum
+            # queue's consumer timeout while its first run goes on (a closed channel's
+            # calls come after the worker forgot them): the running job answers.
             log.warning("call %r to %s is a copy of a running call; dropped", correlation_id,
                         name)
             channel.ack(method.delivery_tag)

@@ -1,7 +1,8 @@
 """Quorum task queues on RabbitMQ 4.x: a private node of the newest RabbitMQ Debian packages
 (``scripts/rabbitmq-cluster``, base port 5750: AMQP on 127.0.0.1:5750), started for this
 module and stopped after it, also when a test fails. The facts the shared 3.10 cannot show:
-priorities 0-31 on quorum queues, the delivery limit, x-max-priority refused.
+priorities 0-31 on quorum queues, the delivery limit, x-max-priority refused, and 4.3's
+consumer timeout, which cancels a quorum queue's consumer instead of closing its channel.
 
 Needs root and the script's cached Debian root (``scripts/rabbitmq-cluster prepare``): the
 module fails, saying so, without them; it never skips.
@@ -9,8 +10,12 @@ module fails, saying so, without them; it never skips.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
+import threading
+import time
 from typing import Iterator
 
 import pika
@@ -18,6 +23,7 @@ import pytest
 
 from crew import BrokerError, Client, DeliveryLimitError, ExpirationError, Worker, protocol
 from crew.worker import serve_in_thread
+from tests.support.logs import lines, until
 from tests.support.processes import ROOT
 from tests.support.quorum import call_poison, ready_calls, served_order, server_version
 
@@ -114,3 +120,44 @@ def test_a_classic_worker_meeting_a_quorum_queue_is_told_what_to_do(node_url, ui
     finally:
         first.request_stop(grace=0)
         thread.join(30)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_job_past_the_consumer_timeout_is_consumed_again_and_answered_once(
+        node_url, node_client, uid, caplog):
+    """On 4.3 the consumer timeout cancels the consumer of a quorum queue and returns its
+    call to the queue, the channel staying open. The worker consumes again, meets the
+    returned call while its first run still runs, acknowledges that copy without running
+    it, and the first run's result answers the caller: one run, one answer, nothing left."""
+    if server_version(node_url) < (4, 3):
+        pytest.fail("this test needs RabbitMQ 4.3 or later (consumer timeout on quorum queues)")
+    task = f"q.timeout.{uid}"
+    pattern = "^" + re.escape(protocol.task_queue(task)) + "$"
+    policy = _script("ctl", "1", "set_policy", "-p", "crew", f"timeout-{uid}", pattern,
+                     json.dumps({"consumer-timeout": 1000}), "--apply-to", "queues")
+    assert policy.returncode == 0, policy.stderr
+    runs: list[float] = []
+    lock = threading.Lock()
+
+    def slow(data: object) -> object:
+        with lock:
+            runs.append(time.monotonic())
+        if data == "slow":
+            time.sleep(4)  # past the 1 s consumer timeout
+        return data
+
+    worker = Worker({task: slow}, broker=node_url, queue_type="quorum", concurrency=1)
+    thread = serve_in_thread(worker)
+    try:
+        assert await node_client.call(task, "slow", expiration=30) == "slow"
+        assert len(runs) == 1, f"the call ran {len(runs)} times"
+        assert lines(caplog, "the broker cancelled the worker's consumer"), caplog.text
+        await until(lambda: bool(lines(caplog, "consuming .* again")), 10,
+                    "the worker consumed its queue again")
+        assert await node_client.call(task, "fast", expiration=10) == "fast"
+        assert len(lines(caplog, "copy of a running call")) == 1, caplog.text
+    finally:
+        worker.request_stop(grace=0)
+        thread.join(30)
+        _script("ctl", "1", "clear_policy", "-p", "crew", f"timeout-{uid}")
+    assert ready_calls(node_url, protocol.task_queue(task)) == 0
