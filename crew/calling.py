@@ -1,20 +1,24 @@
 """What the ``crew`` command does once its arguments are read: one coroutine per subcommand
 that talks to the broker (``worker`` and ``gateway`` are :mod:`crew.worker`'s and
-:mod:`crew.gateway`'s). Each prints its data on standard output, JSON with ``--json``, and
-returns the exit status or raises the :class:`~crew.CrewError` that :mod:`crew.command`
-turns into one. Calls, publishing and subscribing go through the :class:`~crew.Client`;
-status, inspect, cancel and purge through one connection of :mod:`crew.census`.
+:mod:`crew.gateway`'s; :func:`load_module` finds what ``crew worker`` serves). Each prints
+its data on standard output, JSON with ``--json``, and returns the exit status or raises
+the :class:`~crew.CrewError` that :mod:`crew.command` turns into one. Calls, publishing and
+subscribing go through the :class:`~crew.Client`; status, inspect, cancel and purge through
+one connection of :mod:`crew.census`.
 """
-
 from __future__ import annotations
 
 import argparse
 import asyncio
 import base64
+import importlib
+import importlib.util
 import json
+import os
 import signal
 import sys
-from typing import Any, TextIO
+from types import ModuleType
+from typing import Any, Mapping, TextIO
 
 from . import census
 from .cancels import send_notice
@@ -23,7 +27,7 @@ from .exceptions import CrewError, UnknownTaskError
 from .settings import BrokerSettings
 
 __all__ = ["EXIT_NOT_FOUND", "NotConfirmed", "call", "cancel", "inspect", "publish", "purge",
-           "read_data", "status", "subscribe", "to_json"]
+           "load_module", "read_data", "registry_of", "status", "subscribe", "to_json"]
 
 #: Exit status of ``crew cancel`` when no worker runs the call (also UnknownTaskError's).
 EXIT_NOT_FOUND = 7
@@ -202,6 +206,35 @@ async def _confirmed(task: str, waiting: int) -> bool:
         return True
     print("nothing was purged", file=sys.stderr)
     return False
+
+
+def load_module(name: str) -> ModuleType:
+    """Import a module path (from the current directory too, as ``python -m`` does) or a
+    ``.py`` file (its directory first on ``sys.path``, as ``python FILE`` does)."""
+    if not (name.endswith(".py") or os.sep in name):
+        sys.path.insert(0, os.getcwd())
+        return importlib.import_module(name)
+    path = os.path.abspath(name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file {path}")
+    sys.path.insert(0, os.path.dirname(path))
+    module_name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be imported")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def registry_of(module: ModuleType, default: Mapping[str, Any]
+                ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """The tasks to serve and their settings: the module's own ``tasks`` registry and
+    ``settings`` if it has them, else ``default`` (what ``@Task`` registered) and none."""
+    own, settings = getattr(module, "tasks", None), getattr(module, "settings", None)
+    tasks = own if isinstance(own, Mapping) and own else default
+    return tasks, settings if isinstance(settings, Mapping) else {}
 
 
 class NotConfirmed(CrewError):

@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
-import os
 import sys
 import textwrap
-from types import ModuleType
-from typing import Any, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 from . import calling, census, protocol
 from .cli import (EXIT_STUCK, add_broker_arguments, add_logging_arguments,
@@ -140,42 +136,14 @@ def worker(args: list[str]) -> int:
     rest.remove(options.module)
     sys.argv = [options.module, *rest]  # what run(), called at import, parses
     try:
-        module = load_module(options.module)
+        module = calling.load_module(options.module)
     except (ImportError, OSError) as exc:
         parser.error(f"cannot import {options.module}: {exc}")
-    tasks, settings = registry_of(module)
+    tasks, settings = calling.registry_of(module, default_registry)
     if not tasks:
         parser.error(f"{options.module} registers no task (decorate functions with @Task)")
     worker_main(tasks, settings, rest, prog=f"crew worker {options.module}")
     return 0  # not reached: worker_main exits
-
-
-def load_module(name: str) -> ModuleType:
-    """Import a module path (from the current directory too, as ``python -m`` does) or a
-    ``.py`` file (its directory first on ``sys.path``, as ``python FILE`` does)."""
-    if not (name.endswith(".py") or os.sep in name):
-        sys.path.insert(0, os.getcwd())
-        return importlib.import_module(name)
-    path = os.path.abspath(name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no file {path}")
-    sys.path.insert(0, os.path.dirname(path))
-    module_name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"{path} cannot be imported")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def registry_of(module: ModuleType) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-    """The tasks to serve and their settings: the module's own ``tasks`` registry and
-    ``settings`` if it has them, else every task ``@Task`` registered by default."""
-    own, settings = getattr(module, "tasks", None), getattr(module, "settings", None)
-    tasks = own if isinstance(own, Mapping) and own else default_registry
-    return tasks, settings if isinstance(settings, Mapping) else {}
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -253,7 +221,7 @@ def _call_parsers(commands: Any) -> None:
     _json_flag(call, "the result")
     publish = _subcommand(commands, "publish", "publish a message on a pubsub channel",
                           "Send DATA to every client subscribed to CHANNEL now.")
-    publish.add_argument("channel", metavar="CHANNEL")
+    publish.add_argument("channel", metavar="CHANNEL", help="the channel's name")
     publish.add_argument("data", metavar="DATA",
                          help="the message, as JSON; - publishes each line of standard input")
     subscribe = _subcommand(commands, "subscribe", "print the messages of a pubsub channel",
@@ -283,7 +251,8 @@ def _census_parsers(commands: Any) -> None:
                          "it, and one that receives it later drops it; its caller gets no "
                          "reply. The caller's reply queue is asked of the workers, unless "
                          "--caller gives it.")
-    cancel.add_argument("correlation_id", metavar="CORRELATION_ID")
+    cancel.add_argument("correlation_id", metavar="CORRELATION_ID",
+                        help="the call's correlation id (from crew inspect)")
     cancel.add_argument("--caller", metavar="QUEUE",
                         help="the call's reply queue (from crew inspect), to cancel a call "
                              "no worker runs yet")
@@ -292,6 +261,6 @@ def _census_parsers(commands: Any) -> None:
                         "Delete every call waiting in TASK's queue, after asking (on the "
                         "terminal) unless --yes. Their callers get no answer: a TimeoutError "
                         "at their deadline. Calls being run are not touched.")
-    purge.add_argument("task", metavar="TASK")
+    purge.add_argument("task", metavar="TASK", help="the task whose waiting calls go")
     purge.add_argument("--yes", action="store_true", help="do not ask")
     _json_flag(purge, "how many calls were dropped")
