@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.support.processes import Process, python_env
+from tests.support.processes import Process, kill_alive, python_env
 
 SCRIPT = textwrap.dedent('''
     import os, time
@@ -48,10 +48,7 @@ def start(broker_url, uid):
         return process
 
     yield run
-    for process in started:
-        if process.popen.poll() is None:
-            process.popen.kill()
-            process.popen.wait(10)
+    kill_alive(started)
 
 
 def test_help_lists_the_options_and_no_password_option(script, start):

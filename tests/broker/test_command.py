@@ -16,7 +16,7 @@ import pika
 import pytest
 
 from crew import protocol
-from tests.support.processes import ROOT, Process, python_env
+from tests.support.processes import ROOT, Process, kill_alive, python_env
 
 #: The worker module served by file path (relative to the checkout, as an operator types it).
 TASKS_FILE = os.path.join("tests", "support", "command_tasks.py")
@@ -53,10 +53,7 @@ def start(broker_url: str):
         return process
 
     yield crew
-    for process in started:
-        if process.popen.poll() is None:
-            process.popen.kill()
-            process.popen.wait(10)
+    kill_alive(started)
 
 
 @pytest.fixture(scope="module")

@@ -132,3 +132,11 @@ class Process:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
         return self.popen.wait(timeout)
+
+
+def kill_alive(processes: list[Process]) -> None:
+    """Kill those of ``processes`` that still run (a fixture's clean-up after its test)."""
+    for process in processes:
+        if process.popen.poll() is None:
+            process.popen.kill()
+            process.popen.wait(10)
