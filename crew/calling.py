@@ -6,6 +6,7 @@ the :class:`~crew.CrewError` that :mod:`crew.command` turns into one. Calls, pub
 subscribing go through the :class:`~crew.Client`; status, inspect, cancel and purge through
 one connection of :mod:`crew.census`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -197,8 +198,8 @@ async def purge(broker: BrokerSettings, options: argparse.Namespace) -> int:
 async def _confirmed(task: str, waiting: int) -> bool:
     """Ask on the terminal; without one, refuse (raise) rather than guess."""
     if not sys.stdin.isatty():
-        raise NotConfirmed(f"{waiting} call(s) wait for {task}; nothing was purged: there is no "
-                       "terminal to ask on, so confirm with --yes")
+        raise NotConfirmed(f"{waiting} call(s) wait for {task}; nothing was purged: there is "
+                           "no terminal to ask on, so confirm with --yes")
     question = (f"Delete the {waiting} call(s) waiting for {task}? Their callers get no "
                 "answer (TimeoutError at their deadline). [y/N] ")
     answer = await asyncio.get_running_loop().run_in_executor(None, input, question)

@@ -65,7 +65,7 @@ class CallHandler:
         #: Cancel notices of calls not delivered (yet).
         self._cancelled = Remembered()
         self.threads = JobThreads(concurrency, f"crew-job-{worker_id[:6]}",
-                                   self.replies.thread_done)
+                                  self.replies.thread_done)
         #: What the calls being served may hold decoded, against the worker's max_memory.
         self._memory = MemoryGate(max_memory)
         self.intake = Intake(concurrency, self.replies, self._memory)

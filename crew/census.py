@@ -71,7 +71,12 @@ async def gather(connection: Connection, window: float = DEFAULT_WINDOW) -> list
     channel.flush()
     await asyncio.sleep(window)  # a window, not a poll: every worker answers at most once
     await channel.close()
-    return sorted(answers.values(), key=lambda a: (str(a.get("host")), str(a.get("pid"))))
+    return sorted(answers.values(), key=_host_and_pid)
+
+
+def _host_and_pid(answer: dict[str, Any]) -> tuple[str, int]:
+    pid = answer.get("pid")
+    return str(answer.get("host")), pid if isinstance(pid, int) else 0
 
 
 async def queue_figures(connection: Connection,
@@ -175,4 +180,6 @@ def inspect_table(workers: list[dict[str, Any]]) -> str:
 def _duration(seconds: Any) -> str | None:
     if not isinstance(seconds, (int, float)):
         return None
-    return f"{seconds:.1f}s" if abs(seconds) < 120 else f"{seconds / 60:.0f}m"
+    if abs(seconds) < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.0f}m" if abs(seconds) < 7200 else f"{seconds / 3600:.0f}h"

@@ -110,13 +110,14 @@ class Presence:
                     _body: bytes) -> None:
         channel = self._channel
         if props.type != protocol.PRESENCE_REQUEST_TYPE or not props.reply_to:
-            log.warning("presence message of type %r without reply_to ignored", props.type)
+            log.warning("presence message ignored (type %r, reply_to %r)", props.type,
+                        props.reply_to)
             return
         if channel is None or not channel.is_open:
             return
         try:
             body = codec.serialize(self.snapshot())
-        except CrewError:  # a correlation id that cannot be encoded, say: tell no one
+        except CrewError:  # not with crew's own values; a pika callback must never raise
             log.exception("presence map could not be encoded")
             return
         channel.publish("", props.reply_to, body, BasicProperties(
