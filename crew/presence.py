@@ -77,8 +77,9 @@ class Presence:
     async def follow(self, connection: Connection) -> None:
         """Answer the requests sent from now on, on a channel of its own of ``connection``.
 
-        If that channel closes while the connection stays open, it follows them again on a
-        new one; the connection's loss is the worker's to mend (it calls this again).
+        If that channel closes while the connection stays open, or the broker cancels its
+        consumer (its queue was deleted), it follows them again on a new channel; the
+        connection's loss is the worker's to mend (it calls this again).
         """
         self._closed = False
         channel = self._channel = await connection.channel()
@@ -86,7 +87,9 @@ class Presence:
         queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
         await channel.bind(queue, protocol.PRESENCE_EXCHANGE)
         await channel.consume(queue, self._on_request, auto_ack=True, exclusive=True)
-        channel.closed.add_done_callback(lambda _closed: self._again_on(connection, channel))
+        channel.on_cancel(lambda _frame: self._again_on(connection, channel, "consumer cancelled"))
+        channel.closed.add_done_callback(
+            lambda _closed: self._again_on(connection, channel, "channel closed"))
 
     def close(self) -> None:
         """Stop following (the connection is lost or closed): nothing is started again."""
@@ -94,14 +97,16 @@ class Presence:
         if self._again is not None:
             self._again.cancel()
 
-    def _again_on(self, connection: Connection, channel: Channel) -> None:
-        if self._closed or channel is not self._channel or not connection.is_open:
+    def _again_on(self, connection: Connection, channel: Channel, why: str) -> None:
+        if (self._closed or channel is not self._channel or not connection.is_open
+                or (self._again is not None and not self._again.done())):
             return
-        log.warning("presence requests: the channel closed; following them on a new one")
-        self._again = asyncio.ensure_future(self._follow_again(connection))
+        log.warning("presence requests: %s; following them on a new channel", why)
+        self._again = asyncio.ensure_future(self._follow_again(connection, channel))
 
-    async def _follow_again(self, connection: Connection) -> None:
+    async def _follow_again(self, connection: Connection, old: Channel) -> None:
         try:
+            await old.close()  # its close comes back to _again_on, which leaves it be
             await self.follow(connection)
         except CrewError as exc:  # the connection went too: the worker connects again
             log.warning("presence requests: could not follow them again: %s", exc)
