@@ -9,6 +9,7 @@ import os
 import pty
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlsplit
@@ -264,6 +265,25 @@ def test_crew_worker_serves_a_file_path(run, file_worker):
     worker = worker_of(status(run), file_worker)
     assert set(worker["tasks"]) == {"cmd.echo", "cmd.headers", "cmd.boom", "cmd.block",
                                     "cmd.nap"}
+
+
+def test_crew_worker_serves_a_script_that_calls_run_itself(run, start, tmp_path, uid):
+    """The article's worker.py ends with run(counter=0): served as `python worker.py`."""
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        from crew.worker import run, context, Task
+
+        @Task("cmd.script.{uid}")
+        def count(req):
+            context.settings.counter += 1
+            return context.settings.counter
+
+        run(counter=0)
+    """))
+    worker = start("worker", str(script), "-c", "1")
+    worker.wait_for("serving")
+    assert run("call", f"cmd.script.{uid}", "--json").stdout == "1\n"
+    assert worker.stop() == 0
 
 
 def test_crew_worker_refuses_what_it_cannot_serve(run, tmp_path):
