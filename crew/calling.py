@@ -62,8 +62,10 @@ def _readable(value: Any) -> str:
     return json.dumps(value, default=_jsonable, ensure_ascii=False, indent=2)
 
 
-def _client(broker: BrokerSettings) -> Client:
-    return Client(broker=broker, reconnect=False)
+def _client(broker: BrokerSettings, reconnect: bool = False) -> Client:
+    """A client that fails at once when its connection is lost (a call cannot outlive its
+    process anyway), unless it must ``reconnect`` (a subscriber runs for long)."""
+    return Client(broker=broker, reconnect=reconnect)
 
 
 async def call(broker: BrokerSettings, options: argparse.Namespace) -> int:
@@ -98,7 +100,8 @@ async def publish(broker: BrokerSettings, options: argparse.Namespace) -> int:
 
 async def subscribe(broker: BrokerSettings, options: argparse.Namespace) -> int:
     """``crew subscribe CHANNEL``: one JSON line per message, until ``--count`` messages
-    came, or SIGINT or SIGTERM (status 0 either way)."""
+    came, or SIGINT or SIGTERM (status 0 either way). A lost connection is made again
+    (messages published meanwhile are missed)."""
     done = asyncio.Event()
     seen = 0
 
@@ -114,7 +117,7 @@ async def subscribe(broker: BrokerSettings, options: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, done.set)
-    client = _client(broker)
+    client = _client(broker, reconnect=True)  # subscribed again on the next connection
     try:
         await client.connect(options.connect_timeout)
         await client.subscribe(options.channel, on_message)
