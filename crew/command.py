@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start crew workers, call tasks, see who serves what. "
                     "`crew COMMAND --help` tells more.",
         epilog=f"{epilog}\n\n{textwrap.fill(_PASSWORD, 88)}")
+    parser.add_argument("--version", action="version", version=f"crew {protocol.VERSION}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("worker", add_help=False, help="serve the tasks of a module: "
                         "crew worker MODULE [-c N] [--forks N] [--grace S] ...")
@@ -226,7 +227,9 @@ def _call_parsers(commands: Any) -> None:
                          help="the message, as JSON; - publishes each line of standard input")
     subscribe = _subcommand(commands, "subscribe", "print the messages of a pubsub channel",
                             "Print each message of CHANNEL as one line of JSON, until "
-                            "--count messages came or SIGINT/SIGTERM (exit status 0).")
+                            "--count messages came or SIGINT/SIGTERM (exit status 0). A lost "
+                            "connection is made again; what was published meanwhile is "
+                            "missed.")
     subscribe.add_argument("channel", metavar="CHANNEL",
                            help="a channel; * matches one word, # any words")
     subscribe.add_argument("--count", type=int, default=0, metavar="N",

@@ -82,8 +82,12 @@ def test_python_dash_m_crew_is_the_command():
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
-def test_setup_installs_the_crew_console_script():
-    assert '"crew = crew.command:main"' in (ROOT / "setup.py").read_text()
+def test_setup_installs_the_crew_console_script_of_this_version(capsys):
+    setup = (ROOT / "setup.py").read_text()
+    assert '"crew = crew.command:main"' in setup and f'version="{protocol.VERSION}"' in setup
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out == f"crew {protocol.VERSION}\n"
 
 
 def test_the_readme_tables_the_same_exit_statuses():
