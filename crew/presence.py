@@ -27,7 +27,7 @@ from pika.spec import Basic, BasicProperties
 from . import codec, protocol
 from .amqp import Channel, Connection
 from .calls import CallHandler
-from .exceptions import CrewError
+from .exceptions import BrokerError, CrewError
 from .jobs import Job
 
 __all__ = ["PRESENCE_VERSION", "Presence"]
@@ -79,14 +79,22 @@ class Presence:
 
         If that channel closes while the connection stays open, or the broker cancels its
         consumer (its queue was deleted), it follows them again on a new channel; the
-        connection's loss is the worker's to mend (it calls this again).
+        connection's loss is the worker's to mend (it calls this again). A broker that
+        refuses it (403: a user without rights on ``crew.presence``) is logged: the worker
+        serves its calls all the same, unseen by ``crew status``.
         """
         self._closed = False
         channel = self._channel = await connection.channel()
-        await channel.declare_exchange(protocol.PRESENCE_EXCHANGE, "fanout")
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await channel.bind(queue, protocol.PRESENCE_EXCHANGE)
-        await channel.consume(queue, self._on_request, auto_ack=True, exclusive=True)
+        try:
+            await channel.declare_exchange(protocol.PRESENCE_EXCHANGE, "fanout")
+            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await channel.bind(queue, protocol.PRESENCE_EXCHANGE)
+            await channel.consume(queue, self._on_request, auto_ack=True, exclusive=True)
+        except BrokerError as exc:
+            log.warning("presence requests cannot be followed: %s; this worker serves its "
+                        "calls, but crew status does not see it (docs/SECURITY.md, section 2)",
+                        exc)
+            return
         channel.on_cancel(lambda _frame: self._again_on(connection, channel, "consumer cancelled"))
         channel.closed.add_done_callback(
             lambda _closed: self._again_on(connection, channel, "channel closed"))

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from typing import Any, Callable, Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pika
 import pytest
@@ -206,6 +207,37 @@ def test_a_worker_answers_again_after_its_presence_queue_is_deleted(run, file_wo
                        capture_output=True, timeout=60)
     file_worker.wait_for("presence requests: consumer cancelled")
     wait_until("the worker answering again", lambda: worker_of(status(run), file_worker))
+
+
+def test_a_worker_refused_presence_serves_its_calls_all_the_same(run, broker_url):
+    """A broker that refuses a worker's presence set-up (here a 406: crew.presence exists
+    with another type, in a vhost of the test's own; with a user without rights on it, a
+    403) leaves the worker serving, unseen by crew status (which says why)."""
+    rabbitmqctl = rabbitmqctl_command()
+    assert rabbitmqctl, "set CREW_TEST_RABBITMQCTL with CREW_TEST_URL: this test makes a vhost"
+    vhost = f"crew-test-presence-{uuid.uuid4().hex[:8]}"
+    url = urlunsplit(urlsplit(broker_url)._replace(path=f"/{vhost}"))
+    ctl = [*rabbitmqctl, "-q"]
+    subprocess.run([*ctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    worker = None
+    try:
+        subprocess.run([*ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                       check=True, capture_output=True, timeout=60)
+        with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+            connection.channel().exchange_declare(protocol.PRESENCE_EXCHANGE, "topic",
+                                                  durable=True)
+        worker = Process(crew_args("worker", TASKS_FILE), {**python_env(url)}, cwd=ROOT)
+        worker.wait_for("presence requests cannot be followed")
+        worker.wait_for("serving")
+        called = run("call", "cmd.echo", "5", env={"CREW_URL": url})
+        assert (called.returncode, called.stdout) == (0, "5\n")
+        refused = run("status", "--timeout", "0.3", env={"CREW_URL": url})
+        assert refused.returncode == 1 and "PRECONDITION_FAILED" in refused.stderr
+        assert worker.stop() == 0
+    finally:
+        if worker is not None:
+            kill_alive([worker])
+        subprocess.run([*ctl, "delete_vhost", vhost], capture_output=True, timeout=60)
 
 
 # --- crew purge ---------------------------------------------------------------------------
