@@ -9,10 +9,11 @@ from .exceptions import (AuthenticationError, BrokerError, CallError, CodecError
                          ConnectionLostError, CrewError, DecodeError, DeliveryLimitError,
                          EncodeError, ExpirationError, JobKilled, MessageTooLargeError, RemoteError,
                          TimeoutError, UnknownTaskError)
+from .protocol import VERSION as _VERSION
 from .settings import BrokerSettings
 from .worker import Task, Worker, context
 
-__version__ = "0.1.0"
+__version__ = _VERSION
 
 __all__ = [
     "AuthenticationError",

@@ -2,8 +2,7 @@
 
 pika calls back on the event loop's thread; this module turns each RPC (declare, bind,
 consume, ...) into an awaitable and, unlike bare pika, fails every pending one when the
-channel or connection closes, so nothing awaits forever.
-"""
+channel or connection closes, so nothing awaits forever."""
 
 from __future__ import annotations
 
@@ -15,10 +14,8 @@ from typing import Any
 
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
-from pika.adapters.utils.connection_workflow import (
-    AMQPConnectionWorkflowFailed,
-    AMQPConnectorPhaseErrorBase,
-)
+from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
+                                                     AMQPConnectorPhaseErrorBase)
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
@@ -98,16 +95,21 @@ class Channel:
 
     async def declare_queue(self, name: str = "", *, durable: bool = False,
                             exclusive: bool = False, auto_delete: bool = False,
-                            passive: bool = False,
                             arguments: dict[str, Any] | None = None) -> str:
         """Declare a queue and return its name (the broker's choice when ``name`` is empty)."""
         frame = await self._rpc(self._channel.queue_declare, queue=name, durable=durable,
-                                exclusive=exclusive, auto_delete=auto_delete, passive=passive,
-                                arguments=arguments)
+                                exclusive=exclusive, auto_delete=auto_delete, arguments=arguments)
         return str(frame.method.queue)
 
-    async def delete_queue(self, name: str) -> None:
-        await self._rpc(self._channel.queue_delete, queue=name)
+    async def queue_counts(self, name: str) -> tuple[int, int]:
+        """``(messages ready, consumers)`` of queue ``name``; if absent, 404 closes the channel."""
+        frame = await self._rpc(self._channel.queue_declare, queue=name, passive=True)
+        return int(frame.method.message_count), int(frame.method.consumer_count)
+
+    async def purge(self, name: str) -> int:
+        """Delete the messages ready in queue ``name``; return how many."""
+        frame = await self._rpc(self._channel.queue_purge, queue=name)
+        return int(frame.method.message_count)
 
     async def bind(self, queue: str, exchange: str, routing_key: str = "",
                    arguments: dict[str, Any] | None = None) -> None:
@@ -163,8 +165,7 @@ class Channel:
         sent at once, in that order. False, and nothing sent, when this channel or its
         connection is closed or cannot send from a thread (the public path, TLS): use
         :meth:`publish` and :meth:`ack` on the loop then. Raises what pika raises for
-        properties it cannot encode.
-        """
+        properties it cannot encode."""
         return transport.publish_and_ack_now(self._channel, exchange, routing_key, body,
                                              properties, mandatory, delivery_tag)
 

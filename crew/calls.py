@@ -64,8 +64,8 @@ class CallHandler:
         self.replies = Replies(call_in_loop, self._released)
         #: Cancel notices of calls not delivered (yet).
         self._cancelled = Remembered()
-        self._threads = JobThreads(concurrency, f"crew-job-{worker_id[:6]}",
-                                   self.replies.thread_done)
+        self.threads = JobThreads(concurrency, f"crew-job-{worker_id[:6]}",
+                                  self.replies.thread_done)
         #: What the calls being served may hold decoded, against the worker's max_memory.
         self._memory = MemoryGate(max_memory)
         self.intake = Intake(concurrency, self.replies, self._memory)
@@ -193,7 +193,7 @@ class CallHandler:
         if is_async:
             job.coroutine = self._loop.create_task(self._run_coroutine(job))  # type: ignore
         else:
-            self._threads.submit(job)
+            self.threads.submit(job)
 
     async def _run_coroutine(self, job: Job) -> None:
         try:
@@ -242,14 +242,14 @@ class CallHandler:
         state = job.watch.abandon(JobKilled)
         if state == "running" and job.thread is not None:
             thread = job.thread
-            self._threads.replace(thread)
+            self.threads.replace(thread)
             self._loop.call_later(STUCK_AFTER, self._check_stuck, job, thread)  # type: ignore
         return state
 
     def _check_stuck(self, job: Job, thread: threading.Thread) -> None:
-        if thread not in self._threads.stuck:
+        if thread not in self.threads.stuck:
             return
-        count = len(self._threads.stuck)
+        count = len(self.threads.stuck)
         log.error("job thread %s (task %s, call %s) is stuck %.0f s after its interruption; "
                   "%d stuck thread(s), limit %d", thread.name, job.task, job.correlation_id,
                   STUCK_AFTER, count, self._max_stuck)
@@ -267,7 +267,7 @@ class CallHandler:
         for job in list(replies.jobs.values()):
             self._abandon(job)
             replies.forget(job)
-        for job in self._threads.drain_pending():
+        for job in self.threads.drain_pending():
             job.watch.abandon(JobKilled)
             replies.forget(job)
         replies.detach()
@@ -281,7 +281,7 @@ class CallHandler:
         replies.settle_sent()
         for job in [job for job in replies.jobs.values() if self._memory.is_waiting(job.key)]:
             replies.requeue(job)
-        for job in self._threads.drain_pending():
+        for job in self.threads.drain_pending():
             replies.requeue(job)
 
     def requeue_running(self) -> None:
@@ -296,5 +296,5 @@ class CallHandler:
 
     def close(self) -> None:
         """Let idle job threads exit and forget the remembered cancel notices."""
-        self._threads.close()
+        self.threads.close()
         self._cancelled.clear()

@@ -38,7 +38,7 @@ from .amqp import Channel, Connection
 from .connecting import NOT_FOUND
 from .exceptions import BrokerError, ConnectionLostError, CrewError
 
-__all__ = ["CancelFeed", "Remembered", "StreamUnavailable"]
+__all__ = ["CancelFeed", "Remembered", "StreamUnavailable", "send_notice"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,17 @@ _PREFETCH = 1000
 Key = tuple[str, str]
 #: ``on_cancel(key, deadline_ms)``: deadline_ms is None when the notice carries none.
 OnCancel = Callable[[Key, "int | None"], None]
+
+
+def send_notice(channel: Channel, correlation_id: str, reply_to: str,
+                deadline_ms: int | None) -> None:
+    """Publish a caller's cancel notice of the call ``(reply_to, correlation_id)`` to
+    ``crew.control`` (docs/PROTOCOL.md, section 7); without ``deadline_ms`` workers
+    remember it for :data:`~crew.protocol.MAX_EXPIRATION`."""
+    headers = {} if deadline_ms is None else {protocol.DEADLINE_HEADER: deadline_ms}
+    channel.publish(protocol.CONTROL_EXCHANGE, "", b"", BasicProperties(
+        type=protocol.CANCEL_TYPE, correlation_id=correlation_id, reply_to=reply_to,
+        headers=headers, delivery_mode=1))
 
 
 class StreamUnavailable(ConnectionLostError):

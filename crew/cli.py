@@ -77,11 +77,11 @@ def add_broker_arguments(parser: argparse.ArgumentParser, *,
     parser.add_argument("--user", default=None, help="user name (on every node)")
 
 
-def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+def add_logging_arguments(parser: argparse.ArgumentParser, default: str = "INFO") -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    parser.add_argument("--logging", default="INFO", metavar="LEVEL",
+    parser.add_argument("--logging", default=default, metavar="LEVEL",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-                        type=str.upper, help="log level (default INFO)")
+                        type=str.upper, help=f"log level (default {default})")
 
 
 def broker_from_options(options: argparse.Namespace, name: str) -> BrokerSettings:

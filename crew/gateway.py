@@ -269,10 +269,10 @@ def make_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY,
         default_handler_class=NotFound, **settings)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m crew.gateway``: serve the gateway until SIGINT or SIGTERM; exits the
-    process with its status."""
-    parser = build_http_parser("python -m crew.gateway", default_port=8080,
+def main(argv: Sequence[str] | None = None, prog: str = "python -m crew.gateway") -> None:
+    """``python -m crew.gateway`` (and ``crew gateway``): serve the gateway until SIGINT or
+    SIGTERM; exits the process with its status."""
+    parser = build_http_parser(prog, default_port=8080,
                                description="Serve every crew task and pubsub channel over HTTP.")
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                         help="largest request body in bytes (default %(default)s)")

@@ -64,7 +64,7 @@ class Job:
     __slots__ = ("scope", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
                  "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread",
-                 "channel")
+                 "channel", "received")
 
     def __init__(self, scope: Scope | None, task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
@@ -98,6 +98,8 @@ class Job:
         self.thread: threading.Thread | None = None
         #: The channel it was delivered on: its delivery tag means nothing on another.
         self.channel: Channel | None = None
+        #: When the worker read the call, on the ``time.monotonic()`` clock (``crew inspect``).
+        self.received = time.monotonic()
 
     @classmethod
     def from_delivery(cls, scope: Scope, task: str, func: Callable[[Any], Any],

@@ -17,6 +17,7 @@ from pika.spec import Basic, BasicProperties
 
 from . import protocol
 from .amqp import Channel, Connection
+from .cancels import send_notice
 from .connecting import Nodes, connect_retrying
 from .exceptions import ConnectionLostError
 from .loops import Background, thread_loop
@@ -204,9 +205,7 @@ class Link:
         channel = self.channel
         if channel is None or not channel.is_open:
             return
-        channel.publish(protocol.CONTROL_EXCHANGE, "", b"", BasicProperties(
-            type=protocol.CANCEL_TYPE, correlation_id=correlation_id, reply_to=call.reply_to,
-            headers={protocol.DEADLINE_HEADER: call.deadline_ms}, delivery_mode=1))
+        send_notice(channel, correlation_id, call.reply_to, call.deadline_ms)
         log.debug("call %s cancelled by its caller", correlation_id)
 
     def _on_message(self, _ch: Any, method: Basic.Deliver, props: BasicProperties,

@@ -2,8 +2,7 @@
 
 ``docs/PROTOCOL.md`` describes the same facts for programs in other languages; when a value
 here changes, that document changes with it. No other module spells a queue, exchange or
-header name.
-"""
+header name."""
 
 from __future__ import annotations
 
@@ -32,6 +31,10 @@ CANCEL_STREAM: Final = "crew.cancels"
 
 #: Topic exchange for pubsub; the channel name is the routing key.
 PUBSUB_EXCHANGE: Final = "crew.pubsub"
+
+#: Fanout exchange for presence requests to every worker (docs/PROTOCOL.md, section 12); each
+#: answers to the requester's reply queue. Not ``crew.control``: its stream keeps everything.
+PRESENCE_EXCHANGE: Final = "crew.presence"
 
 # --- Headers ----------------------------------------------------------------------------
 
@@ -74,6 +77,11 @@ CANCEL_TYPE: Final = "crew.cancel"
 #: AMQP ``type`` of the marker a worker writes to :data:`CANCEL_STREAM` and reads back to
 #: know that it has read every notice sent before it connected.
 MARKER_TYPE: Final = "crew.marker"
+#: AMQP ``type`` of a presence request, and of a worker's answer (a map, PROTOCOL.md 12).
+PRESENCE_REQUEST_TYPE: Final = "crew.presence.request"
+PRESENCE_TYPE: Final = "crew.presence"
+#: crew's version (``crew.__version__``), which workers report in their presence.
+VERSION: Final = "0.1.0"
 
 # --- Content ----------------------------------------------------------------------------
 
@@ -142,13 +150,11 @@ def task_queue(task: str) -> str:
 
 
 def task_queue_arguments(max_priority: int, queue_type: str = CLASSIC) -> dict[str, Any]:
-    """Arguments every task queue is declared with (docs/PROTOCOL.md, section 2.2).
-
-    Both dead-letter to ``crew.expired`` (expired calls, and calls over a quorum queue's
+    """Arguments every task queue is declared with (docs/PROTOCOL.md, section 2.2). Both
+    dead-letter to ``crew.expired`` (expired calls, and calls over a quorum queue's
     delivery limit, go back to their caller). Classic queues need ``x-max-priority`` for
     priorities; quorum queues refuse it (406) and order by priority themselves (RabbitMQ 4.x).
-    Declaring an existing queue with other values fails with 406 PRECONDITION_FAILED.
-    """
+    Declaring an existing queue with other values fails with 406 PRECONDITION_FAILED."""
     if queue_type == QUORUM:
         return {"x-queue-type": QUORUM, "x-dead-letter-exchange": EXPIRED_EXCHANGE,
                 "x-delivery-limit": DELIVERY_LIMIT}
@@ -181,10 +187,8 @@ def dead_letter_reason(headers: dict[str, Any] | None) -> str:
 
 
 def cancel_stream_arguments() -> dict[str, Any]:
-    """Arguments :data:`CANCEL_STREAM` is declared with (durable, like every stream).
-
-    Declaring it again with other values fails with 406 PRECONDITION_FAILED.
-    """
+    """Arguments :data:`CANCEL_STREAM` is declared with (durable, like every stream);
+    declaring it again with other values fails with 406 PRECONDITION_FAILED."""
     return {
         "x-queue-type": "stream",
         "x-max-age": CANCEL_STREAM_MAX_AGE,
@@ -225,11 +229,9 @@ def validate_task_name(name: object) -> str:
 
 
 def validate_channel(name: object, *, pattern: bool = False) -> str:
-    """Return ``name`` if it can name a pubsub channel (a routing key), else raise.
-
-    With ``pattern`` the words ``*`` (one word) and ``#`` (any number of words) are allowed,
-    as in AMQP topic bindings; a channel one publishes to must not contain them.
-    """
+    """Return ``name`` if it can name a pubsub channel (a routing key), else raise. With
+    ``pattern`` the words ``*`` (one word) and ``#`` (any number of words) are allowed, as
+    in AMQP topic bindings; a channel one publishes to must not contain them."""
     if not isinstance(name, str):
         raise TypeError(f"channel must be a str, not {type(name).__name__}")
     if not name or len(name.encode()) > 255:  # AMQP routing keys are short strings
@@ -278,9 +280,7 @@ def is_reserved_header(name: str) -> bool:
 
 def user_headers(headers: dict[str, Any] | None) -> dict[str, Any]:
     """The headers of a message without crew's own and the broker's reserved ones."""
-    if not headers:
-        return {}
-    return {k: v for k, v in headers.items()
+    return {k: v for k, v in (headers or {}).items()
             if isinstance(k, str) and not is_reserved_header(k)}
 
 

@@ -8,8 +8,7 @@ leaves the call to be redelivered. What happens to each call, from delivery to j
 :mod:`crew.calls`, and from job to reply :mod:`crew.replies`; this module connects,
 reconnects and stops. Task code sees the worker only through a :class:`~crew.jobs.Scope`
 (``context.settings`` and ``context.pubsub``). The article's import path, with the command
-line, is :mod:`crew.worker`.
-"""
+line, is :mod:`crew.worker`; what it tells ``crew status``, :mod:`crew.presence`."""
 
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ from .context import Publisher, context
 from .exceptions import ConnectionLostError
 from .jobs import Scope
 from .loops import first_set, running_loop
+from .presence import Presence
 from .registry import Settings, TaskFunction, tasks
 from .session import Session
 from .settings import (DEFAULT_GRACE, DEFAULT_MAX_MEMORY, DEFAULT_MAX_STUCK, BrokerSettings,
@@ -75,11 +75,9 @@ class Worker:
         self.tasks = dict(registry)
         self.broker = BrokerSettings.given(broker)
         self._nodes = Nodes(self.broker)  # which node each connection attempt goes to
-        self.concurrency = concurrency
         self.max_priority = protocol.validate_max_priority(max_priority)
         self.queue_type = protocol.queue_type(queue_type)
-        self.max_stuck = max_stuck
-        self.grace = grace
+        self.concurrency, self.max_stuck, self.grace = concurrency, max_stuck, grace
         self.max_memory = max_memory
         self.uuid = _uuid.uuid4().hex
         self.settings = Settings(**dict(settings or {}), uuid=self.uuid, options=options)
@@ -93,6 +91,8 @@ class Worker:
             self._scope, concurrency=concurrency, worker_id=self.uuid, max_memory=max_memory,
             max_stuck=max_stuck, call_in_loop=self._call_in_loop,
             on_too_many_stuck=self._on_too_many_stuck)
+        self._presence = Presence(self._calls, self.uuid, self.tasks, self.queue_type,
+                                  self.max_priority, concurrency, max_stuck)
         self._stop_requested: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
         self._lost = asyncio.Event()
@@ -146,7 +146,7 @@ class Worker:
         """One attempt: connect, declare, consume. A connection lost half-way is retried."""
         return await Session.open(self._nodes.next(), self._calls, self.tasks,
                                   max_priority=self.max_priority, worker_id=self.uuid,
-                                  queue_type=self.queue_type)
+                                  queue_type=self.queue_type, presence=self._presence)
 
     @property
     def _connection(self) -> Connection | None:

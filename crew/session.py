@@ -2,7 +2,8 @@
 
 On each connection (the first, and every reconnection) a worker opens its task channel,
 declares the exchanges and its task queues, starts following the cancel notices
-(:class:`crew.cancels.CancelFeed`) and consumes its task queues through its intake
+(:class:`crew.cancels.CancelFeed`), answers presence requests (:mod:`crew.presence`) and
+consumes its task queues through its intake
 (:mod:`crew.intake`: per-consumer prefetch; on classic queues at most the worker's
 concurrency held across them), handing each delivery to its
 :class:`~crew.calls.CallHandler`, which outlives the session. Connecting again after a
@@ -19,6 +20,7 @@ from .connecting import NOT_FOUND, unavailable
 from .calls import CallHandler
 from .cancels import CancelFeed
 from .exceptions import BrokerError
+from .presence import Presence
 from .registry import TaskFunction
 from .settings import BrokerSettings
 
@@ -28,12 +30,13 @@ __all__ = ["Session"]
 class Session:
     """One broker connection of a worker, with its task channel, cancel feed and consumers.
 
-    Made by :meth:`open`; ``worker_id`` makes the cancel feed's markers unique.
+    Made by :meth:`open`; ``worker_id`` makes the cancel feed's markers unique; ``presence``
+    (if given) answers presence requests on this connection.
     """
 
     def __init__(self, connection: Connection, calls: CallHandler,
                  tasks: Mapping[str, TaskFunction], *, max_priority: int, worker_id: str,
-                 queue_type: str = protocol.CLASSIC) -> None:
+                 queue_type: str = protocol.CLASSIC, presence: Presence | None = None) -> None:
         self.connection = connection
         #: The task channel, once opened.
         self.channel: Channel | None = None
@@ -43,15 +46,17 @@ class Session:
         self._queue_type = queue_type
         self._worker_id = worker_id
         self._cancel_feed: CancelFeed | None = None
+        self._presence = presence
 
     @classmethod
     async def open(cls, broker: BrokerSettings, calls: CallHandler,
                    tasks: Mapping[str, TaskFunction], *, max_priority: int, worker_id: str,
-                   queue_type: str = protocol.CLASSIC) -> Session:
+                   queue_type: str = protocol.CLASSIC,
+                   presence: Presence | None = None) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is closed and
         the error raised, for :func:`~crew.connecting.connect_retrying` to try again."""
         session = cls(await Connection.open(broker), calls, tasks, max_priority=max_priority,
-                      worker_id=worker_id, queue_type=queue_type)
+                      worker_id=worker_id, queue_type=queue_type, presence=presence)
         try:
             await session._setup()
         except BaseException:
@@ -71,6 +76,8 @@ class Session:
         # any call is taken, so that a notice sent while no worker ran still holds.
         self._cancel_feed = CancelFeed(self.connection, self._calls.on_cancel, self._worker_id)
         await self._cancel_feed.start()
+        if self._presence is not None:  # before any call is taken: a busy worker answers
+            await self._presence.follow(self.connection)
         await self._calls.intake.start(channel, {
             protocol.task_queue(name): self._calls.consumer(name, func)
             for name, func in self._tasks.items()}, self._redeclare,
@@ -120,10 +127,14 @@ class Session:
         """The connection or the task channel closed: stop following the cancel notices."""
         if self._cancel_feed is not None:
             self._cancel_feed.close()
+        if self._presence is not None:
+            self._presence.close()
         self._calls.intake.detach()
 
     async def close(self) -> None:
         """Stop following the cancel notices and close the connection."""
         if self._cancel_feed is not None:
             self._cancel_feed.close()
+        if self._presence is not None:
+            self._presence.close()
         await self.connection.close()

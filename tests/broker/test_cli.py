@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
-import re
 import signal
-import subprocess
-import sys
 import textwrap
-import threading
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.support.processes import python_env
+from tests.support.processes import Process, kill_alive, python_env
 
 SCRIPT = textwrap.dedent('''
     import os, time
@@ -31,35 +26,6 @@ SCRIPT = textwrap.dedent('''
 
     run(counter=0)
 ''')
-
-
-class Process:
-    """A child process whose output lines are read in a thread, so tests can wait for one."""
-
-    def __init__(self, args, env):
-        self.popen = subprocess.Popen([sys.executable, *args], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.popen.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-
-    def wait_for(self, pattern, timeout=30):
-        """The first match of ``pattern`` in a line printed from now on."""
-        while True:
-            line = self.lines.get(timeout=timeout)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-        return self.popen.wait(timeout)
 
 
 @pytest.fixture
@@ -82,10 +48,7 @@ def start(broker_url, uid):
         return process
 
     yield run
-    for process in started:
-        if process.popen.poll() is None:
-            process.popen.kill()
-            process.popen.wait(10)
+    kill_alive(started)
 
 
 def test_help_lists_the_options_and_no_password_option(script, start):

@@ -117,7 +117,7 @@ async def test_uninterruptible_sleep_is_answered_at_the_deadline_and_the_slot_is
     assert took < 5
     # Same worker, concurrency 1: the stuck thread no longer holds the only slot.
     assert await client.call(f"echo.{uid}", "next", expiration=10) == "next"
-    assert len(worker._calls._threads.stuck) == 1
+    assert len(worker._calls.threads.stuck) == 1
 
 
 @pytest.mark.gen_test(timeout=60)

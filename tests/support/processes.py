@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
@@ -94,3 +96,47 @@ async def stop(proc: subprocess.Popen[str], output: Output) -> int:
         code = await loop.run_in_executor(None, proc.wait)
     await loop.run_in_executor(None, output.thread.join, 10)
     return code
+
+
+class Process:
+    """A child Python process (``python ARGS``) whose output lines (standard error merged)
+    are read in a thread, so tests can wait for one without an event loop."""
+
+    def __init__(self, args: list[str], env: dict[str, str], **kwargs: Any) -> None:
+        self.popen = subprocess.Popen([sys.executable, *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      **kwargs)
+        self.lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        """The first match of ``pattern`` in a line printed from now on."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n"
+                                     f"{''.join(self.output)}") from None
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        return self.popen.wait(timeout)
+
+
+def kill_alive(processes: list[Process]) -> None:
+    """Kill those of ``processes`` that still run (a fixture's clean-up after its test)."""
+    for process in processes:
+        if process.popen.poll() is None:
+            process.popen.kill()
+            process.popen.wait(10)

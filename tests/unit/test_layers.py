@@ -22,10 +22,11 @@ LAYERS = [
     "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec", "crew.frames",
     "crew.seam", "crew.transport", "crew.amqp", "crew.connecting", "crew.registry", "crew.cancels",
     "crew.jobs", "crew.context", "crew.pool", "crew.replies", "crew.intake", "crew.calls",
-    "crew.session", "crew.serving", "crew.pubsub", "crew.pending", "crew.parallel", "crew.link",
-    "crew.client",
+    "crew.presence", "crew.session", "crew.serving", "crew.pubsub", "crew.pending",
+    "crew.parallel", "crew.link", "crew.client",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
-    "crew.master.tornado", "crew",
+    "crew.master.tornado", "crew.census", "crew.calling", "crew.command", "crew",
+    "crew.__main__",
 ]
 
 
