@@ -25,7 +25,8 @@ LAYERS = [
     "crew.session", "crew.serving", "crew.pubsub", "crew.pending", "crew.parallel", "crew.link",
     "crew.client",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
-    "crew.master.tornado", "crew",
+    "crew.master.tornado", "crew", "crew.testbroker", "crew.mocktask", "crew.testclient",
+    "crew.testing",
 ]
 
 
