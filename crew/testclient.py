@@ -3,7 +3,10 @@ connects on first use, on the event loop that uses it.
 
 A fixture is made before the test's loop runs, and which loop that will be depends on the
 test's runner (pytest-tornado's ``io_loop``, pytest-asyncio's loop, ``asyncio.run`` in the
-test's body), so the client connects when a coroutine first uses it. It closes when that
+test's body), so the client connects when a coroutine first uses it (a call, a publish, a
+subscribe made on the loop, or ``await client.connect()``); with pytest-tornado, whose loop
+is known, the fixture connects it on that loop at once (:meth:`LazyClient.start_on`). It
+closes when that
 loop's owner cancels what is left on it at the end (``asyncio.run``, ``asyncio.Runner``,
 pytest-asyncio do), or at the fixture's teardown if the loop is still open then
 (pytest-tornado's). After its loop closed, the next loop that uses it connects it again.
@@ -15,6 +18,7 @@ import asyncio
 from typing import Any, Awaitable
 
 from .client import Client
+from .loops import running_loop, thread_loop
 from .pubsub import Callback
 
 __all__ = ["LazyClient"]
@@ -30,8 +34,15 @@ class LazyClient(Client):
     _loop_used: asyncio.AbstractEventLoop | None = None
     _guard: asyncio.Task[None] | None = None
 
-    def _start(self) -> None:
-        loop = asyncio.get_running_loop()
+    def start_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Connect on ``loop``, which is this thread's current loop but may not run yet
+        (pytest-tornado's ``io_loop``): calls made meanwhile wait for the connection."""
+        if loop is not thread_loop():
+            raise RuntimeError("start_on() takes this thread's current event loop")
+        self._start(loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        loop = loop or asyncio.get_running_loop()
         if loop is self._loop_used:
             return
         if self._loop_used is not None and not self._loop_used.is_closed():
@@ -47,7 +58,8 @@ class LazyClient(Client):
         return await super().call(task, data, **kwargs)
 
     def subscribe(self, channel: str, callback: Callback) -> Awaitable[None]:
-        self._start()
+        if running_loop() is not None:  # else the connect makes the binding, whenever
+            self._start()
         return super().subscribe(channel, callback)
 
     def publish(self, channel: str, data: Any = None) -> Awaitable[None]:

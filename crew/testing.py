@@ -189,10 +189,11 @@ def mock_task(crew_worker: Callable[..., Worker]) -> Callable[..., MockTask]:
 @pytest.fixture
 def crew_client(request: pytest.FixtureRequest, crew_broker_url: str) -> Iterator[Client]:
     """A :class:`~crew.Client` of ``crew_broker_url`` that connects on first use."""
-    if "io_loop" in request.fixturenames:
-        # pytest-tornado's loop must outlive the client, which is closed on it.
-        request.getfixturevalue("io_loop")
     client = LazyClient(crew_broker_url)
+    if "io_loop" in request.fixturenames:
+        # pytest-tornado's loop: made first, it outlives the client, which is closed on it;
+        # the client connects there at once, so that a test that only subscribes works.
+        client.start_on(request.getfixturevalue("io_loop").asyncio_loop)
     yield client
     client.close_at_teardown()
 

@@ -1,8 +1,11 @@
-"""crew's pytest plugin (:mod:`crew.testing`), run by pytester as a user's tests would run it.
+"""crew's pytest plugin (:mod:`crew.testing`), run by pytester as a user's tests would run it,
+and used by crew's own tests of the article's handlers.
 
 The inner runs are in-process, so that this test sees their threads; they reach the real
 broker. Those that make vhosts use the broker under test's ``rabbitmqctl``; the others use
-this run's vhost through ``$CREW_TEST_URL``, with task names of their own.
+this run's vhost through ``$CREW_TEST_URL``, with task names of their own. The last test
+uses the plugin's fixtures directly: pytest loads the plugin through crew's installed
+``pytest11`` entry point (without it, run with ``-p crew.testing``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+import master_example
 from crew import UnknownTaskError
 from tests.support.plugin import plugin_args, plugin_makes_vhosts, vhosts
 
@@ -176,7 +180,7 @@ def test_a_worker_left_running_by_a_failed_test_is_stopped(
             crew_worker({{"{task}": hang}})
 
             async def call():
-                async with crew.Client(crew_broker_url) as client:
+                async with crew.Client(crew_broker_url, deadline_grace=0.1) as client:
                     try:
                         await client.call("{task}", expiration=2)
                     except crew.CrewError:
@@ -200,3 +204,18 @@ def test_a_worker_left_running_by_a_failed_test_is_stopped(
     with pytest.raises(UnknownTaskError):
         io_loop.run_sync(lambda: client.call(task, expiration=5))
 
+
+@pytest.fixture
+def app(crew_client):
+    return master_example.make_app(crew_client)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_the_articles_main_handler_calls_as_the_article_says(http_client, base_url,
+                                                                   mock_task):
+    """What a real worker cannot show: the call's argument and priority, as the task got it."""
+    task = mock_task("test", returns="Wake up Neo.\n")
+    response = await http_client.fetch(base_url + "/")
+    assert response.body == b"str: Wake up Neo.\n"
+    call = task.last_call  # the handler's: its reply came back
+    assert (call.data, call.priority) == ("*" * 1000000, 100)
