@@ -38,23 +38,28 @@ def add(pair):
     return pair[0] + pair[1]
 
 
+# README's test of a Tornado handler, as it is there.
 class AddHandler(tornado.web.RequestHandler):
     async def get(self):
-        a, b = int(self.get_argument("a")), int(self.get_argument("b"))
-        self.write(str(await self.application.settings["crew"].call("add", [a, b])))
+        a, b = int(self.get_argument('a')), int(self.get_argument('b'))
+        self.write(str(await self.settings['crew'].call('add', [a, b], priority=5)))
+
+
+def make_app(crew_client):
+    return tornado.web.Application([(r'/add', AddHandler)], crew=crew_client)
 
 
 @pytest.fixture
 def app(crew_client):
-    return tornado.web.Application([("/add", AddHandler)], crew=crew_client)
+    return make_app(crew_client)
 
 
 @pytest.mark.gen_test
-async def test_a_tornado_handler(http_client, base_url, mock_task):
-    add_task = mock_task("add", returns=5)
-    response = await http_client.fetch(base_url + "/add?a=2&b=3")
-    assert response.body == b"5"
-    assert add_task.last_call.data == [2, 3]
+async def test_add(http_client, base_url, mock_task):
+    add = mock_task('add', returns=5)
+    response = await http_client.fetch(base_url + '/add?a=2&b=3')
+    assert response.body == b'5'
+    assert (add.last_call.data, add.last_call.priority) == ([2, 3], 5)
 
 
 def test_a_worker_serving_a_mapping(crew_worker, crew_client, crew_broker_url):
@@ -64,9 +69,9 @@ def test_a_worker_serving_a_mapping(crew_worker, crew_client, crew_broker_url):
     assert asyncio.run(crew_client.call("add", [4, 5])) == 9  # a second loop
 
 
-def test_a_worker_serving_a_module_with_its_settings(crew_worker, crew_client):
-    crew_worker("worker_example", concurrency=2)
-    assert "And I serve 1 tasks" in asyncio.run(crew_client.call("stat"))
+def test_stat(crew_worker, crew_client):  # README's, as it is there
+    crew_worker('worker_example', concurrency=2)       # a module, or {'name': function}
+    assert 'And I serve 1 tasks' in asyncio.run(crew_client.call('stat'))
 
 
 def test_a_mock_records_each_call(mock_task, crew_client):
