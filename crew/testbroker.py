@@ -5,8 +5,9 @@ A vhost is made with ``rabbitmqctl``, as crew's own test suite does: the command
 my-rabbit rabbitmqctl``), else ``rabbitmqctl`` on the ``PATH``. Not the management HTTP
 API: it is a plugin that brokers often run without, and AMQP itself cannot make a vhost.
 Where neither works, ``$CREW_TEST_URL`` names a vhost the tests use as it is. The broker is
-``$CREW_TEST_BROKER`` (default guest on 127.0.0.1:5672), never ``$CREW_URL``: tests must
-not reach the broker a program is configured for by accident.
+``$CREW_TEST_BROKER`` (default guest on 127.0.0.1:5672; a vhost in it does not count),
+never ``$CREW_URL``: tests must not reach the broker a program is configured for by
+accident.
 
 Nothing here imports pytest: the plugin turns these errors into test failures.
 """

@@ -11,13 +11,12 @@ uses the plugin's fixtures directly: pytest loads the plugin through crew's inst
 from __future__ import annotations
 
 import threading
-from urllib.parse import unquote, urlsplit
 
 import pytest
 
 import master_example
 from crew import UnknownTaskError
-from tests.support.plugin import plugin_args, plugin_makes_vhosts, vhosts
+from tests.support.plugin import plugin_args, plugin_makes_vhosts, vhost_of, vhosts
 
 pytest_plugins = ["pytester"]
 
@@ -134,7 +133,7 @@ def test_a_users_test_file_using_each_fixture_passes_and_its_vhost_goes(
     pytester.makepyfile(test_users=USERS_TESTS)
     result = pytester.runpytest(*plugin_args(), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=7)
-    vhost = unquote(urlsplit((pytester.path / "url.txt").read_text()).path[1:])
+    vhost = vhost_of((pytester.path / "url.txt").read_text())
     assert vhost.startswith("crew-test-")
     assert vhost not in vhosts(rabbitmqctl)
 

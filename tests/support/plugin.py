@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import shlex
 import subprocess
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from crew.settings import split_urls
 from tests.support.broker import rabbitmqctl_command
 
 
@@ -30,9 +31,14 @@ def plugin_makes_vhosts(monkeypatch: pytest.MonkeyPatch, broker_url: str) -> lis
         pytest.fail("with CREW_TEST_URL, the plugin's vhost tests need CREW_TEST_RABBITMQCTL "
                     "(the rabbitmqctl of that broker's node)")
     monkeypatch.delenv("CREW_TEST_URL", raising=False)
-    monkeypatch.setenv("CREW_TEST_BROKER", urlunsplit(urlsplit(broker_url)._replace(path="/")))
+    monkeypatch.setenv("CREW_TEST_BROKER", broker_url)  # its vhost does not count
     monkeypatch.setenv("CREW_TEST_RABBITMQCTL", shlex.join(command))
     return command
+
+
+def vhost_of(url: str) -> str:
+    """The vhost of ``url`` (of its first node, if it names several)."""
+    return unquote(urlsplit(split_urls(url)[0]).path[1:]) or "/"
 
 
 def vhosts(command: list[str]) -> set[str]:
