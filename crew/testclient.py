@@ -6,10 +6,10 @@ test's runner (pytest-tornado's ``io_loop``, pytest-asyncio's loop, ``asyncio.ru
 test's body), so the client connects when a coroutine first uses it (a call, a publish, a
 subscribe made on the loop, or ``await client.connect()``); with pytest-tornado, whose loop
 is known, the fixture connects it on that loop at once (:meth:`LazyClient.start_on`). It
-closes when that
-loop's owner cancels what is left on it at the end (``asyncio.run``, ``asyncio.Runner``,
-pytest-asyncio do), or at the fixture's teardown if the loop is still open then
-(pytest-tornado's). After its loop closed, the next loop that uses it connects it again.
+closes when that loop's owner cancels what is left on it at the end (``asyncio.run``,
+``asyncio.Runner`` and pytest-asyncio do), or at the fixture's teardown if the loop is
+still open then (pytest-tornado's). After its loop closed, the next loop that uses it
+connects it again.
 """
 
 from __future__ import annotations
