@@ -12,7 +12,10 @@ setup(
     packages=find_packages(include=["crew", "crew.*"]),
     package_data={"crew": ["py.typed"]},
     install_requires=["tornado>=6,<7", "pika>=1.3,<1.5", "msgpack>=1.0,<2"],
-    entry_points={"console_scripts": ["crew = crew.command:main"]},
+    # crew.testing: fixtures for tests of code that calls crew (README, "Testing code that
+    # calls crew"); pytest loads it in every run, and it costs no broker contact until used.
+    entry_points={"console_scripts": ["crew = crew.command:main"],
+                  "pytest11": ["crew = crew.testing"]},
     extras_require={
         "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6"],
         # Pinned: a new release of either may find new things, which CI must not learn

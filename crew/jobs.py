@@ -64,13 +64,13 @@ class Job:
     __slots__ = ("scope", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
                  "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread",
-                 "channel", "received")
+                 "channel", "received", "priority")
 
     def __init__(self, scope: Scope | None, task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
                  content_type: str | None, content_encoding: str | None, body: bytes,
                  headers: dict[str, Any], deadline: float,
-                 reply_gzip: bool | None = None) -> None:
+                 reply_gzip: bool | None = None, priority: int = 0) -> None:
         #: What the task sees of its worker (None: a job run outside a worker, in tests).
         self.scope = scope
         self.task = task
@@ -90,6 +90,8 @@ class Job:
         self.reply_gzip = reply_gzip
         #: When the job must be over, on the ``time.monotonic()`` clock.
         self.deadline = deadline
+        #: The call's priority as its caller sent it (0 when it sent none).
+        self.priority = priority
         self.watch = Interruptible()
         #: Set by the loop once a reply went out (or the call was dropped); never twice.
         self.answered = False
@@ -130,7 +132,8 @@ class Job:
                 f"{type(reply_gzip).__name__}"), None
         job = cls(scope, task, func, delivery_tag, props.correlation_id, props.reply_to,
                   props.content_type, props.content_encoding, body,
-                  protocol.user_headers(headers), monotonic_deadline(deadline), reply_gzip)
+                  protocol.user_headers(headers), monotonic_deadline(deadline), reply_gzip,
+                  props.priority or 0)
         return job, refusal
 
     @property

@@ -270,18 +270,18 @@ class Worker:
             loop.call_soon_threadsafe(func, *args)
 
 
-def serve_in_thread(worker: Worker) -> threading.Thread:
+def serve_in_thread(worker: Worker, timeout: float | None = None) -> threading.Thread:
     """Run ``worker`` on a loop of its own in a daemon thread (embedding and tests).
 
-    Returns once the worker is consuming, or raises why it could not start. Stop it with
-    ``worker.request_stop()`` and join the thread.
+    Returns once the worker is consuming, or raises why it could not start (``timeout``: as
+    :meth:`Worker.start`'s). Stop it with ``worker.request_stop()`` and join the thread.
     """
     started = threading.Event()
     failure: list[BaseException] = []
 
     async def main() -> None:
         try:
-            await worker.start()
+            await worker.start(timeout)
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             failure.append(exc)
             started.set()

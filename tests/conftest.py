@@ -47,6 +47,13 @@ def broker_url() -> Iterator[str]:
         rabbitmqctl("delete_vhost", vhost)
 
 
+@pytest.fixture(scope="session")
+def crew_broker_url(broker_url: str) -> str:
+    """The vhost of crew's pytest plugin (``crew.testing``, whose fixtures some tests use):
+    this run's, rather than one more made for it."""
+    return broker_url
+
+
 @pytest.fixture
 def uid(request: pytest.FixtureRequest) -> str:
     """A suffix unique to this test, for task and channel names."""

@@ -26,7 +26,7 @@ LAYERS = [
     "crew.parallel", "crew.link", "crew.client",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
     "crew.master.tornado", "crew.census", "crew.calling", "crew.command", "crew",
-    "crew.__main__",
+    "crew.__main__", "crew.testbroker", "crew.mocktask", "crew.testclient", "crew.testing",
 ]
 
 
