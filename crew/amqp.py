@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable
 from typing import Any
 
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
-from pika.adapters.utils.connection_workflow import (AMQPConnectionWorkflowFailed,
-                                                     AMQPConnectorPhaseErrorBase)
 from pika.channel import Channel as PikaChannel
 from pika.spec import Basic, BasicProperties
 
 from . import protocol, transport
+from .failures import NOT_RETRYABLE, describe, describe_close, root_cause
 from .exceptions import AuthenticationError, BrokerError, ConnectionLostError
 from .settings import BrokerSettings
 
@@ -28,13 +26,6 @@ log = logging.getLogger(__name__)
 #: on_message(channel, method, properties, body), called on the loop's thread.
 MessageCallback = Callable[[PikaChannel, Basic.Deliver, BasicProperties, bytes], None]
 ReturnCallback = Callable[[PikaChannel, Basic.Return, BasicProperties, bytes], None]
-
-
-def describe_close(reason: BaseException | None) -> tuple[int, str]:
-    """``(reply code, reply text)`` of a pika close reason."""
-    if isinstance(reason, (pika.exceptions.ChannelClosed, pika.exceptions.ConnectionClosed)):
-        return reason.reply_code, reason.reply_text
-    return 0, repr(reason)
 
 
 class Channel:
@@ -100,6 +91,9 @@ class Channel:
         frame = await self._rpc(self._channel.queue_declare, queue=name, durable=durable,
                                 exclusive=exclusive, auto_delete=auto_delete, arguments=arguments)
         return str(frame.method.queue)
+
+    async def delete_queue(self, name: str) -> None:
+        await self._rpc(self._channel.queue_delete, queue=name)
 
     async def queue_counts(self, name: str) -> tuple[int, int]:
         """``(messages ready, consumers)`` of queue ``name``; if absent, 404 closes the channel."""
@@ -228,11 +222,11 @@ class Connection:
 
         def on_open_error(_conn: AsyncioConnection, error: BaseException) -> None:
             if not opened.done():
-                cause = _root_cause(error)
-                kind = (AuthenticationError if isinstance(cause, _NOT_RETRYABLE)
+                cause = root_cause(error)
+                kind = (AuthenticationError if isinstance(cause, NOT_RETRYABLE)
                         else ConnectionLostError)
                 opened.set_exception(kind(
-                    f"cannot connect to {settings.safe_url}: {_describe(cause)}"))
+                    f"cannot connect to {settings.safe_url}: {describe(cause)}"))
 
         def on_close(_conn: AsyncioConnection, reason: BaseException) -> None:
             if not closed.done():
@@ -275,25 +269,3 @@ class Connection:
         if not self._connection.is_closed and not self._connection.is_closing:
             self._connection.close()
         await asyncio.shield(self.closed)
-
-
-#: Connection failures that another attempt cannot mend.
-_NOT_RETRYABLE = (pika.exceptions.ProbableAuthenticationError,
-                  pika.exceptions.ProbableAccessDeniedError, ssl.SSLCertVerificationError)
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    """The failure under pika's connection-workflow wrappers, whose own text is empty."""
-    while True:
-        if isinstance(error, AMQPConnectionWorkflowFailed) and error.exceptions:
-            error = error.exceptions[-1]
-        elif isinstance(error, AMQPConnectorPhaseErrorBase) and error.exception is not None:
-            error = error.exception
-        else:
-            return error
-
-
-def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    # pika's exception texts can carry nested reprs; keep it one line.
-    return " ".join(text.split())[:500]

@@ -20,7 +20,8 @@ README = CREW.parent / "README.md"
 LAYERS = [
     "crew.exceptions", "crew.protocol", "crew.settings", "crew.threads", "crew.loops",
     "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec", "crew.frames",
-    "crew.seam", "crew.transport", "crew.amqp", "crew.connecting", "crew.registry", "crew.cancels",
+    "crew.seam", "crew.transport", "crew.failures", "crew.amqp", "crew.connecting",
+    "crew.registry", "crew.cancels",
     "crew.jobs", "crew.context", "crew.pool", "crew.replies", "crew.intake", "crew.calls",
     "crew.presence", "crew.session", "crew.serving", "crew.pubsub", "crew.pending",
     "crew.parallel", "crew.link", "crew.client",

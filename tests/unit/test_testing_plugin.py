@@ -36,7 +36,7 @@ def test_crew_imports_without_pytest_and_without_the_plugin():
 
 def test_setup_py_registers_the_plugin():
     setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
-    assert '{"pytest11": ["crew = crew.testing"]}' in setup
+    assert '"pytest11": ["crew = crew.testing"]' in setup
 
 
 def test_the_plugin_lists_its_fixtures(pytester):
