@@ -1,7 +1,8 @@
 """crew: task-worker RPC over RabbitMQ, with an asyncio/Tornado client.
 
 Workers register functions with ``@Task('name')`` (:mod:`crew.worker`); a :class:`Client`
-calls them from any asyncio program and awaits the reply. See README.md.
+calls them from any asyncio program and awaits the reply; a :class:`SyncClient` calls them
+from threads that block (WSGI applications). See README.md.
 """
 
 from .client import Client, Parallel
@@ -10,6 +11,7 @@ from .exceptions import (AuthenticationError, BrokerError, CallError, CodecError
                          EncodeError, ExpirationError, JobKilled, MessageTooLargeError, RemoteError,
                          TimeoutError, UnknownTaskError)
 from .settings import BrokerSettings
+from .sync import SyncClient
 from .worker import Task, Worker, context
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __all__ = [
     "MessageTooLargeError",
     "Parallel",
     "RemoteError",
+    "SyncClient",
     "Task",
     "TimeoutError",
     "UnknownTaskError",

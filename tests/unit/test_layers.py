@@ -23,7 +23,7 @@ LAYERS = [
     "crew.seam", "crew.transport", "crew.amqp", "crew.connecting", "crew.registry", "crew.cancels",
     "crew.jobs", "crew.context", "crew.pool", "crew.replies", "crew.intake", "crew.calls",
     "crew.session", "crew.serving", "crew.pubsub", "crew.pending", "crew.parallel", "crew.link",
-    "crew.client",
+    "crew.client", "crew.loopthread", "crew.syncruntime", "crew.sync",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
     "crew.master.tornado", "crew",
 ]
