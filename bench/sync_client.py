@@ -9,21 +9,26 @@ asyncio one in the same run.
   threads would (the asyncio client's row has 64 coroutines instead).
 
 ``python bench/sync_client.py worker|caller|turns '<orders as JSON>'`` (``bench/run.py``
-does it).
+does it). ``python bench/sync_client.py hop`` (no broker) measures the thread hop alone: a
+coroutine that returns at once, handed to a loop thread and waited for, from 1 and from 64
+threads, by ``asyncio.run_coroutine_threadsafe`` and a concurrent future against
+``crew.loopthread.LoopThread`` (in turns, 5 rounds, medians).
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from common import PREFETCH, SMALL_BYTES, URL, Recorder, Turns, orders, plan_calls, random_bytes
 from crew_rpc import serve
 
 import crew  # this checkout's: importing common put it on sys.path
+from crew.loopthread import LoopThread
 
 #: Threads calling at once in the in-flight workload.
 THREADS = PREFETCH
@@ -95,7 +100,49 @@ def take_turns(spec: dict[str, Any]) -> None:
     rec.emit()
 
 
+def hops() -> None:
+    """Hops/s through each way of handing a coroutine to a loop thread (no broker)."""
+    thread = LoopThread("hop")
+
+    async def nothing() -> None:
+        return None
+
+    def standard() -> None:
+        asyncio.run_coroutine_threadsafe(nothing(), thread.loop).result(10)
+
+    def crews() -> None:
+        work = thread.submit(nothing())
+        work.wait(10)
+        work.outcome()
+
+    def rate(hop: Callable[[], None], threads: int, total: int = 6400) -> float:
+        def loop() -> None:
+            for _ in range(total // threads):
+                hop()
+        callers = [threading.Thread(target=loop) for _ in range(threads)]
+        started = time.perf_counter()
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        return total / (time.perf_counter() - started)
+
+    for threads in (1, 64):
+        rates: dict[str, list[float]] = {"run_coroutine_threadsafe": [], "LoopThread": []}
+        for _ in range(5):
+            rates["run_coroutine_threadsafe"].append(rate(standard, threads))
+            rates["LoopThread"].append(rate(crews, threads))
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        print(f"{threads:2} thread(s): " + ", ".join(
+            f"{name} {value:.0f} hops/s" for name, value in medians.items())
+            + f"; ratio {medians['LoopThread'] / medians['run_coroutine_threadsafe']:.2f}")
+    thread.stop(10)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "hop":
+        hops()
+        sys.exit(0)
     spec = orders()
     if sys.argv[1] == "worker":
         asyncio.run(serve(spec))

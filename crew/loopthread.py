@@ -74,9 +74,10 @@ class LoopThread:
     """An asyncio event loop run by a daemon thread named ``name``, started at once.
 
     Other threads hand it coroutines with :meth:`submit`. Submissions that arrive while
-    the loop is busy are started together, with one wake-up of the loop: a thread hop
-    costs about half of what :func:`asyncio.run_coroutine_threadsafe` and a concurrent
-    future cost (measured, docs/BENCHMARKS.md), which matters with many calling threads.
+    the loop is busy are started together, with one wake-up of the loop, and each
+    submitter waits on a plain lock: 1.1 to 2.4 times the hops per second of
+    :func:`asyncio.run_coroutine_threadsafe` and a concurrent future, from 1 thread and
+    from 64 (``python bench/sync_client.py hop``; docs/BENCHMARKS.md).
     """
 
     def __init__(self, name: str) -> None:
