@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import inspect
 import os
 import subprocess
 import sys
@@ -105,6 +106,16 @@ def test_a_fork_that_bypasses_pythons_hooks_is_caught_by_the_process_id():
 
 
 # --- arguments and where it may run ------------------------------------------------------
+
+def test_the_constructor_and_call_take_exactly_clients_arguments():
+    """The signatures are spelled out for readers and type checkers; this keeps them Client's."""
+    def parameters(function):
+        return [(p.name, p.kind, p.default) for p in
+                inspect.signature(function).parameters.values() if p.name != "self"]
+
+    assert parameters(SyncClient.__init__) == parameters(crew.Client.__init__)
+    assert parameters(SyncClient.call) == parameters(crew.Client.call)
+
 
 @pytest.mark.parametrize("kwargs", [
     {"content_type": "text/plain"}, {"expiration": 0}, {"expiration": 100000},
