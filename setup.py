@@ -17,7 +17,11 @@ setup(
     entry_points={"console_scripts": ["crew = crew.command:main"],
                   "pytest11": ["crew = crew.testing"]},
     extras_require={
-        "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6"],
+        # Flask and gunicorn: the WSGI example (wsgi_example/) that the tests serve with
+        # gunicorn, whose --no-control-socket came in 25.1; gevent and eventlet: the tests
+        # that SyncClient refuses their monkey-patching. None of them is crew's dependency.
+        "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6", "flask>=2.2",
+                 "gunicorn>=25.1", "gevent>=22", "eventlet>=0.33"],
         # Pinned: a new release of either may find new things, which CI must not learn
         # from a stranger's upload.
         "lint": ["ruff==0.17.6", "mypy==2.4.1"],

@@ -8,6 +8,9 @@ another, against the RabbitMQ at ``$BENCH_URL`` (default guest on 127.0.0.1:5672
 - **crew transient**: ``crew.Worker`` (concurrency 64, so prefetch 64) serving a plain
   ``def`` echo, ``crew.Client.call(..., persistent=False)`` (``bench/crew_rpc.py``);
 - **crew default**: the same with crew's defaults (concurrency 1, persistent calls);
+- **crew sync**: ``crew.SyncClient`` (issue 17) calling a worker like crew transient's,
+  transient calls, from one thread (sequential) and from 64 threads at once (in flight)
+  (``bench/sync_client.py``): the synchronous client against the asyncio one;
 - **aio-pika**: ``aio_pika.patterns.RPC``, transient, no confirms, prefetch 64
   (``bench/aiopika_rpc.py``; skipped with a note when aio-pika is not installed:
   ``pip install -r bench/requirements.txt``).
@@ -141,6 +144,9 @@ def systems(names: Names, sizes: dict[str, Any], with_aio: bool,
                                           "crew_queue": True}},
         "crew transient": crew_system("transient", common.PREFETCH, False, True),
         "crew default": crew_system("default", 1, True, False),
+        # The synchronous client against crew transient's asyncio one: the same worker.
+        "crew sync": {**crew_system("sync", common.PREFETCH, False, False),
+                      "module": "sync_client.py"},
     }
     if with_aio:
         found["aio-pika"] = {"module": "aiopika_rpc.py", "worker": {"queue": names.aio_queue},
@@ -422,8 +428,10 @@ def _dropping(failed: dict[str, str], system: str) -> Iterator[None]:
 def memory_phase(found: dict[str, dict[str, Any]], sizes: dict[str, Any], samples: Samples,
                  log: IO[str]) -> None:
     for system, spec in found.items():
-        if system == "crew default":
-            continue  # 50 000 persistent calls one at a time: long, and no target
+        if system in ("crew default", "crew sync"):
+            # crew default: 50 000 persistent calls one at a time, long and without a target;
+            # crew sync runs crew transient's client behind a thread hop: nothing new here.
+            continue
         with step(f"memory, {system}"), \
                 child(spec["module"], "worker", spec["worker"], log) as worker:
             orders = {**spec["caller"], "worker_pid": worker.pid, "memory": {
@@ -524,6 +532,12 @@ def targets(rows: list[dict[str, Any]], sizes: dict[str, Any]) -> list[dict[str,
          get("crew transient", "memory", "worker growth %"), "<=", 10.0),
         (f"crew client RSS after {calls} calls within 10 % of after warm-up (growth %)",
          get("crew transient", "memory", "client growth %"), "<=", 10.0),
+        ("crew sync sequential calls/s >= 0.8x crew transient (issue 17)",
+         _div(get("crew sync", "sequential 100 B", "calls/s"),
+              get("crew transient", "sequential 100 B", "calls/s")), ">=", 0.8),
+        ("crew sync 64 threads calls/s >= 0.6x crew transient 64 in flight (issue 17)",
+         _div(get("crew sync", "64 in flight 100 B", "calls/s"),
+              get("crew transient", "64 in flight 100 B", "calls/s")), ">=", 0.6),
         ("gateway HTTP requests/s >= 0.5x the inline handler",
          get("crew gateway", http, "requests/s", "ratio"), ">=", 0.5),
     ]

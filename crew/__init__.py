@@ -1,7 +1,8 @@
 """crew: task-worker RPC over RabbitMQ, with an asyncio/Tornado client.
 
 Workers register functions with ``@Task('name')`` (:mod:`crew.worker`); a :class:`Client`
-calls them from any asyncio program and awaits the reply. See README.md.
+calls them from any asyncio program and awaits the reply; a :class:`SyncClient` calls them
+from threads that block (WSGI applications). See README.md.
 """
 
 from .client import Client, Parallel
@@ -11,6 +12,7 @@ from .exceptions import (AuthenticationError, BrokerError, CallError, CodecError
                          TimeoutError, UnknownTaskError)
 from .protocol import VERSION as _VERSION
 from .settings import BrokerSettings
+from .sync import SyncClient
 from .worker import Task, Worker, context
 
 __version__ = _VERSION
@@ -32,6 +34,7 @@ __all__ = [
     "MessageTooLargeError",
     "Parallel",
     "RemoteError",
+    "SyncClient",
     "Task",
     "TimeoutError",
     "UnknownTaskError",

@@ -1,12 +1,12 @@
-"""Connecting without a broker: a port that refuses, and a thread with no event loop."""
+"""Connecting without a broker: a port that refuses, one that never answers, and a thread
+with no event loop."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
-from typing import Any
-
-
+from typing import Any, Iterator
 
 
 def refused_port() -> int:
@@ -14,6 +14,16 @@ def refused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A local port that accepts connections (the kernel completes the handshake) and never
+    says a word: a broker that hangs before the AMQP handshake."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
 
 
 def in_thread(target: Any) -> Any:
