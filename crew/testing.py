@@ -15,6 +15,8 @@ turns it off). Loading it contacts no broker; the first test that asks for one d
 - ``crew_client``: a :class:`~crew.Client` that connects on first use, on the event loop
   that uses it (pytest-tornado's, pytest-asyncio's, or ``asyncio.run``'s), and is closed
   with it.
+- ``crew_sync_client``: a :class:`~crew.SyncClient` of that vhost, for WSGI views (Flask,
+  Django) and other blocking code; closed after the test.
 - ``mock_task(name, returns=, raises=, delay=, side_effect=, **worker_options)``: a
   :class:`~crew.mocktask.MockTask` served by a real worker, which records every call.
 
@@ -43,10 +45,11 @@ from .mocktask import MockCall, MockTask
 from .registry import TaskFunction
 from .registry import tasks as _registry
 from .serving import Worker, serve_in_thread
+from .sync import SyncClient
 from .testclient import LazyClient
 
-__all__ = ["MockCall", "MockTask", "crew_broker_url", "crew_client", "crew_worker",
-           "mock_task"]
+__all__ = ["MockCall", "MockTask", "crew_broker_url", "crew_client", "crew_sync_client",
+           "crew_worker", "mock_task"]
 
 #: Seconds a worker may take to start consuming, and to stop at the end of a test.
 START_TIMEOUT = 30.0
@@ -196,6 +199,14 @@ def crew_client(request: pytest.FixtureRequest, crew_broker_url: str) -> Iterato
         client.start_on(request.getfixturevalue("io_loop").asyncio_loop)
     yield client
     client.close_at_teardown()
+
+
+@pytest.fixture
+def crew_sync_client(crew_broker_url: str) -> Iterator[SyncClient]:
+    """A :class:`~crew.SyncClient` of ``crew_broker_url``; closed after the test."""
+    client = SyncClient(crew_broker_url)
+    yield client
+    client.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -61,6 +61,29 @@ async def test_add(http_client, base_url, mock_task):
     assert (add.last_call.data, add.last_call.priority) == ([2, 3], 5)
 
 
+# README's test of a Flask view, as it is there.
+from flask import Flask, current_app, request
+
+
+def make_flask_app(crew_client):
+    app = Flask(__name__)
+    app.config['CREW'] = crew_client
+
+    @app.get('/add')
+    def add_view():
+        a, b = int(request.args['a']), int(request.args['b'])
+        return str(current_app.config['CREW'].call('add', [a, b], priority=5))
+
+    return app
+
+
+def test_add_view(crew_sync_client, mock_task):
+    add = mock_task('add', returns=5)
+    response = make_flask_app(crew_sync_client).test_client().get('/add?a=2&b=3')
+    assert response.text == '5'
+    assert (add.last_call.data, add.last_call.priority) == ([2, 3], 5)
+
+
 def test_a_worker_serving_a_mapping(crew_worker, crew_client, crew_broker_url):
     Path("url.txt").write_text(crew_broker_url)
     crew_worker({"add": add})
@@ -132,7 +155,7 @@ def test_a_users_test_file_using_each_fixture_passes_and_its_vhost_goes(
     rabbitmqctl = plugin_makes_vhosts(monkeypatch, broker_url)
     pytester.makepyfile(test_users=USERS_TESTS)
     result = pytester.runpytest(*plugin_args(), "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=7)
+    result.assert_outcomes(passed=8)
     vhost = vhost_of((pytester.path / "url.txt").read_text())
     assert vhost.startswith("crew-test-")
     assert vhost not in vhosts(rabbitmqctl)

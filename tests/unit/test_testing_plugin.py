@@ -43,7 +43,8 @@ def test_the_plugin_lists_its_fixtures(pytester):
     """With the vhost of a session by default; loading it contacts no broker (the test
     below runs a test that needs none, where none answers)."""
     listed = pytester.runpytest(*plugin_args(), "-p", "no:cacheprovider", "--fixtures")
-    for name in ("crew_broker_url ?session scope?", "crew_worker", "crew_client", "mock_task"):
+    for name in ("crew_broker_url ?session scope?", "crew_worker", "crew_client",
+                 "crew_sync_client", "mock_task"):
         listed.stdout.fnmatch_lines([f"{name} -- *crew/testing.py:*"])
 
 
