@@ -12,8 +12,9 @@ setup(
     packages=find_packages(include=["crew", "crew.*"]),
     package_data={"crew": ["py.typed"]},
     install_requires=["tornado>=6,<7", "pika>=1.3,<1.5", "msgpack>=1.0,<2"],
-    # crew.testing: fixtures for tests of code that calls crew (README, "Testing code that
-    # calls crew"); pytest loads it in every run, and it costs no broker contact until used.
+    # The `crew` command (README, "The crew command"); and crew.testing, fixtures for tests
+    # of code that calls crew (README, "Testing code that calls crew"), which pytest loads
+    # in every run: it costs no broker contact until a test uses it.
     entry_points={"console_scripts": ["crew = crew.command:main"],
                   "pytest11": ["crew = crew.testing"]},
     extras_require={
