@@ -20,10 +20,14 @@ from urllib.parse import quote
 
 import pytest
 
-from crew import Client
-from crew.worker import Worker, serve_in_thread
-from tests.support.bombs import MiB, gzip_bomb
-from tests.support.broker import broker_answers, rabbitmqctl
+# The helpers in tests.support assert too (the fault harness is a plugin of its own): have
+# pytest rewrite their asserts, which it does only for modules named before their import.
+pytest.register_assert_rewrite("tests.support")
+
+from crew import Client  # noqa: E402
+from crew.worker import Worker, serve_in_thread  # noqa: E402
+from tests.support.bombs import MiB, gzip_bomb  # noqa: E402
+from tests.support.broker import broker_answers, rabbitmqctl  # noqa: E402
 
 
 @pytest.fixture(scope="session")

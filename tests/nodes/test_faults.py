@@ -18,9 +18,7 @@ import pytest
 
 import crew
 
-# faults.py is a plugin (pytest_plugins below) imported here first: rewrite its asserts too.
-pytest.register_assert_rewrite("faults")
-from tests.support.faults import (  # noqa: E402
+from tests.support.faults import (
     BLACKHOLE,
     PASS,
     REFUSE,

@@ -15,8 +15,7 @@ import pytest
 import crew
 from crew.syncruntime import HOP_MARGIN
 
-pytest.register_assert_rewrite("faults")
-from tests.support.faults import PrivateBroker, Workers  # noqa: E402
+from tests.support.faults import PrivateBroker, Workers
 
 pytest_plugins = ["tests.support.faults"]
 pytestmark = pytest.mark.faults
