@@ -38,7 +38,7 @@ from .amqp import Channel, Connection
 from .connecting import NOT_FOUND
 from .exceptions import BrokerError, ConnectionLostError, CrewError
 
-__all__ = ["CancelFeed", "Remembered", "StreamUnavailable", "send_notice"]
+__all__ = ["CancelFeed", "Remembered", "StreamUnavailable", "declare_stream", "send_notice"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,24 @@ def send_notice(channel: Channel, correlation_id: str, reply_to: str,
 
 class StreamUnavailable(ConnectionLostError):
     """The cancel stream's node is down, or has not recovered the stream yet."""
+
+
+async def declare_stream(channel: Channel) -> None:
+    """Declare :data:`~crew.protocol.CANCEL_STREAM` (docs/PROTOCOL.md, section 2.2a), as
+    every worker does before it reads the notices; :class:`StreamUnavailable` while its node
+    (re)starts, :class:`~crew.BrokerError` if it cannot be made."""
+    try:
+        await channel.declare_queue(protocol.CANCEL_STREAM, durable=True,
+                                    arguments=protocol.cancel_stream_arguments())
+    except BrokerError as exc:
+        if exc.code == NOT_FOUND or "running replica" in exc.text:  # node (re)starting
+            raise StreamUnavailable(f"the stream {protocol.CANCEL_STREAM} is not "
+                                    f"available: {exc.text}") from None
+        raise BrokerError(
+            f"cannot declare the stream {protocol.CANCEL_STREAM}: {exc.text}. It exists "
+            "with other arguments (delete it), or streams are off on this broker "
+            "(RabbitMQ 3.9 or later, feature flag stream_queue)", exc.code,
+            exc.text) from None
 
 
 class Remembered:
@@ -177,23 +195,9 @@ class CancelFeed:
         if self._again is not None:
             self._again.cancel()
 
-    async def _declare_stream(self, channel: Channel) -> None:
-        try:
-            await channel.qos(_PREFETCH)  # per consumer: streams refuse a global prefetch
-            await channel.declare_queue(protocol.CANCEL_STREAM, durable=True,
-                                        arguments=protocol.cancel_stream_arguments())
-        except BrokerError as exc:
-            if exc.code == NOT_FOUND or "running replica" in exc.text:  # node (re)starting
-                raise StreamUnavailable(f"the stream {protocol.CANCEL_STREAM} is not "
-                                        f"available: {exc.text}") from None
-            raise BrokerError(
-                f"cannot declare the stream {protocol.CANCEL_STREAM}: {exc.text}. It exists "
-                "with other arguments (delete it), or streams are off on this broker "
-                "(RabbitMQ 3.9 or later, feature flag stream_queue)", exc.code,
-                exc.text) from None
-
     async def _read_stream(self, channel: Channel, timeout: float) -> None:
-        await self._declare_stream(channel)
+        await channel.qos(_PREFETCH)  # per consumer: streams refuse a global prefetch
+        await declare_stream(channel)
         self._marker = f"{self._name}.{next(self._markers)}"
         caught_up = self._caught_up = asyncio.get_running_loop().create_future()
         since = datetime.fromtimestamp(time.time() - protocol.MAX_EXPIRATION, timezone.utc)

@@ -191,6 +191,29 @@ def test_inspect_shows_a_running_call_and_cancel_ends_it(run, start, file_worker
     assert run("cancel", "no.such.call", "--timeout", "0.3").returncode == 7
 
 
+def test_cancel_with_caller_stops_a_call_still_in_its_queue(run, idle_task, broker_url,
+                                                            make_worker):
+    """A call no worker holds yet: ``--caller`` names its reply queue, the notice is kept
+    (the crew.cancels stream), and the worker that takes the call later drops it."""
+    ran: list[Any] = []
+    with pika.BlockingConnection(pika.URLParameters(broker_url)) as connection:
+        channel = connection.channel()
+        reply_queue = channel.queue_declare("", exclusive=True).method.queue
+        deadline = protocol.now_ms() + 30_000
+        channel.basic_publish("", protocol.task_queue(idle_task), b"\xa1x", pika.BasicProperties(
+            content_type=protocol.MSGPACK, correlation_id="queued.1", reply_to=reply_queue,
+            delivery_mode=2, headers={protocol.DEADLINE_HEADER: deadline,
+                                      protocol.TASK_HEADER: idle_task}))
+        cancel = run("cancel", "queued.1", "--caller", reply_queue, "--timeout", "0.3")
+        assert cancel.returncode == 0, cancel.stderr
+        make_worker({idle_task: ran.append})
+        wait_until("the call dropped", lambda: channel.queue_declare(
+            protocol.task_queue(idle_task), passive=True).method.message_count == 0)
+        connection.sleep(1.0)  # a reply, had the call run, would be there by now
+        assert channel.basic_get(reply_queue, auto_ack=True) == (None, None, None)
+    assert ran == []
+
+
 def test_a_worker_answers_again_after_its_presence_queue_is_deleted(run, file_worker,
                                                                   broker_url):
     rabbitmqctl = rabbitmqctl_command()
