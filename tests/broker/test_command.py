@@ -322,6 +322,16 @@ def test_crew_worker_serves_a_file_path(run, file_worker):
                                     "cmd.nap"}
 
 
+def test_crew_worker_with_forks_runs_that_many_workers(run, start):
+    process = start("worker", TASKS_FILE, "--forks", "2")
+    pids = {int(process.wait_for(r"started worker process (\d+)")[1]) for _ in range(2)}
+    for _ in range(2):
+        process.wait_for("serving")
+    wait_until("both forks answering", lambda: pids <= {w["pid"] for w in
+                                                        status(run)["workers"]})
+    assert process.stop() == 0, "".join(process.output)
+
+
 def test_crew_worker_serves_a_script_that_calls_run_itself(run, start, tmp_path, uid):
     """The article's worker.py ends with run(counter=0): served as `python worker.py`."""
     script = tmp_path / "worker.py"

@@ -1,4 +1,5 @@
-"""``python -m crew.gateway``: its command line (crew.gateway.main) and a run as a process."""
+"""``python -m crew.gateway`` and ``crew gateway``: the gateway's command line
+(crew.gateway.main) run as a process."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from tests.support.processes import Output, spawn_python, stop
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_gateway_as_a_process_serves_until_sigterm(broker_url):
-    proc = spawn_python(["-m", "crew.gateway", "--port", "0"], broker_url)
+@pytest.mark.parametrize("command", [["-m", "crew.gateway"], ["-m", "crew", "gateway"]])
+async def test_gateway_as_a_process_serves_until_sigterm(broker_url, command):
+    proc = spawn_python([*command, "--port", "0"], broker_url)
     output = Output(proc)
     try:
         listening = await output.wait_for("listening on http://")
