@@ -64,7 +64,7 @@ class Job:
     __slots__ = ("scope", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
                  "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread",
-                 "channel")
+                 "channel", "ttl", "observed")
 
     def __init__(self, scope: Scope | None, task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
@@ -98,6 +98,10 @@ class Job:
         self.thread: threading.Thread | None = None
         #: The channel it was delivered on: its delivery tag means nothing on another.
         self.channel: Channel | None = None
+        #: The call's AMQP ``expiration`` (its TTL in ms when published), as delivered.
+        self.ttl: str | None = None
+        #: What :mod:`crew.observing` notes of the job (its start and span), if anything.
+        self.observed: Any = None
 
     @classmethod
     def from_delivery(cls, scope: Scope, task: str, func: Callable[[Any], Any],
@@ -129,6 +133,7 @@ class Job:
         job = cls(scope, task, func, delivery_tag, props.correlation_id, props.reply_to,
                   props.content_type, props.content_encoding, body,
                   protocol.user_headers(headers), monotonic_deadline(deadline), reply_gzip)
+        job.ttl = props.expiration
         return job, refusal
 
     @property

@@ -3,12 +3,9 @@ stops, and :func:`serve_in_thread` for embedding it.
 
 One asyncio loop owns the AMQP connection and never runs sync task code: jobs run in threads
 (:mod:`crew.pool`), ``async def`` tasks as coroutines on the loop (they must not block it).
-Each call is acknowledged only once its reply is published, so a worker that dies mid-job
-leaves the call to be redelivered. What happens to each call, from delivery to job, is
-:mod:`crew.calls`, and from job to reply :mod:`crew.replies`; this module connects,
-reconnects and stops. Task code sees the worker only through a :class:`~crew.jobs.Scope`
-(``context.settings`` and ``context.pubsub``). The article's import path, with the command
-line, is :mod:`crew.worker`.
+A call is acknowledged once its reply is published: a worker that dies mid-job leaves it to be
+redelivered. Delivery to job is :mod:`crew.calls`, job to reply :mod:`crew.replies`; tasks
+see the worker through a :class:`~crew.jobs.Scope`; the command line is :mod:`crew.worker`.
 """
 
 from __future__ import annotations
@@ -30,6 +27,7 @@ from .context import Publisher, context
 from .exceptions import ConnectionLostError
 from .jobs import Scope
 from .loops import first_set, running_loop
+from .observing import for_worker
 from .registry import Settings, TaskFunction, tasks
 from .session import Session
 from .settings import (DEFAULT_GRACE, DEFAULT_MAX_MEMORY, DEFAULT_MAX_STUCK, BrokerSettings,
@@ -57,15 +55,17 @@ class Worker:
     and exits (see :mod:`crew.pool`). ``grace``: seconds running jobs get on a graceful stop.
     ``max_memory``: bytes the calls being served may hold undecoded, inflated and decoded
     (see :mod:`crew.memory`); a call that could need more alone is refused with
-    :class:`~crew.MessageTooLargeError`.
+    :class:`~crew.MessageTooLargeError`. ``metrics``, ``traces``: :mod:`crew.observing`.
     """
 
+    # longer than 40 lines because it sets every attribute of the worker in one place
     def __init__(self, tasks: Mapping[str, TaskFunction] | None = None, *,
                  broker: BrokerSpec = None, concurrency: int = 1,
                  max_priority: int = protocol.DEFAULT_QUEUE_MAX_PRIORITY,
                  settings: Mapping[str, Any] | None = None, options: Any = None,
                  max_stuck: int = DEFAULT_MAX_STUCK, grace: float = DEFAULT_GRACE,
-                 max_memory: int = DEFAULT_MAX_MEMORY, queue_type: str | None = None) -> None:
+                 max_memory: int = DEFAULT_MAX_MEMORY, queue_type: str | None = None,
+                 metrics: bool | None = None, traces: object = None) -> None:
         registry = _default_registry if tasks is None else tasks
         if not registry:
             raise ValueError("a worker needs at least one task")
@@ -93,6 +93,9 @@ class Worker:
             self._scope, concurrency=concurrency, worker_id=self.uuid, max_memory=max_memory,
             max_stuck=max_stuck, call_in_loop=self._call_in_loop,
             on_too_many_stuck=self._on_too_many_stuck)
+        observer = self._calls.replies.observer = for_worker(  # None: metrics, traces off
+            metrics, traces, self._calls.gauges, concurrency)
+        self._served = observer.wrap(self.tasks) if observer else self.tasks
         self._stop_requested: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
         self._lost = asyncio.Event()
@@ -144,7 +147,7 @@ class Worker:
 
     async def _open(self) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is retried."""
-        return await Session.open(self._nodes.next(), self._calls, self.tasks,
+        return await Session.open(self._nodes.next(), self._calls, self._served,
                                   max_priority=self.max_priority, worker_id=self.uuid,
                                   queue_type=self.queue_type)
 
@@ -271,11 +274,9 @@ class Worker:
 
 
 def serve_in_thread(worker: Worker) -> threading.Thread:
-    """Run ``worker`` on a loop of its own in a daemon thread (embedding and tests).
-
-    Returns once the worker is consuming, or raises why it could not start. Stop it with
-    ``worker.request_stop()`` and join the thread.
-    """
+    """Run ``worker`` on a loop of its own in a daemon thread (embedding and tests); return
+    once it consumes, or raise why it could not start. Stop it with ``worker.request_stop()``
+    and join the thread."""
     started = threading.Event()
     failure: list[BaseException] = []
 
@@ -284,13 +285,12 @@ def serve_in_thread(worker: Worker) -> threading.Thread:
             await worker.start()
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             failure.append(exc)
-            started.set()
             return
-        started.set()
+        finally:
+            started.set()
         await worker._serve_started()
 
-    thread = threading.Thread(target=asyncio.run, args=(main(),), name="crew-worker",
-                              daemon=True)
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name="crew-worker", daemon=True)
     thread.start()
     started.wait()
     if failure:

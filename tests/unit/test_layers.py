@@ -18,10 +18,11 @@ README = CREW.parent / "README.md"
 
 #: Bottom first; a module may import only the modules before it.
 LAYERS = [
-    "crew.exceptions", "crew.protocol", "crew.settings", "crew.threads", "crew.loops",
-    "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec", "crew.frames",
-    "crew.seam", "crew.transport", "crew.amqp", "crew.connecting", "crew.registry", "crew.cancels",
-    "crew.jobs", "crew.context", "crew.pool", "crew.replies", "crew.intake", "crew.calls",
+    "crew.exceptions", "crew.protocol", "crew.outcomes", "crew.settings", "crew.threads",
+    "crew.loops", "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec",
+    "crew.frames", "crew.seam", "crew.transport", "crew.amqp", "crew.connecting",
+    "crew.registry", "crew.cancels", "crew.jobs", "crew.metrics", "crew.tracing",
+    "crew.observing", "crew.context", "crew.pool", "crew.replies", "crew.intake", "crew.calls",
     "crew.session", "crew.serving", "crew.pubsub", "crew.pending", "crew.parallel", "crew.link",
     "crew.client",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
