@@ -31,6 +31,7 @@ import logging
 import sys
 from typing import Any, Mapping, Sequence
 
+from . import metrics
 from .cli import EXIT_STUCK as EXIT_STUCK
 from .cli import broker_from_options, build_parser, on_stop_signals, setup_logging
 from .context import Publisher as Publisher
@@ -69,20 +70,25 @@ def main(tasks: Mapping[str, Any], settings: Mapping[str, Any],
     if options.forks > 0:
         from .supervisor import supervise  # here: multiprocessing costs every import of crew 5 ms
 
-        sys.exit(supervise(options.forks, lambda: serve(tasks, settings, options)))
+        sys.exit(supervise(options.forks, lambda slot: serve(tasks, settings, options, slot)))
     sys.exit(serve(tasks, settings, options))
 
 
 def serve(tasks: Mapping[str, Any], settings: Mapping[str, Any],
-          options: argparse.Namespace) -> int:
-    """Run one worker in this process until a signal stops it; return the exit status."""
+          options: argparse.Namespace, slot: int = 0) -> int:
+    """Run one worker in this process until a signal stops it; return the exit status.
+    ``slot``: which of the ``--forks`` processes this is (its metrics port is N + slot)."""
+    port = options.metrics_port
     try:
         worker = Worker(tasks, broker=broker_from_options(options, "crew-worker"),
                         concurrency=options.concurrency, max_priority=options.max_priority,
                         settings=settings, options=options, max_stuck=options.max_stuck,
                         grace=options.grace, max_memory=options.max_memory * 1024 * 1024,
-                        queue_type=options.queue_type)
-    except (TypeError, ValueError) as exc:
+                        queue_type=options.queue_type, metrics=True if port else None)
+        if port:
+            metrics.serve(port + slot)
+            log.info("metrics on http://0.0.0.0:%d/metrics", port + slot)
+    except (TypeError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
     return asyncio.run(_serve_with_signals(worker))
