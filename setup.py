@@ -13,7 +13,15 @@ setup(
     package_data={"crew": ["py.typed"]},
     install_requires=["tornado>=6,<7", "pika>=1.3,<1.5", "msgpack>=1.0,<2"],
     extras_require={
-        "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6"],
+        # Optional: Prometheus metrics and OpenTelemetry traces (README, "Metrics and traces").
+        # start_http_server returns its server from prometheus_client 0.17 on.
+        "metrics": ["prometheus_client>=0.17"],
+        "otel": ["opentelemetry-api>=1.20"],
+        # The metrics and otel libraries (and OpenTelemetry's SDK, whose in-memory exporter
+        # sees the spans) so that CI runs the tests of both; crew itself never needs them.
+        "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6",
+                 "prometheus_client>=0.17", "opentelemetry-api>=1.20",
+                 "opentelemetry-sdk>=1.20"],
         # Pinned: a new release of either may find new things, which CI must not learn
         # from a stranger's upload.
         "lint": ["ruff==0.17.6", "mypy==2.4.1"],

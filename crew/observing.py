@@ -40,19 +40,19 @@ T = TypeVar("T")
 TaskFunction = Callable[[Any], Any]
 
 
-def _wanted(choice: object, available: bool, env: str, extra: str) -> bool:
-    """Whether a feature is on: ``choice`` None follows the library and ``env``."""
+def _wanted(choice: object, available: bool, env: str, what: str, extra: str) -> bool:
+    """Whether ``what`` is on: ``choice`` None follows the library and ``env``."""
     if choice is None:
         return available and os.environ.get(env, "").strip().lower() not in _OFF
     if choice is False:
         return False
     if not available:
-        raise ValueError(f"{extra} need the crew[{extra}] extra: pip install 'crew[{extra}]'")
+        raise ValueError(f"{what} need the crew[{extra}] extra: pip install 'crew[{extra}]'")
     return True
 
 
 def _tracing_for(traces: object) -> Tracing | None:
-    if not _wanted(traces, _tracing.AVAILABLE, TRACES_ENV, "otel"):
+    if not _wanted(traces, _tracing.AVAILABLE, TRACES_ENV, "traces", "otel"):
         return None
     return Tracing(None if traces is None or traces is True else traces)
 
@@ -90,7 +90,7 @@ class ClientObserver:
 def for_client(metrics: bool | None, traces: object) -> ClientObserver | None:
     """A client's observer, or None if neither metrics nor traces are on."""
     recorder = ClientMetrics() if _wanted(
-        metrics, _metrics.AVAILABLE, METRICS_ENV, "metrics") else None
+        metrics, _metrics.AVAILABLE, METRICS_ENV, "metrics", "metrics") else None
     tracing = _tracing_for(traces)
     if recorder is None and tracing is None:
         return None
@@ -177,7 +177,7 @@ def for_worker(metrics: bool | None, traces: object,
     (calls being served, stuck job threads, stopping), from any thread; ``slots``: its
     concurrency."""
     recorder = WorkerMetrics(gauges, slots) if _wanted(
-        metrics, _metrics.AVAILABLE, METRICS_ENV, "metrics") else None
+        metrics, _metrics.AVAILABLE, METRICS_ENV, "metrics", "metrics") else None
     tracing = _tracing_for(traces)
     if recorder is None and tracing is None:
         return None
