@@ -1,27 +1,32 @@
 """Prometheus metrics of crew's clients and workers: the optional ``crew[metrics]`` extra.
 
 Without ``prometheus_client`` this module still imports (:data:`AVAILABLE` is False) and
-nothing in it may be used. With it, the metrics live in prometheus_client's default
-registry, made once per process on first use and shared by every client and worker of the
-process, so an application's own exporter shows them; :func:`serve` exposes them on a port
-of their own (``--metrics-port``), :func:`exposition` for the gateway's ``/metrics``.
+nothing in it may be used. With it, the metrics of every client and worker of the process
+are one collector in prometheus_client's default registry, registered on first use, so an
+application's own exporter shows them; :func:`serve` exposes them on a port of their own
+(``--metrics-port``), :func:`exposition` for the gateway's ``/metrics``.
 
-Labels are ``task`` and ``outcome`` only (:mod:`crew.outcomes`), never a correlation id or
-data: a client counts at most :data:`MAX_TASK_LABELS` task names (the gateway's callers
-choose them), the rest under ``task="_other"``. Each labelled child is looked up once and
-kept in a dict: ``labels()`` on every call would cost more than the rest of the record.
-Names and meanings are in README, "Metrics and traces"; :mod:`crew.observing` calls these.
+A call's record costs well under a microsecond: a dict look-up, a bisect and two additions
+under one lock (prometheus_client's own Counter and Histogram take a lock per number, about
+4 us per call here), and the collector turns the records into counters and histograms at
+scrape time. Labels are ``task`` and ``outcome`` only (:mod:`crew.outcomes`), never a
+correlation id or data; a process labels at most :data:`MAX_TASK_LABELS` task names (the
+gateway's callers choose them), the rest under ``task="_other"``. Names and meanings are in
+README, "Metrics and traces"; :mod:`crew.observing` calls these.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from bisect import bisect_left
 from typing import Any, Callable, Iterator
 
 try:
     import prometheus_client
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily)
+    from prometheus_client.utils import floatToGoString
 except ImportError:  # the extra is not installed: crew runs without metrics
     prometheus_client = None  # type: ignore[assignment]
 
@@ -35,49 +40,110 @@ OTHER_TASK = "_other"
 #: Seconds: crew calls take from half a millisecond to the 25-minute limit.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0, 60.0, 300.0, 1500.0)
+#: A series: a count per bucket (the last one past every bound), the sum, the count of events.
+_SUM, _EVENTS = len(BUCKETS) + 1, len(BUCKETS) + 2
+
+
+class _Series:
+    """Events by label values, each with seconds in buckets (or none: counted only)."""
+
+    def __init__(self, name: str, counter: str, histogram: str, labels: tuple[str, ...]) -> None:
+        self.name, self.counter, self.histogram, self.labels = name, counter, histogram, labels
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        self._tasks: set[str] = set()
+
+    def add(self, key: tuple[str, ...], seconds: float | None) -> None:
+        """One event of ``key`` (task first), ``seconds`` long; any thread may call it."""
+        slot = _SUM if seconds is None else bisect_left(BUCKETS, seconds)
+        with self._lock:
+            series = self._series.get(key) or self._new(key)
+            series[_EVENTS] += 1
+            if seconds is not None:
+                series[slot] += 1
+                series[_SUM] += seconds
+
+    def _new(self, key: tuple[str, ...]) -> list[float]:
+        """With the lock held: the series of a new ``key``, or of ``_other`` past the limit."""
+        if key[0] not in self._tasks:
+            if len(self._tasks) >= MAX_TASK_LABELS:  # not kept under its own key
+                return self._series.setdefault((OTHER_TASK, *key[1:]), [0.0] * (_EVENTS + 1))
+            self._tasks.add(key[0])
+        return self._series.setdefault(key, [0.0] * (_EVENTS + 1))
+
+    def families(self) -> Iterator[Any]:
+        with self._lock:
+            series = [(key, list(values)) for key, values in self._series.items()]
+        if self.counter:
+            counter = CounterMetricFamily(self.counter, f"{self.name}, by "
+                                          f"{' and '.join(self.labels)}", labels=self.labels)
+            for key, values in series:
+                counter.add_metric(key, values[_EVENTS])
+            yield counter
+        histogram = HistogramMetricFamily(
+            self.histogram, f"Seconds {self.name.lower()} took, by {' and '.join(self.labels)}",
+            labels=self.labels)
+        for key, values in series:
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(_bounds(), values[:_SUM], strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            histogram.add_metric(key, buckets, values[_SUM])
+        yield histogram
+
+
+def _bounds() -> tuple[str, ...]:
+    """The buckets' ``le`` labels, as prometheus_client writes them."""
+    return (*map(floatToGoString, BUCKETS), "+Inf")
+
+
+class _Collector:
+    """The process's crew metrics, collected at scrape time (on the scrape's thread: the
+    workers' gauges are read with ``len()`` only, which any thread may do)."""
+
+    def __init__(self) -> None:
+        self.calls = _Series("Calls made", "crew_client_calls",
+                             "crew_client_call_duration_seconds", ("task", "outcome"))
+        self.jobs = _Series("Jobs run", "crew_worker_jobs", "crew_worker_job_duration_seconds",
+                            ("task", "outcome"))
+        self.waits = _Series("Waiting from publication to the job's start", "",
+                             "crew_worker_queue_wait_seconds", ("task",))
+        self.workers: weakref.WeakSet[WorkerMetrics] = weakref.WeakSet()
+        self.reconnections = 0
+        self.clients = False  # their families appear once a client records
+        prometheus_client.REGISTRY.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        if self.clients:
+            yield from self.calls.families()
+        workers = list(self.workers)
+        if not workers:
+            return
+        yield from self.jobs.families()
+        yield from self.waits.families()
+        yield CounterMetricFamily("crew_worker_reconnections", "Broker connections (or task "
+                                  "channels) lost and made again", value=self.reconnections)
+        figures = [(*worker.gauges(), worker.slots) for worker in workers]
+        for name, what, values in (
+                ("crew_worker_running_jobs", "Calls being served (running, or waiting for a "
+                 "job slot)", [serving for serving, _, _, _ in figures]),
+                ("crew_worker_job_slots", "Jobs the workers may run at once (their "
+                 "concurrency)", [slots for _, _, stopping, slots in figures if not stopping]),
+                ("crew_worker_stuck_threads", "Job threads interrupted at a deadline or cancel "
+                 "that have not returned", [stuck for _, stuck, _, _ in figures])):
+            yield GaugeMetricFamily(name, what, value=sum(values))
+
 
 _lock = threading.Lock()
-_made: dict[str, Any] = {}
-
-Record = tuple[Callable[[], None], Callable[[float], None]]
+_collector: list[_Collector] = []
 
 
-class _Family:
-    """A counter and a histogram labelled by task and outcome, with their children cached."""
-
-    def __init__(self, counter: str, histogram: str, what: str) -> None:
-        labels = ("task", "outcome")
-        self.counter = prometheus_client.Counter(counter, f"{what}, by task and outcome", labels)
-        self.histogram = prometheus_client.Histogram(
-            histogram, f"Seconds {what.lower()} took, by task and outcome", labels,
-            buckets=BUCKETS)
-        self.children: dict[tuple[str, str], Record] = {}
-        self.tasks: set[str] = set()
-
-    def record(self, task: str, outcome: str) -> Record:
-        """The counter's ``inc`` and the histogram's ``observe`` for these labels."""
-        found = self.children.get((task, outcome))
-        if found is None:
-            with _lock:
-                label = task
-                if task not in self.tasks:
-                    if len(self.tasks) < MAX_TASK_LABELS:
-                        self.tasks.add(task)
-                    else:  # not cached: a name past the limit must not grow the dict
-                        label = OTHER_TASK
-                found = (self.counter.labels(label, outcome).inc,
-                         self.histogram.labels(label, outcome).observe)
-                if label == task:
-                    self.children[task, outcome] = found
-        return found
-
-
-def _once(name: str, make: Callable[[], Any]) -> Any:
-    """The process's one ``name`` object, made by ``make()`` the first time."""
+def _the_collector() -> _Collector:
+    """The process's one collector, registered the first time."""
     with _lock:
-        if name not in _made:
-            _made[name] = make()
-        return _made[name]
+        if not _collector:
+            _collector.append(_Collector())
+        return _collector[0]
 
 
 class ClientMetrics:
@@ -85,49 +151,12 @@ class ClientMetrics:
     ``crew_client_call_duration_seconds``, by task and outcome."""
 
     def __init__(self) -> None:
-        self._calls: _Family = _once("client", lambda: _Family(
-            "crew_client_calls", "crew_client_call_duration_seconds", "Calls made"))
+        collector = _the_collector()
+        collector.clients = True
+        self._calls = collector.calls.add
 
     def call_ended(self, task: str, outcome: str, seconds: float) -> None:
-        count, observe = self._calls.record(task, outcome)
-        count()
-        observe(seconds)
-
-
-class _Gauges:
-    """Reads the gauges of every live :class:`WorkerMetrics` at scrape time (on the scrape's
-    thread: the figures are read with ``len()`` only, which any thread may do)."""
-
-    def __init__(self) -> None:
-        self.workers: weakref.WeakSet[WorkerMetrics] = weakref.WeakSet()
-
-    def collect(self) -> Iterator[Any]:
-        running = stuck = slots = 0
-        for worker in list(self.workers):
-            serving, stuck_now, stopping = worker.gauges()
-            running, stuck = running + serving, stuck + stuck_now
-            slots += 0 if stopping else worker.slots
-        yield GaugeMetricFamily("crew_worker_running_jobs",
-                                "Calls being served (running, or waiting for a job slot)",
-                                value=running)
-        yield GaugeMetricFamily("crew_worker_job_slots", "Jobs the workers may run at once "
-                                "(their concurrency)", value=slots)
-        yield GaugeMetricFamily("crew_worker_stuck_threads", "Job threads interrupted at a "
-                                "deadline or cancel that have not returned", value=stuck)
-
-
-class _WorkerFamilies:
-    def __init__(self) -> None:
-        self.jobs = _Family("crew_worker_jobs", "crew_worker_job_duration_seconds", "Jobs run")
-        self.queue_wait = prometheus_client.Histogram(
-            "crew_worker_queue_wait_seconds", "Seconds from a call's publication to the start "
-            "of its job, by task (clocks of client and worker compared)", ("task",),
-            buckets=BUCKETS)
-        self.reconnections = prometheus_client.Counter(
-            "crew_worker_reconnections", "Broker connections (or task channels) lost and made "
-            "again")
-        self.gauges = _Gauges()
-        prometheus_client.REGISTRY.register(self.gauges)
+        self._calls((task, outcome), seconds)
 
 
 class WorkerMetrics:
@@ -135,29 +164,23 @@ class WorkerMetrics:
     whether it stops) and may be called from any thread; ``slots`` is its concurrency."""
 
     def __init__(self, gauges: Callable[[], tuple[int, int, bool]], slots: int) -> None:
-        self._families: _WorkerFamilies = _once("worker", _WorkerFamilies)
-        self._families.gauges.workers.add(self)
+        self._collector = _the_collector()
+        self._jobs, self._waits = self._collector.jobs.add, self._collector.waits.add
         self.gauges, self.slots = gauges, slots
-        self._waits: dict[str, Callable[[float], None]] = {}
+        self._collector.workers.add(self)
 
     def job_started(self, task: str, waited: float | None) -> None:
         """A job of ``task`` started, ``waited`` seconds after its call was published."""
-        if waited is None:
-            return
-        observe = self._waits.get(task)
-        if observe is None:
-            observe = self._waits[task] = self._families.queue_wait.labels(task).observe
-        observe(waited)
+        if waited is not None:
+            self._waits((task,), waited)
 
     def job_ended(self, task: str, outcome: str, seconds: float | None) -> None:
         """A call ended; ``seconds`` its job ran (None: it never started)."""
-        count, observe = self._families.jobs.record(task, outcome)
-        count()
-        if seconds is not None:
-            observe(seconds)
+        self._jobs((task, outcome), seconds)
 
     def reconnecting(self) -> None:
-        self._families.reconnections.inc()
+        with _lock:
+            self._collector.reconnections += 1
 
 
 def serve(port: int, addr: str = "") -> Any:

@@ -139,7 +139,8 @@ class WorkerObserver:
         return observed
 
     def _begin(self, job: Job) -> Any:
-        """Note that ``job`` starts now; return its span (None without traces)."""
+        """Note that ``job`` starts now; return its span to make current while the task runs
+        (None without traces, or with a span that carries no trace context)."""
         now = time.monotonic()
         span = None
         if self._tracing is not None:
@@ -147,7 +148,7 @@ class WorkerObserver:
         job.observed = (now, span)
         if self._metrics is not None:
             self._metrics.job_started(job.task, _queue_wait(job, now))
-        return span
+        return span if span is not None and Tracing.carries_context(span) else None
 
     def job_ended(self, job: Job, status: str) -> None:
         """``job``'s call ended with a reply of ``status`` (or was dropped: ``cancelled``).

@@ -47,10 +47,11 @@ class Tracing:
 
     def start_call(self, task: str, correlation_id: str, headers: dict[str, Any]) -> Any:
         """A call's span, child of the current one; its context goes into ``headers``."""
-        span = self._tracer.start_span(
-            f"call {task}", kind=SpanKind.CLIENT,
-            attributes=_attributes(task, correlation_id, "send", "call"))
-        propagate.inject(headers, context=trace.set_span_in_context(span))
+        span = self._tracer.start_span(f"call {task}", kind=SpanKind.CLIENT)
+        if span.is_recording():
+            span.set_attributes(_attributes(task, correlation_id, "send", "call"))
+        if span.get_span_context().is_valid:  # else there is nothing to pass on
+            propagate.inject(headers, context=trace.set_span_in_context(span))
         return span
 
     # --- the worker --------------------------------------------------------------------
@@ -61,9 +62,16 @@ class Tracing:
         parent = propagate.extract(headers)
         for field in propagate.get_global_textmap().fields:
             headers.pop(field, None)
-        return self._tracer.start_span(
-            f"process {task}", context=parent, kind=SpanKind.SERVER,
-            attributes=_attributes(task, correlation_id, "process", "process"))
+        span = self._tracer.start_span(f"process {task}", context=parent, kind=SpanKind.SERVER)
+        if span.is_recording():
+            span.set_attributes(_attributes(task, correlation_id, "process", "process"))
+        return span
+
+    @staticmethod
+    def carries_context(span: Any) -> bool:
+        """Whether ``span`` has a trace context (not the no-op span of an API without an
+        SDK and without a caller's context): only then is it worth making current."""
+        return bool(span.get_span_context().is_valid)
 
     @staticmethod
     def current(span: Any) -> AbstractContextManager[Any]:
@@ -81,6 +89,8 @@ class Tracing:
     @staticmethod
     def end(span: Any, outcome: str, error: BaseException | str | None = None) -> None:
         """End ``span``: status and event by ``outcome``, ``error`` its exception or text."""
+        if not span.is_recording():
+            return  # a no-op span (no SDK, or not sampled): nothing to write, nothing to end
         span.set_attribute("crew.outcome", outcome)
         if outcome not in _NOT_ERRORS:
             span.set_attribute("error.type", outcome)

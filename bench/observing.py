@@ -1,0 +1,166 @@
+"""What metrics and traces cost a call: crew's echo with each observer set-up, side by side.
+
+One worker process per set-up (concurrency 64) and one caller process that alternates
+between set-ups in rounds, so every set-up meets the same machine and broker state:
+
+- ``off``: ``metrics=False, traces=False`` on both sides: the code path of a crew without the
+  extras installed (one attribute check per call);
+- ``metrics``: prometheus_client on both sides;
+- ``metrics+otel api``: and OpenTelemetry's API with no SDK configured (non-recording spans:
+  what ``pip install crew[metrics,otel]`` costs before the application sets up tracing);
+- ``metrics+otel sdk``: and an SDK tracer provider that records every span (and hands it to
+  an exporter that drops it: the cost of crew's spans, not of shipping them).
+
+Figures: calls/s of 100-byte echo calls made one after another (``sequential``) and with 64 in
+flight (``64 in flight``), the median over rounds, and each as a ratio to ``off``.
+
+``python3 bench/observing.py [--rounds N] [--calls N]`` (``$BENCH_URL``, else the local
+broker's default vhost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any, Sequence
+
+import common  # noqa: F401 - puts the repository on sys.path
+from common import URL, plan_calls, ready_until_signal
+
+import crew
+
+SETUPS = ("off", "metrics", "metrics+otel api", "metrics+otel sdk")
+IN_FLIGHT = 64
+
+
+def observers(setup: str) -> dict[str, Any]:
+    """The ``metrics=`` and ``traces=`` of a client or worker for ``setup``."""
+    if setup == "off":
+        return {"metrics": False, "traces": False}
+    if setup == "metrics":
+        return {"metrics": True, "traces": False}
+    if setup == "metrics+otel api":
+        return {"metrics": True, "traces": True}
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Drop()))
+    return {"metrics": True, "traces": provider}
+
+
+def echo(data: Any) -> Any:
+    return data
+
+
+async def serve(setup: str, task: str) -> None:
+    worker = crew.Worker({task: echo}, broker=URL, concurrency=IN_FLIGHT, **observers(setup))
+    await worker.start()
+    await ready_until_signal()
+    await worker.stop(grace=0)
+
+
+async def sequential(client: crew.Client, task: str, calls: int) -> float:
+    data = b"x" * 100
+    started = time.perf_counter()
+    for _ in range(calls):
+        await client.call(task, data, persistent=False)
+    return calls / (time.perf_counter() - started)
+
+
+async def in_flight(client: crew.Client, task: str, calls: int) -> float:
+    data = b"x" * 100
+
+    async def loop(count: int) -> None:
+        for _ in range(count):
+            await client.call(task, data, persistent=False)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(n) for n in plan_calls(calls, IN_FLIGHT)))
+    return calls / (time.perf_counter() - started)
+
+
+async def measure(tasks: dict[str, str], rounds: int, calls: int) -> dict[str, Any]:
+    clients = {setup: crew.Client(URL, **observers(setup)) for setup in SETUPS}
+    for client in clients.values():
+        await client.connect()
+    figures: dict[str, dict[str, list[float]]] = {
+        setup: {"sequential": [], "64 in flight": []} for setup in SETUPS}
+    try:
+        for setup in SETUPS:  # warm up every path once
+            await in_flight(clients[setup], tasks[setup], IN_FLIGHT * 4)
+        for round_ in range(rounds):
+            order = SETUPS[round_ % len(SETUPS):] + SETUPS[:round_ % len(SETUPS)]
+            for setup in order:
+                client, task = clients[setup], tasks[setup]
+                figures[setup]["sequential"].append(await sequential(client, task, calls))
+                figures[setup]["64 in flight"].append(await in_flight(client, task, calls * 4))
+    finally:
+        for client in clients.values():
+            await client.close()
+    return {setup: {workload: statistics.median(values) for workload, values in done.items()}
+            for setup, done in figures.items()}
+
+
+def table(medians: dict[str, Any]) -> str:
+    lines = ["| set-up | sequential calls/s | ratio | 64 in flight calls/s | ratio |",
+             "|---|---|---|---|---|"]
+    base = medians["off"]
+    for setup, got in medians.items():
+        lines.append(f"| {setup} | {got['sequential']:.0f} | "
+                     f"{got['sequential'] / base['sequential']:.2f} | "
+                     f"{got['64 in flight']:.0f} | "
+                     f"{got['64 in flight'] / base['64 in flight']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "worker":
+        asyncio.run(serve(sys.argv[2], sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=2000,
+                        help="sequential calls per round (four times as many in flight)")
+    options = parser.parse_args()
+    run_id = uuid.uuid4().hex[:8]
+    tasks = {setup: f"bench.observing.{run_id}.{n}" for n, setup in enumerate(SETUPS)}
+    workers = [subprocess.Popen([sys.executable, __file__, "worker", setup, tasks[setup]],
+                                stdout=subprocess.PIPE, text=True) for setup in SETUPS]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and "READY" in worker.stdout.readline()
+        medians = asyncio.run(measure(tasks, options.rounds, options.calls))
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.wait(30)
+        delete_queues(list(tasks.values()))
+    print(json.dumps(medians, indent=1))
+    print(table(medians))
+    print(f"{os.cpu_count()} CPUs, {options.rounds} rounds, python {sys.version.split()[0]}")
+
+
+def delete_queues(tasks: list[str]) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    channel = connection.channel()
+    for task in tasks:
+        channel.queue_delete(crew.protocol.task_queue(task))
+    connection.close()
+
+
+if __name__ == "__main__":
+    main()
