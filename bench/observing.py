@@ -11,8 +11,10 @@ between set-ups in rounds, so every set-up meets the same machine and broker sta
 - ``metrics+otel sdk``: and an SDK tracer provider that records every span (and hands it to
   an exporter that drops it: the cost of crew's spans, not of shipping them).
 
-Figures: calls/s of 100-byte echo calls made one after another (``sequential``) and with 64 in
-flight (``64 in flight``), the median over rounds, and each as a ratio to ``off``.
+Figures, medians over rounds: calls/s of 100-byte echo calls made one after another
+(``sequential``) and with 64 in flight (``64 in flight``), each as a ratio to ``off``; and
+the CPU time per call of the caller and of the worker (µs, from /proc), which other load on
+the machine disturbs far less than calls/s: the difference to ``off`` is the set-up's cost.
 
 ``python3 bench/observing.py [--rounds N] [--calls N]`` (``$BENCH_URL``, else the local
 broker's default vhost).
@@ -32,7 +34,7 @@ import uuid
 from typing import Any, Sequence
 
 import common  # noqa: F401 - puts the repository on sys.path
-from common import URL, plan_calls, ready_until_signal
+from common import URL, cpu_seconds, plan_calls, ready_until_signal
 
 import crew
 
@@ -91,37 +93,51 @@ async def in_flight(client: crew.Client, task: str, calls: int) -> float:
     return calls / (time.perf_counter() - started)
 
 
-async def measure(tasks: dict[str, str], rounds: int, calls: int) -> dict[str, Any]:
+FIGURES = ("sequential", "sequential client us", "sequential worker us", "64 in flight",
+           "64 in flight client us", "64 in flight worker us")
+
+
+async def measure(tasks: dict[str, str], pids: dict[str, int], rounds: int,
+                  calls: int) -> dict[str, Any]:
     clients = {setup: crew.Client(URL, **observers(setup)) for setup in SETUPS}
     for client in clients.values():
         await client.connect()
     figures: dict[str, dict[str, list[float]]] = {
-        setup: {"sequential": [], "64 in flight": []} for setup in SETUPS}
+        setup: {figure: [] for figure in FIGURES} for setup in SETUPS}
     try:
         for setup in SETUPS:  # warm up every path once
             await in_flight(clients[setup], tasks[setup], IN_FLIGHT * 4)
         for round_ in range(rounds):
             order = SETUPS[round_ % len(SETUPS):] + SETUPS[:round_ % len(SETUPS)]
             for setup in order:
-                client, task = clients[setup], tasks[setup]
-                figures[setup]["sequential"].append(await sequential(client, task, calls))
-                figures[setup]["64 in flight"].append(await in_flight(client, task, calls * 4))
+                for workload, run, count in (("sequential", sequential, calls),
+                                             ("64 in flight", in_flight, calls * 4)):
+                    got = figures[setup]
+                    worker, me = cpu_seconds(pids[setup]), cpu_seconds(os.getpid())
+                    got[workload].append(await run(clients[setup], tasks[setup], count))
+                    got[f"{workload} client us"].append(
+                        1e6 * (cpu_seconds(os.getpid()) - me) / count)
+                    got[f"{workload} worker us"].append(
+                        1e6 * (cpu_seconds(pids[setup]) - worker) / count)
     finally:
         for client in clients.values():
             await client.close()
-    return {setup: {workload: statistics.median(values) for workload, values in done.items()}
+    return {setup: {figure: statistics.median(values) for figure, values in done.items()}
             for setup, done in figures.items()}
 
 
 def table(medians: dict[str, Any]) -> str:
-    lines = ["| set-up | sequential calls/s | ratio | 64 in flight calls/s | ratio |",
-             "|---|---|---|---|---|"]
-    base = medians["off"]
-    for setup, got in medians.items():
-        lines.append(f"| {setup} | {got['sequential']:.0f} | "
-                     f"{got['sequential'] / base['sequential']:.2f} | "
-                     f"{got['64 in flight']:.0f} | "
-                     f"{got['64 in flight'] / base['64 in flight']:.2f} |")
+    lines = []
+    for workload in ("sequential", "64 in flight"):
+        lines += [f"| {workload} | calls/s | ratio | client CPU us/call | worker CPU us/call |",
+                  "|---|---|---|---|---|"]
+        base = medians["off"]
+        for setup, got in medians.items():
+            lines.append(f"| {setup} | {got[workload]:.0f} | "
+                         f"{got[workload] / base[workload]:.2f} | "
+                         f"{got[f'{workload} client us']:.0f} | "
+                         f"{got[f'{workload} worker us']:.0f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -141,7 +157,8 @@ def main() -> None:
     try:
         for worker in workers:
             assert worker.stdout is not None and "READY" in worker.stdout.readline()
-        medians = asyncio.run(measure(tasks, options.rounds, options.calls))
+        pids = {setup: worker.pid for setup, worker in zip(SETUPS, workers, strict=True)}
+        medians = asyncio.run(measure(tasks, pids, options.rounds, options.calls))
     finally:
         for worker in workers:
             worker.terminate()
