@@ -16,8 +16,13 @@ Figures, medians over rounds: calls/s of 100-byte echo calls made one after anot
 the CPU time per call of the caller and of the worker (µs, from /proc), which other load on
 the machine disturbs far less than calls/s: the difference to ``off`` is the set-up's cost.
 
-``python3 bench/observing.py [--rounds N] [--calls N]`` (``$BENCH_URL``, else the local
-broker's default vhost).
+``--micro`` measures instead what the observers alone add to a call, in this process and
+without a broker: the client's around a call that is already answered, the worker's around
+a job of a task that returns at once (its wrapper and the end of the call), in µs per call.
+At a few µs this is below the noise of a loaded machine's calls/s, so both are printed.
+
+``python3 bench/observing.py [--rounds N] [--calls N] [--micro]`` (``$BENCH_URL``, else the
+local broker's default vhost).
 """
 
 from __future__ import annotations
@@ -141,6 +146,49 @@ def table(medians: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def micro(calls: int, rounds: int) -> None:
+    """What each set-up's observers add to a call, in µs: the median of ``rounds``."""
+    from crew import observing, protocol
+    from crew.jobs import Job, current_job
+
+    async def answered() -> tuple[Any, dict[str, Any]]:
+        return None, {}
+
+    async def client_side(observer: Any) -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            run = answered()
+            if observer is not None:  # as Client.call does
+                run = observer.call(run, "task", time.monotonic(), "c.1", {})
+            await run
+        return (time.perf_counter() - started) / calls * 1e6
+
+    def worker_side(observer: Any) -> float:
+        task = observer.wrap({"task": echo})["task"] if observer else echo
+        job = Job(None, "task", task, 1, "c.1", "reply", None, None, b"", {},
+                  time.monotonic() + 60)
+        job.ttl = "60000"
+        token = current_job.set(job)
+        started = time.perf_counter()
+        for _ in range(calls):
+            job.observed = None
+            task(None)
+            if observer is not None:  # as Replies does
+                observer.job_ended(job, protocol.STATUS_OK)
+        current_job.reset(token)
+        return (time.perf_counter() - started) / calls * 1e6
+
+    print("| set-up | client observer us/call | worker observer us/call |\n|---|---|---|")
+    for setup in SETUPS:
+        kwargs = observers(setup)
+        client = observing.for_client(kwargs["metrics"], kwargs["traces"])
+        worker = observing.for_worker(kwargs["metrics"], kwargs["traces"],
+                                      lambda: (0, 0, False), 1)
+        client_us = statistics.median(asyncio.run(client_side(client)) for _ in range(rounds))
+        worker_us = statistics.median(worker_side(worker) for _ in range(rounds))
+        print(f"| {setup} | {client_us:.1f} | {worker_us:.1f} |")
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "worker":
         asyncio.run(serve(sys.argv[2], sys.argv[3]))
@@ -149,7 +197,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=2000,
                         help="sequential calls per round (four times as many in flight)")
+    parser.add_argument("--micro", action="store_true", help="the observers alone, in us")
     options = parser.parse_args()
+    if options.micro:
+        micro(options.calls * 10, options.rounds)
+        return
     run_id = uuid.uuid4().hex[:8]
     tasks = {setup: f"bench.observing.{run_id}.{n}" for n, setup in enumerate(SETUPS)}
     workers = [subprocess.Popen([sys.executable, __file__, "worker", setup, tasks[setup]],

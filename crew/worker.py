@@ -67,6 +67,9 @@ def main(tasks: Mapping[str, Any], settings: Mapping[str, Any],
     setup_logging(options)
     if options.concurrency < 1:
         sys.exit("--concurrency must be at least 1")
+    if options.metrics_port is not None and not (
+            0 < options.metrics_port <= 65535 - max(0, options.forks - 1)):
+        sys.exit("--metrics-port must be a TCP port, with room for one port per fork")
     if options.forks > 0:
         from .supervisor import supervise  # here: multiprocessing costs every import of crew 5 ms
 
