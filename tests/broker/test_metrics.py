@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from crew import (Client, ConnectionLostError, ExpirationError, RemoteError, TimeoutError,
                   UnknownTaskError, gateway, protocol)
 from crew.worker import Worker, serve_in_thread
+from tests.support.hostile import late_call
 from tests.support.processes import Output, python_env, stop
 
 SCRIPT = textwrap.dedent('''
@@ -243,3 +244,19 @@ async def test_the_gateway_serves_metrics(make_worker, client, http_client, base
 @pytest.fixture
 def app(client: Client) -> Any:
     return gateway.make_app(client)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_past_its_deadline_on_arrival_counts_as_expired_on_the_worker(
+        make_worker, broker_url, uid):
+    """The worker answers a call whose deadline passed before it arrived (RabbitMQ may
+    deliver one from a priority queue) without running it: ``expired``, with no job
+    duration and no queue wait."""
+    task = f"late.{uid}"
+    make_worker({task: lambda x: x})
+    assert await asyncio.to_thread(late_call, broker_url, task) == protocol.STATUS_EXPIRED
+    scraped = samples(generate_latest().decode())
+    labels = {"task": task, "outcome": "expired"}
+    assert value(scraped, "crew_worker_jobs_total", **labels) == 1
+    assert value(scraped, "crew_worker_job_duration_seconds_count", **labels) == 0
+    assert value(scraped, "crew_worker_queue_wait_seconds_count", task=task) == 0

@@ -15,8 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from crew import Client, ExpirationError, RemoteError, TimeoutError, context
+from crew import Client, ExpirationError, RemoteError, TimeoutError, context, protocol
 from crew.worker import Worker, serve_in_thread
+from tests.support.hostile import late_call
 
 
 @pytest.fixture
@@ -140,3 +141,14 @@ async def test_remote_error_kill_and_expiry_set_status_and_record_an_event(
     for name in (f"call fail.{uid}", f"process fail.{uid}"):
         exception = next(e for e in named(found, name).events if e.name == "exception")
         assert "boom" in exception.attributes["exception.message"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_the_worker_never_ran_gets_its_span_too(traced, exporter, broker_url, uid):
+    status = await asyncio.to_thread(late_call, broker_url, f"work.{uid}")
+    assert status == protocol.STATUS_EXPIRED
+    span = named(await spans(exporter, 1), f"process work.{uid}")
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["crew.outcome"] == "expired"
+    assert [event.name for event in span.events] == ["crew.expired"]
+    assert span.parent is None  # the raw caller sent no trace context
