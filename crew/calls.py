@@ -266,10 +266,10 @@ class CallHandler:
         replies.settle_sent()
         for job in list(replies.jobs.values()):
             self._abandon(job)
-            replies.forget(job)
+            replies.forget(job, requeued=True)
         for job in self._threads.drain_pending():
             job.watch.abandon(JobKilled)
-            replies.forget(job)
+            replies.forget(job, requeued=True)
         replies.detach()
         self.intake.detach()
 

@@ -151,7 +151,8 @@ class WorkerObserver:
         return span if span is not None and Tracing.carries_context(span) else None
 
     def job_ended(self, job: Job, status: str) -> None:
-        """``job``'s call ended with a reply of ``status`` (or was dropped: ``cancelled``).
+        """``job``'s call ended with a reply of ``status`` (or was dropped: ``cancelled``;
+        handed back to its queue: ``requeued``).
 
         Called once per call, on the worker's loop or in the job's thread; never raises
         what the loop would have to handle.

@@ -26,16 +26,17 @@ UNKNOWN_TASK: Final = "unknown_task"
 CONNECTION_LOST: Final = "connection_lost"
 CANCELLED: Final = "cancelled"  # the caller cancelled the call
 DELIVERY_LIMIT: Final = "delivery_limit"  # a quorum queue gave the call up
+REQUEUED: Final = "requeued"  # a worker handed the call back to its queue: it runs again
 CODEC_ERROR: Final = "codec_error"  # the reply could not be read
 ERROR: Final = "error"  # anything else (the broker returned the call for another reason)
 
 CLIENT_OUTCOMES: Final = (OK, REMOTE_ERROR, EXPIRED, TIMEOUT, KILLED, UNKNOWN_TASK,
                           CONNECTION_LOST, CANCELLED, DELIVERY_LIMIT, CODEC_ERROR, ERROR)
-WORKER_OUTCOMES: Final = (OK, REMOTE_ERROR, KILLED, EXPIRED, CANCELLED)
+WORKER_OUTCOMES: Final = (OK, REMOTE_ERROR, KILLED, EXPIRED, CANCELLED, REQUEUED)
 
 _OF_STATUS: Final = {protocol.STATUS_OK: OK, protocol.STATUS_ERROR: REMOTE_ERROR,
                      protocol.STATUS_TIMEOUT: KILLED, protocol.STATUS_EXPIRED: EXPIRED,
-                     CANCELLED: CANCELLED}
+                     CANCELLED: CANCELLED, REQUEUED: REQUEUED}
 #: The first match counts: TimeoutError is looked at before this table.
 _OF_ERROR: Final[tuple[tuple[type[BaseException], str], ...]] = (
     (RemoteError, REMOTE_ERROR), (ExpirationError, EXPIRED), (UnknownTaskError, UNKNOWN_TASK),
@@ -54,5 +55,5 @@ def of_exception(exc: BaseException | None) -> str:
 
 def of_status(status: str) -> str:
     """The outcome of a call a worker served, by its reply's ``crew-status`` (or
-    :data:`CANCELLED`: dropped without a reply)."""
+    :data:`CANCELLED`: dropped without a reply; :data:`REQUEUED`: handed back)."""
     return _OF_STATUS.get(status, REMOTE_ERROR)

@@ -110,7 +110,7 @@ class Replies:
             return
         channel = self.channel
         if channel is None or not channel.is_open:
-            self.forget(job)
+            self.forget(job, requeued=True)
             return  # the call will be redelivered by the broker
         try:
             self._publish_reply(channel, job, reply, job.headers)
@@ -137,16 +137,19 @@ class Replies:
             return  # answered, or its thread is answering it
         if self.channel is not None:
             self.channel.reject(job.delivery_tag, requeue=True)
-        self.forget(job)
+        self.forget(job, requeued=True)
 
-    def forget(self, job: Job) -> None:
-        """``job``'s call is no longer served: nothing more is sent for it."""
+    def forget(self, job: Job, *, requeued: bool = False) -> None:
+        """``job``'s call is no longer served: nothing more is sent for it. ``requeued``: it
+        goes back to its queue (rejected, or its channel is gone), to be served again."""
         job.answered = True
         if job.timer is not None:
             job.timer.cancel()
         if self.jobs.get(job.key) is job:
             del self.jobs[job.key]
             self._on_forget(job)
+            if requeued and self.observer is not None:
+                self.observer.job_ended(job, outcomes.REQUEUED)
         if not self.jobs and self.idle is not None:
             self.idle.set()
 

@@ -33,7 +33,7 @@ __all__ = ["AVAILABLE", "Tracing"]
 
 AVAILABLE = trace is not None
 #: Outcomes that are not failures of the call: its span's status stays unset.
-_NOT_ERRORS = frozenset({outcomes.OK, outcomes.CANCELLED})
+_NOT_ERRORS = frozenset({outcomes.OK, outcomes.CANCELLED, outcomes.REQUEUED})
 
 
 class Tracing:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from typing import Any
@@ -260,3 +261,26 @@ async def test_a_call_past_its_deadline_on_arrival_counts_as_expired_on_the_work
     assert value(scraped, "crew_worker_jobs_total", **labels) == 1
     assert value(scraped, "crew_worker_job_duration_seconds_count", **labels) == 0
     assert value(scraped, "crew_worker_queue_wait_seconds_count", task=task) == 0
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_handed_back_by_a_graceful_stop_counts_as_requeued(
+        make_worker, client, uid):
+    task, started = f"slow.{uid}", threading.Event()
+
+    def slow(_):
+        started.set()
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            time.sleep(0.01)
+
+    worker = make_worker({task: slow})
+    call = asyncio.ensure_future(client.call(task, expiration=2))
+    assert await asyncio.to_thread(started.wait, 10)
+    worker.request_stop(grace=0)  # the running job is interrupted and its call requeued
+    with pytest.raises(ExpirationError):  # back in its queue, where nobody takes it
+        await call
+    scraped = samples(generate_latest().decode())
+    labels = {"task": task, "outcome": "requeued"}
+    assert value(scraped, "crew_worker_jobs_total", **labels) == 1
+    assert value(scraped, "crew_worker_job_duration_seconds_count", **labels) == 1

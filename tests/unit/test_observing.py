@@ -39,7 +39,7 @@ def test_a_kill_reply_is_a_killed_timeout_error():
 @pytest.mark.parametrize("status, expected", [
     (protocol.STATUS_OK, "ok"), (protocol.STATUS_ERROR, "remote_error"),
     (protocol.STATUS_TIMEOUT, "killed"), (protocol.STATUS_EXPIRED, "expired"),
-    (outcomes.CANCELLED, "cancelled"),
+    (outcomes.CANCELLED, "cancelled"), (outcomes.REQUEUED, "requeued"),
 ])
 def test_every_reply_status_has_one_worker_outcome(status, expected):
     assert outcomes.of_status(status) == expected
