@@ -42,6 +42,8 @@ TaskFunction = Callable[[Any], Any]
 
 def _wanted(choice: object, available: bool, env: str, what: str, extra: str) -> bool:
     """Whether ``what`` is on: ``choice`` None follows the library and ``env``."""
+    if not (choice is None or isinstance(choice, bool) or hasattr(choice, "get_tracer")):
+        raise TypeError(f"{what}= takes None, True or False, not {type(choice).__name__}")
     if choice is None:
         return available and os.environ.get(env, "").strip().lower() not in _OFF
     if choice is False:

@@ -63,3 +63,10 @@ def test_on_by_default_when_installed_and_off_when_told(monkeypatch):
     assert observing.for_client(False, False) is None
     only_traces = observing.for_client(False, None)
     assert only_traces is not None and only_traces._metrics is None
+
+
+def test_a_switch_that_is_neither_a_bool_nor_a_tracer_provider_is_refused():
+    with pytest.raises(TypeError, match="metrics= takes None, True or False, not str"):
+        observing.for_client("no", None)
+    with pytest.raises(TypeError, match="traces="):
+        observing.for_client(None, 1)
