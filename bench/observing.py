@@ -190,6 +190,7 @@ def micro(calls: int, rounds: int) -> None:
 
 
 def main() -> None:
+    global SETUPS
     if len(sys.argv) == 4 and sys.argv[1] == "worker":
         asyncio.run(serve(sys.argv[2], sys.argv[3]))
         return
@@ -198,7 +199,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000,
                         help="sequential calls per round (four times as many in flight)")
     parser.add_argument("--micro", action="store_true", help="the observers alone, in us")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help="comma-separated, among: %(default)s (off always runs)")
     options = parser.parse_args()
+    SETUPS = tuple(s for s in SETUPS if s == "off" or s in options.setups.split(","))
     if options.micro:
         micro(options.calls * 10, options.rounds)
         return

@@ -6,9 +6,9 @@ are one collector in prometheus_client's default registry, registered on first u
 application's own exporter shows them; :func:`serve` exposes them on a port of their own
 (``--metrics-port``), :func:`exposition` for the gateway's ``/metrics``.
 
-A call's record costs well under a microsecond: a dict look-up, a bisect and two additions
-under one lock (prometheus_client's own Counter and Histogram take a lock per number, about
-4 us per call here), and the collector turns the records into counters and histograms at
+A call's record costs a fraction of a microsecond: an append to a deque, counted into
+buckets in batches (prometheus_client's own Counter and Histogram take a lock per number,
+about 4 us per call here); the collector turns the counts into counters and histograms at
 scrape time. Labels are ``task`` and ``outcome`` only (:mod:`crew.outcomes`), never a
 correlation id or data; a process labels at most :data:`MAX_TASK_LABELS` task names (the
 gateway's callers choose them), the rest under ``task="_other"``. Names and meanings are in
@@ -17,6 +17,7 @@ README, "Metrics and traces"; :mod:`crew.observing` calls these.
 
 from __future__ import annotations
 
+import collections
 import threading
 import weakref
 from bisect import bisect_left
@@ -42,26 +43,45 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
            10.0, 30.0, 60.0, 300.0, 1500.0)
 #: A series: a count per bucket (the last one past every bound), the sum, the count of events.
 _SUM, _EVENTS = len(BUCKETS) + 1, len(BUCKETS) + 2
+#: Events counted at once; until then they wait in a deque (a scrape counts them all).
+_BATCH = 256
 
 
 class _Series:
-    """Events by label values, each with seconds in buckets (or none: counted only)."""
+    """Events by label values, each with seconds in buckets (or none: counted only).
+
+    An event is appended to a deque, which needs no lock (the deque's own methods are
+    atomic), and the events are counted in batches of :data:`_BATCH`, and at each scrape,
+    under a lock. With a lock per event, the job threads and the loop of a busy worker
+    contended for it: 3-4 us per event instead of 1.
+    """
 
     def __init__(self, name: str, counter: str, histogram: str, labels: tuple[str, ...]) -> None:
         self.name, self.counter, self.histogram, self.labels = name, counter, histogram, labels
+        self._events: collections.deque[tuple[tuple[str, ...], float | None]] = (
+            collections.deque())
         self._lock = threading.Lock()
         self._series: dict[tuple[str, ...], list[float]] = {}
         self._tasks: set[str] = set()
 
     def add(self, key: tuple[str, ...], seconds: float | None) -> None:
         """One event of ``key`` (task first), ``seconds`` long; any thread may call it."""
-        slot = _SUM if seconds is None else bisect_left(BUCKETS, seconds)
+        events = self._events
+        events.append((key, seconds))
+        if len(events) >= _BATCH:
+            self._count()
+
+    def _count(self) -> None:
+        """Count the events appended so far into their series."""
         with self._lock:
-            series = self._series.get(key) or self._new(key)
-            series[_EVENTS] += 1
-            if seconds is not None:
-                series[slot] += 1
-                series[_SUM] += seconds
+            events, series_of = self._events, self._series
+            for _ in range(len(events)):  # what others append meanwhile waits for the next
+                key, seconds = events.popleft()
+                series = series_of.get(key) or self._new(key)
+                series[_EVENTS] += 1
+                if seconds is not None:
+                    series[bisect_left(BUCKETS, seconds)] += 1
+                    series[_SUM] += seconds
 
     def _new(self, key: tuple[str, ...]) -> list[float]:
         """With the lock held: the series of a new ``key``, or of ``_other`` past the limit."""
@@ -72,6 +92,7 @@ class _Series:
         return self._series.setdefault(key, [0.0] * (_EVENTS + 1))
 
     def families(self) -> Iterator[Any]:
+        self._count()
         with self._lock:
             series = [(key, list(values)) for key, values in self._series.items()]
         if self.counter:

@@ -5,12 +5,13 @@ test_traces.py)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from crew import (CallError, ConnectionLostError, DecodeError, DeliveryLimitError,
-                  ExpirationError, RemoteError, TimeoutError, UnknownTaskError, observing,
-                  outcomes, protocol)
+                  ExpirationError, RemoteError, TimeoutError, UnknownTaskError, metrics,
+                  observing, outcomes, protocol)
 from crew.pending import outcome
 from pika.spec import BasicProperties
 
@@ -70,3 +71,29 @@ def test_a_switch_that_is_neither_a_bool_nor_a_tracer_provider_is_refused():
         observing.for_client("no", None)
     with pytest.raises(TypeError, match="traces="):
         observing.for_client(None, 1)
+
+
+def test_events_from_many_threads_are_all_counted_in_their_buckets():
+    series = metrics._Series("Things", "things", "thing_seconds", ("task", "outcome"))
+
+    def add_many(n: int) -> None:
+        for i in range(1000):
+            series.add((f"t{n % 2}", "ok"), 0.0002 if i % 2 else 0.2)
+            series.add((f"t{n % 2}", "cancelled"), None)
+
+    threads = [threading.Thread(target=add_many, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counter, histogram = series.families()
+    counts = {tuple(s.labels.values()): s.value for s in counter.samples}
+    assert counts == {("t0", "ok"): 4000, ("t1", "ok"): 4000, ("t0", "cancelled"): 4000,
+                      ("t1", "cancelled"): 4000}
+    got = {(s.name, s.labels["task"], s.labels["outcome"], s.labels.get("le")): s.value
+           for s in histogram.samples}
+    assert got["thing_seconds_bucket", "t0", "ok", "0.0005"] == 2000
+    assert got["thing_seconds_bucket", "t0", "ok", "0.25"] == 4000
+    assert got["thing_seconds_bucket", "t0", "cancelled", "+Inf"] == 0  # counted, not timed
+    assert got["thing_seconds_count", "t1", "ok", None] == 4000
+    assert abs(got["thing_seconds_sum", "t1", "ok", None] - 2000 * 0.2002) < 1e-6
