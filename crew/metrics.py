@@ -51,9 +51,9 @@ class _Series:
     """Events by label values, each with seconds in buckets (or none: counted only).
 
     An event is appended to a deque, which needs no lock (the deque's own methods are
-    atomic), and the events are counted in batches of :data:`_BATCH`, and at each scrape,
-    under a lock. With a lock per event, the job threads and the loop of a busy worker
-    contended for it: 3-4 us per event instead of 1.
+    atomic), and the events are counted in batches of :data:`_BATCH` by a thread that finds
+    the lock free (no thread ever waits for it to record), and at each scrape. A lock per
+    event would have the job threads and the loop of a busy worker contend for it.
     """
 
     def __init__(self, name: str, counter: str, histogram: str, labels: tuple[str, ...]) -> None:
@@ -68,20 +68,27 @@ class _Series:
         """One event of ``key`` (task first), ``seconds`` long; any thread may call it."""
         events = self._events
         events.append((key, seconds))
-        if len(events) >= _BATCH:
-            self._count()
+        # Never waits: if another thread is counting, the events wait for the next batch.
+        if len(events) >= _BATCH and self._lock.acquire(blocking=False):
+            try:
+                self._count_held()
+            finally:
+                self._lock.release()
 
     def _count(self) -> None:
-        """Count the events appended so far into their series."""
+        """Count every event appended so far into its series."""
         with self._lock:
-            events, series_of = self._events, self._series
-            for _ in range(len(events)):  # what others append meanwhile waits for the next
-                key, seconds = events.popleft()
-                series = series_of.get(key) or self._new(key)
-                series[_EVENTS] += 1
-                if seconds is not None:
-                    series[bisect_left(BUCKETS, seconds)] += 1
-                    series[_SUM] += seconds
+            self._count_held()
+
+    def _count_held(self) -> None:
+        events, series_of = self._events, self._series
+        for _ in range(len(events)):  # what others append meanwhile waits for the next
+            key, seconds = events.popleft()
+            series = series_of.get(key) or self._new(key)
+            series[_EVENTS] += 1
+            if seconds is not None:
+                series[bisect_left(BUCKETS, seconds)] += 1
+                series[_SUM] += seconds
 
     def _new(self, key: tuple[str, ...]) -> list[float]:
         """With the lock held: the series of a new ``key``, or of ``_other`` past the limit."""
