@@ -56,8 +56,12 @@ class _Series:
     event would have the job threads and the loop of a busy worker contend for it.
     """
 
-    def __init__(self, name: str, counter: str, histogram: str, labels: tuple[str, ...]) -> None:
-        self.name, self.counter, self.histogram, self.labels = name, counter, histogram, labels
+    def __init__(self, what: str, counter: str, histogram: str, seconds: str,
+                 labels: tuple[str, ...]) -> None:
+        by = f", by {' and '.join(labels)}"
+        self.counter, self.counter_help = counter, f"{what}{by}"
+        self.histogram, self.histogram_help = histogram, f"Seconds {seconds}{by}"
+        self.labels = labels
         self._events: collections.deque[tuple[tuple[str, ...], float | None]] = (
             collections.deque())
         self._lock = threading.Lock()
@@ -103,14 +107,11 @@ class _Series:
         with self._lock:
             series = [(key, list(values)) for key, values in self._series.items()]
         if self.counter:
-            counter = CounterMetricFamily(self.counter, f"{self.name}, by "
-                                          f"{' and '.join(self.labels)}", labels=self.labels)
+            counter = CounterMetricFamily(self.counter, self.counter_help, labels=self.labels)
             for key, values in series:
                 counter.add_metric(key, values[_EVENTS])
             yield counter
-        histogram = HistogramMetricFamily(
-            self.histogram, f"Seconds {self.name.lower()} took, by {' and '.join(self.labels)}",
-            labels=self.labels)
+        histogram = HistogramMetricFamily(self.histogram, self.histogram_help, labels=self.labels)
         for key, values in series:
             cumulative, buckets = 0.0, []
             for bound, count in zip(_bounds(), values[:_SUM], strict=True):
@@ -131,11 +132,13 @@ class _Collector:
 
     def __init__(self) -> None:
         self.calls = _Series("Calls made", "crew_client_calls",
-                             "crew_client_call_duration_seconds", ("task", "outcome"))
-        self.jobs = _Series("Jobs run", "crew_worker_jobs", "crew_worker_job_duration_seconds",
-                            ("task", "outcome"))
-        self.waits = _Series("Waiting from publication to the job's start", "",
-                             "crew_worker_queue_wait_seconds", ("task",))
+                             "crew_client_call_duration_seconds",
+                             "from a call to its outcome", ("task", "outcome"))
+        self.jobs = _Series("Calls served", "crew_worker_jobs",
+                            "crew_worker_job_duration_seconds",
+                            "from a job's start to its end", ("task", "outcome"))
+        self.waits = _Series("", "", "crew_worker_queue_wait_seconds",
+                             "from a call's publication to its job's start", ("task",))
         self.workers: weakref.WeakSet[WorkerMetrics] = weakref.WeakSet()
         self.reconnections = 0
         self.clients = False  # their families appear once a client records

@@ -74,7 +74,8 @@ def test_a_switch_that_is_neither_a_bool_nor_a_tracer_provider_is_refused():
 
 
 def test_events_from_many_threads_are_all_counted_in_their_buckets():
-    series = metrics._Series("Things", "things", "thing_seconds", ("task", "outcome"))
+    series = metrics._Series("Things", "things", "thing_seconds", "things took",
+                             ("task", "outcome"))
 
     def add_many(n: int) -> None:
         for i in range(1000):
