@@ -18,11 +18,19 @@ setup(
     entry_points={"console_scripts": ["crew = crew.command:main"],
                   "pytest11": ["crew = crew.testing"]},
     extras_require={
+        # Optional: Prometheus metrics and OpenTelemetry traces (README, "Metrics and traces").
+        # start_http_server returns its server from prometheus_client 0.17 on.
+        "metrics": ["prometheus_client>=0.17"],
+        "otel": ["opentelemetry-api>=1.20"],
         # Flask and gunicorn: the WSGI example (wsgi_example/) that the tests serve with
         # gunicorn, whose --no-control-socket came in 25.1; gevent and eventlet: the tests
-        # that SyncClient refuses their monkey-patching. None of them is crew's dependency.
+        # that SyncClient refuses their monkey-patching; the metrics and otel libraries (and
+        # OpenTelemetry's SDK, whose in-memory exporter sees the spans), so that CI runs the
+        # tests of both. None of them is crew's dependency.
         "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6", "flask>=2.2",
-                 "gunicorn>=25.1", "gevent>=22", "eventlet>=0.33"],
+                 "gunicorn>=25.1", "gevent>=22", "eventlet>=0.33",
+                 "prometheus_client>=0.17", "opentelemetry-api>=1.20",
+                 "opentelemetry-sdk>=1.20"],
         # Pinned: a new release of either may find new things, which CI must not learn
         # from a stranger's upload.
         "lint": ["ruff==0.17.6", "mypy==2.4.1"],

@@ -4,12 +4,9 @@
 (:mod:`crew.memory`), starts its job (in a job thread of :mod:`crew.pool`, or as a coroutine
 for ``async`` tasks) and arms a timer for its deadline. It stops a job at its deadline, on
 its caller's cancel notice (remembered for a call not delivered yet), when the task channel
-is lost and on a graceful stop, and counts the job threads that do not return once
-interrupted. How each call then ends, exactly once, is :mod:`crew.replies`; which calls
-are let in, :mod:`crew.intake`; docs/PROTOCOL.md, section 6, has them in prose.
-Everything here runs on the worker's loop. The :class:`~crew.serving.Worker` owns one
-handler for its whole life (job threads and remembered cancel notices outlive a
-reconnection) and tells it which task channel is current (:meth:`CallHandler.attach`).
+is lost and on a graceful stop, and counts the stuck job threads. How each call then ends,
+exactly once, is :mod:`crew.replies`; which calls are let in, :mod:`crew.intake`; section 6
+of docs/PROTOCOL.md has them in prose. All but :meth:`CallHandler.gauges` runs on the loop.
 """
 
 from __future__ import annotations
@@ -47,10 +44,10 @@ class CallHandler:
     """Serves the calls delivered to one worker; :attr:`replies` ends each exactly once.
 
     ``scope``: what task code sees of the worker (``context.settings`` and ``.pubsub``);
-    ``concurrency``: jobs run at once (and calls held, :mod:`crew.intake`); ``worker_id`` names the
-    job threads; ``max_memory``: bytes the calls served may hold (see :mod:`crew.memory`);
-    ``on_too_many_stuck()`` is called (on the loop) once more than ``max_stuck`` job threads
-    are stuck; ``call_in_loop(func, *args)`` runs ``func`` on the loop from any thread.
+    ``concurrency``: jobs run at once (and calls held, :mod:`crew.intake`); ``worker_id``
+    names the job threads; ``max_memory``: bytes the calls served may hold (:mod:`crew.memory`);
+    ``on_too_many_stuck()`` is called (on the loop) once more than ``max_stuck`` job threads are
+    stuck; ``call_in_loop(func, *args)`` runs ``func`` on the loop from any thread.
     """
 
     def __init__(self, scope: Scope, *, concurrency: int, worker_id: str, max_memory: int,
@@ -92,6 +89,9 @@ class CallHandler:
     def idle(self) -> asyncio.Event | None:
         """Set while no call is being served (None before :meth:`start`)."""
         return self.replies.idle
+
+    def gauges(self) -> tuple[int, int, bool]:  # served, stuck threads, stopping; any thread
+        return self.replies.serving_now, len(self.threads.stuck), self.replies.stopping
 
     @property
     def serving(self) -> int:
@@ -266,10 +266,10 @@ class CallHandler:
         replies.settle_sent()
         for job in list(replies.jobs.values()):
             self._abandon(job)
-            replies.forget(job)
+            replies.forget(job, requeued=True)
         for job in self.threads.drain_pending():
             job.watch.abandon(JobKilled)
-            replies.forget(job)
+            replies.forget(job, requeued=True)
         replies.detach()
         self.intake.detach()
 

@@ -54,6 +54,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="memory ceiling for the calls being served, undecoded, inflated "
                              "and decoded; calls beyond it wait (default %(default)s MiB, at "
                              f"least {MIN_MAX_MEMORY // _MiB})")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                        help="serve Prometheus metrics on http://0.0.0.0:N/metrics (needs "
+                             "crew[metrics]); with --forks K, process i serves port N+i")
     add_logging_arguments(parser)
     return parser
 

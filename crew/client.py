@@ -32,6 +32,7 @@ from .amqp import Connection
 from .exceptions import ConnectionLostError
 from .link import Link
 from .loops import Background
+from .observing import for_client
 from .parallel import Parallel
 from .pending import Call, Outcome, Pending, Resend, encode
 from .pubsub import Callback, Subscriptions
@@ -59,7 +60,9 @@ class Client:
     seconds. ``deadline_grace``: how long past a deadline the client waits for the worker's
     or broker's own answer before raising :class:`~crew.TimeoutError` itself.
     ``reconnect``: after a lost connection, connect again by itself (with capped, jittered
-    backoff) and declare its reply queue and subscriptions again.
+    backoff) and declare its reply queue and subscriptions again. ``metrics``: count calls in
+    prometheus_client's default registry; ``traces``: a span per call (OpenTelemetry); both
+    on when their library is installed unless False (see :mod:`crew.observing`).
     """
 
     def __init__(self, url: str | Sequence[str] | None = None, *, host: str | None = None,
@@ -68,7 +71,8 @@ class Client:
                  content_type: str = protocol.MSGPACK,
                  expiration: float = protocol.DEFAULT_EXPIRATION,
                  deadline_grace: float = DEFAULT_DEADLINE_GRACE,
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, metrics: bool | None = None,
+                 traces: object = None) -> None:
         if broker is None:
             broker = BrokerSettings.from_url(url, host=host, port=port, vhost=vhost, user=user,
                                              password=password, name="crew-client")
@@ -91,6 +95,8 @@ class Client:
         self._id_prefix = f"{uuid.uuid4().hex[:16]}."
         self._call_numbers = itertools.count(1)
         self._task_names: set[str] = set()
+        #: Metrics and traces of its calls; None when neither is on.
+        self._observer = for_client(metrics, traces)
 
     # --- connection --------------------------------------------------------------------
 
@@ -159,6 +165,7 @@ class Client:
 
     # --- calls -------------------------------------------------------------------------
 
+    # longer than 40 lines because its docstring is the reference of every argument
     async def call(self, task: str, data: Any = None, *, priority: int = 0,
                    expiration: float | None = None, persistent: bool = True,
                    gzip: bool | None = None, headers: dict[str, Any] | None = None,
@@ -196,7 +203,10 @@ class Client:
             correlation_id=correlation_id, priority=priority, headers=user_headers,
             delivery_mode=2 if persistent else 1)
         call = Call(task, asyncio.get_running_loop().create_future(), deadline_ms, retry)
-        value, reply_headers = await self._run(correlation_id, call, seconds, properties, body)
+        run = self._run(correlation_id, call, seconds, properties, body)
+        if self._observer is not None:
+            run = self._observer.call(run, task, call.started, correlation_id, user_headers)
+        value, reply_headers = await run
         return (value, reply_headers) if return_headers else value
 
     def _validate(self, task: str, priority: int, expiration: float | None,

@@ -5,9 +5,9 @@
     CrewError
     ├── CallError                       a call ended without a result
     │   ├── RemoteError                 the task raised; .type, .message, .traceback
-    │   ├── TimeoutError                the job ran past its deadline and was interrupted,
-    │   │                               or no answer came by the deadline
-    │   │                               (also builtins.TimeoutError)
+    │   ├── TimeoutError                the job ran past its deadline and was interrupted
+    │   │                               (.killed True), or no answer came by the deadline
+    │   │                               (.killed False) (also builtins.TimeoutError)
     │   ├── ExpirationError             no worker started the call before its deadline
     │   │                               (also builtins.TimeoutError)
     │   ├── UnknownTaskError            no queue exists for the task name (also LookupError)
@@ -76,9 +76,18 @@ class RemoteError(CallError):
 class TimeoutError(CallError, builtins.TimeoutError):
     """The call did not finish by its deadline.
 
-    Raised when the worker interrupted the job at the deadline, and when no answer at all
-    reached the caller by then (the job may or may not have run).
+    Raised when the worker interrupted the job at the deadline (:attr:`killed` is True),
+    and when no answer at all reached the caller by then (the job may or may not have run;
+    :attr:`killed` is False).
     """
+
+    #: True if the worker said it interrupted the job at its deadline; False if the client
+    #: gave up waiting by itself (the metrics' outcomes ``killed`` and ``timeout``).
+    killed: bool
+
+    def __init__(self, *args: object, killed: bool = False) -> None:
+        super().__init__(*args)
+        self.killed = killed
 
 
 class ExpirationError(CallError, builtins.TimeoutError):

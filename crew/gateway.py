@@ -7,6 +7,7 @@
     GET  /events/<channel>                      the channel's messages as Server-Sent Events
     POST /publish/<channel>                     publish the JSON body on the channel
     GET  /health                                200 {"broker": "up", ...} or 503
+    GET  /metrics                               Prometheus metrics (with crew[metrics])
 
 Errors are JSON, ``{"error": "<name>", "message": "..."}``: 400 bad request or bad JSON,
 404 unknown task, 413 body over ``max_body``, 502 the task raised (``type`` names it), its
@@ -36,7 +37,7 @@ from .cli import broker_from_options, setup_logging
 from .client import Client
 from .exceptions import (ConnectionLostError, CrewError, DeliveryLimitError, EncodeError,
                          ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
-from .httpapi import (BodyHandler, JSONHandler, NotFound, Refused, bad_request,
+from .httpapi import (BodyHandler, JSONHandler, MetricsHandler, NotFound, Refused, bad_request,
                       build_http_parser, dumps, log_request, run_http)
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_POLL_TIMEOUT", "Listening", "main", "make_app"]
@@ -264,6 +265,7 @@ def make_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY,
         (r"/events/([^/]+)", EventsHandler),
         (r"/publish/([^/]+)", PublishHandler),
         (r"/health", HealthHandler),
+        (r"/metrics", MetricsHandler),
     ], crew=client, listening=Listening(), max_body=max_body, poll_timeout=poll_timeout,
         keepalive=keepalive, log_function=functools.partial(log_request, log),
         default_handler_class=NotFound, **settings)

@@ -4,6 +4,7 @@
 - A request body over the application's ``max_body`` setting gets 413 and is not read.
 - Each request logs one line (status, method, path, time, error name); never a body.
 - A handler learns that its HTTP client disconnected through :meth:`JSONHandler.wake`.
+- :class:`MetricsHandler` serves the process's Prometheus metrics (``crew[metrics]``).
 - The command lines of HTTP servers (``python -m crew.gateway``, ``python -m master_example``)
   share :func:`build_http_parser` and :func:`run_http`, which serves an application with its
   client until SIGINT or SIGTERM.
@@ -23,14 +24,14 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler, stream_request_body
 
-from . import codec, protocol
+from . import codec, metrics, protocol
 from .cli import add_broker_arguments, add_logging_arguments
 from .exceptions import CodecError, CrewError
 
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["BodyHandler", "JSONHandler", "NotFound", "Refused", "bad_request",
+__all__ = ["BodyHandler", "JSONHandler", "MetricsHandler", "NotFound", "Refused", "bad_request",
            "build_http_parser", "dumps", "log_request", "run_http"]
 
 # The command line's logger, as when these lines were logged from crew.cli.
@@ -87,6 +88,19 @@ class NotFound(JSONHandler):
 
     def prepare(self) -> None:
         raise Refused(404, "NotFound", f"no endpoint {self.request.path}")
+
+
+class MetricsHandler(JSONHandler):
+    """``GET /metrics``: every metric of the process (prometheus_client's default registry:
+    crew's and the application's) in Prometheus' text format; 404 without ``crew[metrics]``."""
+
+    def get(self) -> None:
+        if not metrics.AVAILABLE:
+            raise Refused(404, "NotFound", "metrics need the crew[metrics] extra "
+                                           "(prometheus_client)")
+        body, content_type = metrics.exposition()
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
 
 
 @stream_request_body

@@ -64,7 +64,7 @@ class Job:
     __slots__ = ("scope", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
                  "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread",
-                 "channel", "received", "priority")
+                 "channel", "received", "priority", "ttl", "observed")
 
     def __init__(self, scope: Scope | None, task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
@@ -102,6 +102,10 @@ class Job:
         self.channel: Channel | None = None
         #: When the worker read the call, on the ``time.monotonic()`` clock (``crew inspect``).
         self.received = time.monotonic()
+        #: The call's AMQP ``expiration`` (its TTL in ms when published), as delivered.
+        self.ttl: str | None = None
+        #: What :mod:`crew.observing` notes of the job (its start and span), if anything.
+        self.observed: Any = None
 
     @classmethod
     def from_delivery(cls, scope: Scope, task: str, func: Callable[[Any], Any],
@@ -134,6 +138,7 @@ class Job:
                   props.content_type, props.content_encoding, body,
                   protocol.user_headers(headers), monotonic_deadline(deadline), reply_gzip,
                   props.priority or 0)
+        job.ttl = props.expiration
         return job, refusal
 
     @property

@@ -172,7 +172,8 @@ def outcome(props: BasicProperties, body: bytes) -> Outcome | CrewError:
     if status == protocol.STATUS_ERROR:
         return RemoteError(kind, message, traceback)
     if status == protocol.STATUS_TIMEOUT:
-        return TimeoutError(message or "the job ran past its deadline and was interrupted")
+        return TimeoutError(message or "the job ran past its deadline and was interrupted",
+                            killed=True)
     if status == protocol.STATUS_EXPIRED:
         return ExpirationError(message or "no worker started the call before its deadline")
     return DecodeError(f"reply with unknown status {status!r}")

@@ -24,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from pika.spec import Basic, BasicProperties
 
-from . import protocol
+from . import outcomes, protocol
 from .amqp import Channel
 from .cancels import Key
 from .exceptions import ConnectionLostError, EncodeError, JobKilled
@@ -37,6 +37,14 @@ from .jobs import Job, Reply
 __all__ = ["Replies"]
 
 log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Hears how each call ended (:class:`crew.observing.WorkerObserver`)."""
+
+    def job_ended(self, job: Job, status: str) -> None: ...
+
+    def channel_lost(self) -> None: ...
 
 
 class Replies:
@@ -68,6 +76,8 @@ class Replies:
         self._sent: list[Job] = []
         self._finished_lock = threading.Lock()
         self._finished_scheduled = False
+        #: Told of each call that ends with a reply sent, or dropped (metrics, traces).
+        self.observer: Observer | None = None
 
     def start(self) -> None:
         """Called on the worker's loop before the first call."""
@@ -81,6 +91,8 @@ class Replies:
     def detach(self) -> None:
         """The task channel closed: no reply can be sent until the next :meth:`attach`."""
         self.channel = None
+        if self.observer is not None:
+            self.observer.channel_lost()
 
     def begin_stop(self) -> None:
         self.stopping = True
@@ -98,21 +110,26 @@ class Replies:
             return
         channel = self.channel
         if channel is None or not channel.is_open:
-            self.forget(job)
+            self.forget(job, requeued=True)
             return  # the call will be redelivered by the broker
         try:
             self._publish_reply(channel, job, reply, job.headers)
         except Exception as exc:  # noqa: BLE001 - pika cannot encode a header the task set
             log.warning("reply to call %r could not be sent: %s", job.correlation_id, exc)
             error = EncodeError(f"the reply's headers cannot be sent: {exc}")
-            self._publish_reply(channel, job, job.error_reply(error, with_traceback=False), {})
+            reply = job.error_reply(error, with_traceback=False)
+            self._publish_reply(channel, job, reply, {})
         channel.ack(job.delivery_tag)
         self.forget(job)
+        if self.observer is not None:
+            self.observer.job_ended(job, reply.status)
 
     def drop(self, job: Job) -> None:
         """Acknowledge ``job``'s call without a reply (its caller cancelled it)."""
         self.forget(job)
         self.channel.ack(job.delivery_tag)  # type: ignore[union-attr]
+        if self.observer is not None:
+            self.observer.job_ended(job, outcomes.CANCELLED)
 
     def requeue(self, job: Job) -> None:
         """Put ``job``'s call back in its queue, unless it ended (its thread answers it)."""
@@ -120,18 +137,27 @@ class Replies:
             return  # answered, or its thread is answering it
         if self.channel is not None:
             self.channel.reject(job.delivery_tag, requeue=True)
-        self.forget(job)
+        self.forget(job, requeued=True)
 
-    def forget(self, job: Job) -> None:
-        """``job``'s call is no longer served: nothing more is sent for it."""
+    def forget(self, job: Job, *, requeued: bool = False) -> None:
+        """``job``'s call is no longer served: nothing more is sent for it. ``requeued``: it
+        goes back to its queue (rejected, or its channel is gone), to be served again."""
         job.answered = True
         if job.timer is not None:
             job.timer.cancel()
         if self.jobs.get(job.key) is job:
             del self.jobs[job.key]
             self._on_forget(job)
+            if requeued and self.observer is not None:
+                self.observer.job_ended(job, outcomes.REQUEUED)
         if not self.jobs and self.idle is not None:
             self.idle.set()
+
+    @property
+    def serving_now(self) -> int:
+        """Calls being served, as any thread may read it (a metrics scrape): not exact
+        while jobs end, but never off for long."""
+        return len(self.jobs) - len(self._sent)
 
     def settle_sent(self) -> None:
         """Forget the calls that job threads answered themselves (:meth:`thread_done`).
@@ -172,6 +198,8 @@ class Replies:
         calls under way the loop is busy anyway, and answering them in batches is cheaper.
         """
         if self._alone() and self._send_now(job, reply):
+            if self.observer is not None:
+                self.observer.job_ended(job, reply.status)
             with self._finished_lock:
                 self._sent.append(job)
                 wake = (self.stopping or self.wake_on_end) and not self._finished_scheduled

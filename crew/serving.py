@@ -1,20 +1,17 @@
 """Serving: the :class:`Worker`, which connects, consumes its task queues, reconnects and
-stops, and :func:`serve_in_thread` for embedding it.
+stops (:func:`crew.worker.serve_in_thread` runs one in a thread of its own).
 
 One asyncio loop owns the AMQP connection and never runs sync task code: jobs run in threads
 (:mod:`crew.pool`), ``async def`` tasks as coroutines on the loop (they must not block it).
-Each call is acknowledged only once its reply is published, so a worker that dies mid-job
-leaves the call to be redelivered. What happens to each call, from delivery to job, is
-:mod:`crew.calls`, and from job to reply :mod:`crew.replies`; this module connects,
-reconnects and stops. Task code sees the worker only through a :class:`~crew.jobs.Scope`
-(``context.settings`` and ``context.pubsub``). The article's import path, with the command
-line, is :mod:`crew.worker`; what it tells ``crew status``, :mod:`crew.presence`."""
+A call is acknowledged once its reply is published: a worker that dies mid-job leaves it to be
+redelivered. Delivery to job is :mod:`crew.calls`, job to reply :mod:`crew.replies`, what
+``crew status`` sees :mod:`crew.presence`; tasks see the worker through a
+:class:`~crew.jobs.Scope`; the command line is :mod:`crew.worker`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import uuid as _uuid
 from functools import partial
 from typing import Any, Callable, Mapping
@@ -29,13 +26,14 @@ from .context import Publisher, context
 from .exceptions import ConnectionLostError
 from .jobs import Scope
 from .loops import first_set, running_loop
+from .observing import for_worker
 from .presence import Presence
 from .registry import Settings, TaskFunction, tasks
 from .session import Session
 from .settings import (DEFAULT_GRACE, DEFAULT_MAX_MEMORY, DEFAULT_MAX_STUCK, BrokerSettings,
                        BrokerSpec, check_worker_limits)
 
-__all__ = ["Worker", "serve_in_thread"]
+__all__ = ["Worker"]
 
 # The name the worker's lifecycle logged under before it moved here from crew.worker.
 log = logging.getLogger("crew.worker")
@@ -57,15 +55,17 @@ class Worker:
     and exits (see :mod:`crew.pool`). ``grace``: seconds running jobs get on a graceful stop.
     ``max_memory``: bytes the calls being served may hold undecoded, inflated and decoded
     (see :mod:`crew.memory`); a call that could need more alone is refused with
-    :class:`~crew.MessageTooLargeError`.
+    :class:`~crew.MessageTooLargeError`. ``metrics``, ``traces``: :mod:`crew.observing`.
     """
 
+    # longer than 40 lines because it sets every attribute of the worker in one place
     def __init__(self, tasks: Mapping[str, TaskFunction] | None = None, *,
                  broker: BrokerSpec = None, concurrency: int = 1,
                  max_priority: int = protocol.DEFAULT_QUEUE_MAX_PRIORITY,
                  settings: Mapping[str, Any] | None = None, options: Any = None,
                  max_stuck: int = DEFAULT_MAX_STUCK, grace: float = DEFAULT_GRACE,
-                 max_memory: int = DEFAULT_MAX_MEMORY, queue_type: str | None = None) -> None:
+                 max_memory: int = DEFAULT_MAX_MEMORY, queue_type: str | None = None,
+                 metrics: bool | None = None, traces: object = None) -> None:
         registry = _default_registry if tasks is None else tasks
         if not registry:
             raise ValueError("a worker needs at least one task")
@@ -93,6 +93,9 @@ class Worker:
             on_too_many_stuck=self._on_too_many_stuck)
         self._presence = Presence(self._calls, self.uuid, self.tasks, self.queue_type,
                                   self.max_priority, concurrency, max_stuck)
+        observer = self._calls.replies.observer = for_worker(  # None: metrics, traces off
+            metrics, traces, self._calls.gauges, concurrency)
+        self._served = observer.wrap(self.tasks) if observer else self.tasks
         self._stop_requested: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
         self._lost = asyncio.Event()
@@ -144,7 +147,7 @@ class Worker:
 
     async def _open(self) -> Session:
         """One attempt: connect, declare, consume. A connection lost half-way is retried."""
-        return await Session.open(self._nodes.next(), self._calls, self.tasks,
+        return await Session.open(self._nodes.next(), self._calls, self._served,
                                   max_priority=self.max_priority, worker_id=self.uuid,
                                   queue_type=self.queue_type, presence=self._presence)
 
@@ -268,33 +271,3 @@ class Worker:
             func(*args)
         else:
             loop.call_soon_threadsafe(func, *args)
-
-
-def serve_in_thread(worker: Worker, timeout: float | None = None) -> threading.Thread:
-    """Run ``worker`` on a loop of its own in a daemon thread (embedding and tests).
-
-    Returns once the worker is consuming, or raises why it could not start (``timeout``: as
-    :meth:`Worker.start`'s). Stop it with ``worker.request_stop()`` and join the thread.
-    """
-    started = threading.Event()
-    failure: list[BaseException] = []
-
-    async def main() -> None:
-        try:
-            await worker.start(timeout)
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-            failure.append(exc)
-            started.set()
-            return
-        started.set()
-        await worker._serve_started()
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), name="crew-worker",
-                              daemon=True)
-    thread.start()
-    started.wait()
-    if failure:
-        thread.join()
-        raise failure[0]
-    return thread
-

@@ -35,8 +35,9 @@ class _Slot:
         self.restart_at = 0.0  # monotonic time; 0 = now
 
 
-def supervise(count: int, target: Callable[[], int]) -> int:
-    """Keep ``count`` processes running ``target`` until a signal; return 0 when all stopped."""
+def supervise(count: int, target: Callable[[int], int]) -> int:
+    """Keep ``count`` processes running ``target(slot)`` (slot 0 to ``count`` - 1: a restarted
+    process keeps its slot) until a signal; return 0 when all stopped."""
     context = multiprocessing.get_context("fork")
     slots = [_Slot(n) for n in range(count)]
     read_fd, write_fd = os.pipe()
@@ -66,16 +67,17 @@ def supervise(count: int, target: Callable[[], int]) -> int:
         os.close(write_fd)
 
 
-def _child(target: Callable[[], int]) -> None:
+def _child(target: Callable[[int], int], slot: int) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)  # the worker installs its own handlers
     signal.set_wakeup_fd(-1)
-    raise SystemExit(target())
+    raise SystemExit(target(slot))
 
 
 def _start(context: multiprocessing.context.ForkContext, slot: _Slot,
-           target: Callable[[], int]) -> None:
-    slot.process = context.Process(target=_child, args=(target,), name=f"crew-worker-{slot.number}")
+           target: Callable[[int], int]) -> None:
+    slot.process = context.Process(target=_child, args=(target, slot.number),
+                                   name=f"crew-worker-{slot.number}")
     slot.process.start()
     slot.started = time.monotonic()
     log.info("supervisor started worker process %d (slot %d)", slot.process.pid, slot.number)

@@ -44,7 +44,8 @@ from .exceptions import BrokerError, ConnectionLostError, RemoteError
 from .mocktask import MockCall, MockTask
 from .registry import TaskFunction
 from .registry import tasks as _registry
-from .serving import Worker, serve_in_thread
+from .serving import Worker
+from .worker import serve_in_thread
 from .sync import SyncClient
 from .testclient import LazyClient
 

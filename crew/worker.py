@@ -13,7 +13,7 @@
 
 The article's import path, on top of every other module: it re-exports the worker's public
 names and runs the worker's command line. :class:`Worker` (from :mod:`crew.serving`) is the
-explicit API (embedding, tests; :func:`serve_in_thread` runs one in a thread of its own);
+explicit API (embedding, tests; :func:`serve_in_thread`, here, runs one in a thread of its own);
 :func:`run` parses the command line around it, ``--forks`` included (:mod:`crew.supervisor`),
 and serves it until SIGINT or SIGTERM.
 
@@ -29,15 +29,17 @@ import argparse
 import asyncio
 import logging
 import sys
+import threading
 from typing import Any, Mapping, Sequence
 
+from . import metrics
 from .cli import EXIT_STUCK as EXIT_STUCK
 from .cli import broker_from_options, build_parser, on_stop_signals, setup_logging
 from .context import Publisher as Publisher
 from .context import context
 from .exceptions import CrewError
 from .registry import Task, TaskRegistry, tasks
-from .serving import Worker, serve_in_thread
+from .serving import Worker
 from .settings import DEFAULT_GRACE as DEFAULT_GRACE
 from .settings import DEFAULT_MAX_MEMORY as DEFAULT_MAX_MEMORY
 from .settings import DEFAULT_MAX_STUCK as DEFAULT_MAX_STUCK
@@ -66,23 +68,31 @@ def main(tasks: Mapping[str, Any], settings: Mapping[str, Any],
     setup_logging(options)
     if options.concurrency < 1:
         sys.exit("--concurrency must be at least 1")
+    if options.metrics_port is not None and not (
+            0 < options.metrics_port <= 65535 - max(0, options.forks - 1)):
+        sys.exit("--metrics-port must be a TCP port, with room for one port per fork")
     if options.forks > 0:
         from .supervisor import supervise  # here: multiprocessing costs every import of crew 5 ms
 
-        sys.exit(supervise(options.forks, lambda: serve(tasks, settings, options)))
+        sys.exit(supervise(options.forks, lambda slot: serve(tasks, settings, options, slot)))
     sys.exit(serve(tasks, settings, options))
 
 
 def serve(tasks: Mapping[str, Any], settings: Mapping[str, Any],
-          options: argparse.Namespace) -> int:
-    """Run one worker in this process until a signal stops it; return the exit status."""
+          options: argparse.Namespace, slot: int = 0) -> int:
+    """Run one worker in this process until a signal stops it; return the exit status.
+    ``slot``: which of the ``--forks`` processes this is (its metrics port is N + slot)."""
+    port = options.metrics_port
     try:
         worker = Worker(tasks, broker=broker_from_options(options, "crew-worker"),
                         concurrency=options.concurrency, max_priority=options.max_priority,
                         settings=settings, options=options, max_stuck=options.max_stuck,
                         grace=options.grace, max_memory=options.max_memory * 1024 * 1024,
-                        queue_type=options.queue_type)
-    except (TypeError, ValueError) as exc:
+                        queue_type=options.queue_type, metrics=True if port else None)
+        if port:
+            metrics.serve(port + slot)
+            log.info("metrics on http://0.0.0.0:%d/metrics", port + slot)
+    except (TypeError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
     return asyncio.run(_serve_with_signals(worker))
@@ -96,3 +106,29 @@ async def _serve_with_signals(worker: Worker) -> int:
         log.error("worker stopped: %s", exc)
         return 1
     return {"stopped": 0, "stuck": EXIT_STUCK}.get(reason, 1)
+
+
+def serve_in_thread(worker: Worker, timeout: float | None = None) -> threading.Thread:
+    """Run ``worker`` on a loop of its own in a daemon thread (embedding and tests); return
+    once it consumes, or raise why it could not start (``timeout``: as :meth:`Worker.start`'s).
+    Stop it with ``worker.request_stop()`` and join the thread."""
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    async def main() -> None:
+        try:
+            await worker.start(timeout)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            failure.append(exc)
+            return
+        finally:
+            started.set()
+        await worker.serve()  # started: it serves
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), name="crew-worker", daemon=True)
+    thread.start()
+    started.wait()
+    if failure:
+        thread.join()
+        raise failure[0]
+    return thread

@@ -22,7 +22,8 @@ from typing import Iterator
 import pytest
 
 from crew import Client
-from crew.serving import Worker, serve_in_thread
+from crew.serving import Worker
+from crew.worker import serve_in_thread
 from tests.support.cluster import Cluster, cluster_nodes
 from tests.support.logs import lines, until
 

@@ -77,6 +77,19 @@ class RawPublisher:
             self.connection.close()
 
 
+def late_call(url: str, task: str) -> str:
+    """Publish a call to ``task`` whose deadline passed a second ago (its TTL still a
+    minute: as a priority queue may deliver one) and return its reply's ``crew-status``."""
+    publisher = RawPublisher(url)
+    try:
+        reply = publisher.wait(publisher.call(task, b"null", expiration="60000", headers={
+            protocol.DEADLINE_HEADER: protocol.now_ms() - 1000}))
+    finally:
+        publisher.close()
+    assert reply is not None, "no reply to the late call"
+    return str(reply[0].headers[protocol.STATUS_HEADER])
+
+
 def decode_reply(reply: tuple[pika.BasicProperties, bytes]) -> tuple[str, Any]:
     props, body = reply
     return props.headers["crew-status"], codec.decode(body, props.content_type,

@@ -18,14 +18,14 @@ README = CREW.parent / "README.md"
 
 #: Bottom first; a module may import only the modules before it.
 LAYERS = [
-    "crew.exceptions", "crew.protocol", "crew.settings", "crew.threads", "crew.loops",
-    "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec", "crew.frames",
-    "crew.seam", "crew.transport", "crew.failures", "crew.amqp", "crew.connecting",
-    "crew.registry", "crew.cancels",
-    "crew.jobs", "crew.context", "crew.pool", "crew.replies", "crew.intake", "crew.calls",
-    "crew.presence", "crew.session", "crew.serving", "crew.pubsub", "crew.pending",
-    "crew.parallel", "crew.link", "crew.client", "crew.loopthread", "crew.syncruntime",
-    "crew.sync",
+    "crew.exceptions", "crew.protocol", "crew.outcomes", "crew.settings", "crew.threads",
+    "crew.loops", "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec",
+    "crew.frames", "crew.seam", "crew.transport", "crew.failures", "crew.amqp",
+    "crew.connecting", "crew.registry", "crew.cancels", "crew.jobs", "crew.metrics",
+    "crew.tracing", "crew.observing", "crew.context", "crew.pool", "crew.replies",
+    "crew.intake", "crew.calls", "crew.presence", "crew.session", "crew.serving",
+    "crew.pubsub", "crew.pending", "crew.parallel", "crew.link", "crew.client",
+    "crew.loopthread", "crew.syncruntime", "crew.sync",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
     "crew.master.tornado", "crew.census", "crew.calling", "crew.command", "crew",
     "crew.__main__", "crew.testbroker", "crew.mocktask", "crew.testclient", "crew.testing",
