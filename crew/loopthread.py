@@ -29,6 +29,7 @@ Not for use under gevent or eventlet monkey-patching: :func:`refuse_green_thread
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import sys
 import threading
@@ -137,9 +138,11 @@ class LoopThread:
 
 class Work:
     """A coroutine handed to a :class:`LoopThread`, as the thread that handed it sees it:
-    :meth:`wait` for it, then read its :meth:`outcome`; or :meth:`cancel` it."""
+    :meth:`wait` for it, then read its :meth:`outcome`; or :meth:`cancel` it. It runs in a
+    copy of the handing thread's context (its ``contextvars``: the current OpenTelemetry
+    span of a request, say), as it would have run in that thread."""
 
-    __slots__ = ("_coro", "_loop", "_ended", "_waited", "_task", "_cancelled")
+    __slots__ = ("_coro", "_loop", "_ended", "_waited", "_task", "_cancelled", "_context")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop) -> None:
         self._coro: Coroutine[Any, Any, Any] | None = coro
@@ -149,6 +152,7 @@ class Work:
         self._waited = False
         self._task: asyncio.Task[Any] | None = None
         self._cancelled = False
+        self._context = contextvars.copy_context()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the coroutine to end; whether it has."""
@@ -179,7 +183,9 @@ class Work:
             coro.close()
             self._ended.release()
             return
-        self._task = self._loop.create_task(coro)
+        # A task copies the current context: here the handing thread's (create_task's own
+        # context argument needs Python 3.11).
+        self._task = self._context.run(self._loop.create_task, coro)
         self._task.add_done_callback(self._end)
 
     def _end(self, _task: "asyncio.Task[Any]") -> None:

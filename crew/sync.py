@@ -66,14 +66,16 @@ class SyncClient:
                  content_type: str = protocol.MSGPACK,
                  expiration: float = protocol.DEFAULT_EXPIRATION,
                  deadline_grace: float = DEFAULT_DEADLINE_GRACE,
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, metrics: bool | None = None,
+                 traces: object = None) -> None:
         refuse_green_threads("crew.SyncClient")
         if broker is None:
             broker = BrokerSettings.from_url(url, host=host, port=port, vhost=vhost, user=user,
                                              password=password, name="crew-sync-client")
         self._options: dict[str, Any] = {
             "broker": broker, "content_type": content_type, "expiration": expiration,
-            "deadline_grace": deadline_grace, "reconnect": reconnect}
+            "deadline_grace": deadline_grace, "reconnect": reconnect, "metrics": metrics,
+            "traces": traces}
         checked = Client(**self._options)  # a bad argument raises here, not on first use
         self.broker = broker
         self.content_type = content_type

@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from crew import Client, ExpirationError, RemoteError, TimeoutError, context, protocol
+from crew import (Client, ExpirationError, RemoteError, SyncClient, TimeoutError, context,
+                  protocol)
 from crew.worker import Worker, serve_in_thread
 from tests.support.hostile import late_call
 
@@ -109,6 +110,37 @@ async def test_a_caller_in_a_span_links_up_with_client_worker_and_task(
         assert span.attributes["rpc.method"] == f"work.{uid}"
         assert span.attributes["crew.outcome"] == "ok"
         assert span.status.status_code == StatusCode.UNSET
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_sync_caller_in_a_span_links_up_too(traced, provider, exporter, broker_url,
+                                                    uid):
+    """SyncClient runs its calls on crew's loop thread, each in its caller's context: each
+    request's span (a Flask request's, say) is the parent of its calls', also when many
+    threads call at once and the loop starts their calls together."""
+    client = SyncClient(broker_url, traces=provider, metrics=False)
+
+    def request(n: int) -> tuple[int, list[Any]]:
+        with traced.start_as_current_span(f"wsgi request {n}") as span:
+            results = [client.call(f"work.{uid}", n) for _ in range(3)]
+            return span.get_span_context().span_id, results
+
+    try:
+        requests = await asyncio.gather(*(asyncio.to_thread(request, n) for n in range(16)))
+    finally:
+        await asyncio.to_thread(client.close)
+    found = await spans(exporter, 16 * (1 + 3 * 3))
+    calls = {span.context.span_id: span for span in found if span.name == f"call work.{uid}"}
+    jobs = [span for span in found if span.name == f"process work.{uid}"]
+    assert len(calls) == len(jobs) == 48
+    for n, (_, results) in enumerate(requests):
+        assert [r["n"] for r in results] == [n] * 3
+    by_request = {request_id: n for n, (request_id, _) in enumerate(requests)}
+    for job in jobs:
+        assert job.parent.span_id in calls  # each job's parent is its call's span
+    # Each request's span is the parent of exactly its own three calls' spans.
+    assert sorted(by_request[call.parent.span_id] for call in calls.values()) == sorted(
+        list(range(16)) * 3)
 
 
 @pytest.mark.gen_test(timeout=30)
