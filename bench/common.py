@@ -23,6 +23,12 @@ BENCH = ROOT / "bench"
 if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repository, first
     sys.path.insert(0, str(ROOT))
 
+# crew's rows measure crew as it is without its optional extras (metrics and traces are on
+# by default where prometheus_client or OpenTelemetry is installed, as in the test
+# environment): bench/observing.py measures what they cost, with each set-up explicit.
+os.environ.setdefault("CREW_METRICS", "0")
+os.environ.setdefault("CREW_TRACES", "0")
+
 #: The broker; the same vhost for every system.
 URL = os.environ.get("BENCH_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 #: Calls in flight and the prefetch of raw and aio-pika workers (crew's follows concurrency).
