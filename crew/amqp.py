@@ -163,6 +163,18 @@ class Channel:
         return transport.publish_and_ack_now(self._channel, exchange, routing_key, body,
                                              properties, mandatory, delivery_tag)
 
+    def can_send_now(self) -> bool:
+        """Whether :meth:`publish_now` may send from a thread (the fast path, plain TCP)."""
+        return transport.can_send_now(self._channel)
+
+    def publish_now(self, exchange: str, routing_key: str, body: bytes,
+                    prepare: Callable[[], BasicProperties | None], mandatory: bool) -> bool:
+        """From any thread: publish a message now, its properties made by ``prepare()``
+        while no other thread or the loop writes (None: send nothing); False, as for
+        :meth:`publish_and_ack_now`, when it cannot."""
+        return transport.publish_now(self._channel, exchange, routing_key, body, prepare,
+                                     mandatory)
+
     def ack(self, delivery_tag: int) -> None:
         transport.ack(self._channel, delivery_tag)
 

@@ -21,7 +21,7 @@ from .cancels import send_notice
 from .connecting import Nodes, connect_retrying
 from .exceptions import ConnectionLostError
 from .loops import Background, thread_loop
-from .pending import Call, Pending
+from .pending import Call, Pending, ThreadCall
 from .pubsub import Subscriptions
 from .settings import BrokerSettings
 
@@ -200,7 +200,7 @@ class Link:
             # system call, one wake-up of the broker.
             channel.flush()  # type: ignore[union-attr]
 
-    def send_cancel(self, correlation_id: str, call: Call) -> None:
+    def send_cancel(self, correlation_id: str, call: Call | ThreadCall) -> None:
         """Tell the workers that the caller cancelled the call (if connected)."""
         channel = self.channel
         if channel is None or not channel.is_open:

@@ -3,8 +3,10 @@
 A pending call waits in a table, by correlation id, for the one outcome that ends it: a
 reply, a dead letter from ``crew.expired``, a call the broker returned (no queue for the
 task), its deadline timer, or the loss of the connection. The table never removes a call:
-the caller that made it does, however it ends, so none leaks. A reply for no pending call
-(late, duplicate, forged) is dropped with one log line.
+the caller that made it does, however it ends, so none leaks. A call is a :class:`Call`
+(a future on the loop, a deadline timer) or, sent by a :class:`crew.SyncClient` caller's
+own thread, a :class:`ThreadCall` (a lock that thread waits on, up to the deadline). A
+reply for no pending call (late, duplicate, forged) is dropped with one log line.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +26,8 @@ from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, 
                          DeliveryLimitError, ExpirationError, RemoteError, TimeoutError,
                          UnknownTaskError)
 
-__all__ = ["OFF_LOOP_BYTES", "Call", "Outcome", "Pending", "Resend", "dead_letter_error", "encode",
-           "outcome"]
+__all__ = ["OFF_LOOP_BYTES", "Call", "Outcome", "Pending", "Resend", "ThreadCall",
+           "dead_letter_error", "deadline_error", "encode", "encode_now", "outcome"]
 
 # The client's logger: these lines are the client's.
 log = logging.getLogger("crew.client")
@@ -64,25 +67,45 @@ class Call:
             self.future.set_result(outcome)
 
 
+class ThreadCall:
+    """One call awaited by a thread rather than a future (:mod:`crew.synccall`): settled on
+    the loop, which releases the lock the thread waits on. Never a ``retry`` call."""
+
+    __slots__ = ("task", "deadline_ms", "reply_to", "started", "outcome", "_ended")
+    retry = False
+
+    def __init__(self, task: str, deadline_ms: int) -> None:
+        self.task, self.deadline_ms, self.reply_to = task, deadline_ms, ""
+        self.started = time.monotonic()
+        self.outcome: Outcome | BaseException | None = None
+        self._ended = threading.Lock()
+        self._ended.acquire()
+
+    def settle(self, outcome: Outcome | BaseException) -> None:
+        """End the call with ``outcome``, unless it has ended (on the loop only)."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self._ended.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the outcome; whether it came."""
+        return self._ended.acquire(timeout=max(0.0, timeout)) or self.outcome is not None
+
+
 class Pending:
     """The table of pending calls, by correlation id, and what settles them."""
 
     __slots__ = ("calls",)
 
     def __init__(self) -> None:
-        self.calls: dict[str, Call] = {}
+        self.calls: dict[str, Call | ThreadCall] = {}
 
     def on_deadline(self, correlation_id: str, blocked: bool) -> None:
         """A call's deadline (and grace) passed: answer it with :class:`~crew.TimeoutError`;
         ``blocked``: the broker blocks publishers now."""
         call = self.calls.get(correlation_id)
-        if call is None:
-            return
-        why = ("; the broker is blocking publishers (memory or disk alarm)" if blocked
-               else "; it may or may not have run")
-        call.settle(TimeoutError(
-            f"no answer from task {call.task!r} by its deadline "
-            f"({time.monotonic() - call.started:.3f} s after the call){why}"))
+        if call is not None:
+            call.settle(deadline_error(call.task, call.started, blocked))
 
     def on_return(self, _ch: Any, method: Basic.Return, props: BasicProperties,
                   _body: bytes) -> None:
@@ -133,6 +156,15 @@ class Pending:
             call.settle(error)
 
 
+def deadline_error(task: str, started: float, blocked: bool) -> TimeoutError:
+    """What a call to ``task`` made at ``started`` (monotonic) raises when nothing answered
+    it by its deadline and grace; ``blocked``: the broker blocks publishers now."""
+    why = ("; the broker is blocking publishers (memory or disk alarm)" if blocked
+           else "; it may or may not have run")
+    return TimeoutError(f"no answer from task {task!r} by its deadline "
+                        f"({time.monotonic() - started:.3f} s after the call){why}")
+
+
 def dead_letter_error(task: str, headers: dict[str, Any] | None) -> CallError:
     """The error a dead letter of a call to ``task`` means, by its ``x-death`` reason: a
     quorum queue's delivery limit, else (``expired``, or anything else) expiry."""
@@ -141,7 +173,7 @@ def dead_letter_error(task: str, headers: dict[str, Any] | None) -> CallError:
     return ExpirationError(f"no worker took the call to {task!r} before its deadline")
 
 
-def _settle_decoded(call: Call, decoding: asyncio.Future[Any]) -> None:
+def _settle_decoded(call: Call | ThreadCall, decoding: asyncio.Future[Any]) -> None:
     if not decoding.cancelled():
         # outcome() returns crew's errors; anything it raised is a bug, but still an answer.
         call.settle(decoding.exception() or decoding.result())
@@ -151,11 +183,20 @@ async def encode(data: Any, content_type: str, gzip: bool | None) -> tuple[bytes
     """:func:`crew.codec.encode`, compressing a large body in a thread: on the loop, a
     megabyte of text would hold up every other coroutine for about 10 ms."""
     body = codec.serialize(data, content_type)
+    if not codec.should_gzip(body, gzip) or len(body) < OFF_LOOP_BYTES:
+        return _finish(body, gzip)
+    return await asyncio.to_thread(codec.gzip_body, body), protocol.GZIP
+
+
+def encode_now(data: Any, content_type: str, gzip: bool | None) -> tuple[bytes, str | None]:
+    """:func:`encode` in the calling thread (a caller's own, not the loop)."""
+    return _finish(codec.serialize(data, content_type), gzip)
+
+
+def _finish(body: bytes, gzip: bool | None) -> tuple[bytes, str | None]:
     if not codec.should_gzip(body, gzip):
         return codec.check_wire_size(body), None
-    if len(body) < OFF_LOOP_BYTES:
-        return codec.gzip_body(body), protocol.GZIP
-    return await asyncio.to_thread(codec.gzip_body, body), protocol.GZIP
+    return codec.gzip_body(body), protocol.GZIP
 
 
 def outcome(props: BasicProperties, body: bytes) -> Outcome | CrewError:

@@ -42,6 +42,7 @@ from .loops import running_loop
 from .loopthread import PerProcess, refuse_green_threads
 from .pubsub import Callback
 from .settings import BrokerSettings
+from .synccall import ON_LOOP, call_now
 from .syncruntime import (CONNECT_TIMEOUT, HOP_MARGIN, Runtime, Waiting, call_on_loop, connected,
                           publish_on_loop, subscribe_one, unsubscribe_one)
 
@@ -108,11 +109,20 @@ class SyncClient:
         """Call ``task`` and wait for its result; :meth:`crew.Client.call` has the arguments
         and the errors. Waits at most ``expiration`` (the client's by default) plus
         ``deadline_grace`` plus :data:`HOP_MARGIN`; after that, should crew's loop thread
-        not have answered, it cancels the call and raises :class:`~crew.TimeoutError`."""
-        return self._start(task, data, {
-            "priority": priority, "expiration": expiration, "persistent": persistent,
-            "gzip": gzip, "headers": headers, "return_headers": return_headers,
-            "retry": retry}).wait()
+        not have answered, it cancels the call and raises :class:`~crew.TimeoutError`.
+        A call made while no other is pending is sent from the calling thread itself
+        (:mod:`crew.synccall`), with the same outcomes."""
+        options = {"priority": priority, "expiration": expiration, "persistent": persistent,
+                   "gzip": gzip, "headers": headers, "return_headers": return_headers,
+                   "retry": retry}
+        _refuse_running_loop("call")
+        seconds = self._check(options)
+        runtime = self._runtime()
+        # From this thread when it can (one thread hop fewer), else on the loop.
+        outcome = call_now(runtime.client, runtime.thread.loop, task, data, options)
+        if outcome is not ON_LOOP:
+            return outcome
+        return self._hand_over(runtime, task, data, options, seconds).wait()
 
     def parallel(self) -> "SyncParallel":
         """Several calls at once: ``with client.parallel() as mc: mc.call(...); ...``, then
@@ -198,6 +208,11 @@ class SyncClient:
     def _start(self, task: str, data: Any, options: dict[str, Any]) -> "Waiting":
         """Hand a call to the loop thread; what its caller waits on."""
         _refuse_running_loop("call")
+        seconds = self._check(options)
+        return self._hand_over(self._runtime(), task, data, options, seconds)
+
+    def _check(self, options: dict[str, Any]) -> float:
+        """Refuse unknown options and a bad expiration (set in ``options``: the seconds)."""
         unknown = options.keys() - _CALL_OPTIONS
         if unknown:
             raise TypeError(f"call() got unexpected keyword argument(s) {sorted(unknown)}")
@@ -206,8 +221,11 @@ class SyncClient:
             self.expiration if expiration is None else expiration)
         if options.get("headers") is not None:  # the caller may change its dict meanwhile
             options["headers"] = dict(options["headers"])
+        return seconds
+
+    def _hand_over(self, runtime: Runtime, task: str, data: Any, options: dict[str, Any],
+                   seconds: float) -> "Waiting":
         limit = time.monotonic() + seconds + self.deadline_grace + HOP_MARGIN
-        runtime = self._runtime()
         work = runtime.thread.submit(call_on_loop(runtime.client, task, data, options))
         return Waiting(work, limit, f"task {task!r}")
 

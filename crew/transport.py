@@ -1,9 +1,11 @@
+# Longer than 300 lines because every use of pika's private names must be in this module.
 """The one module that touches pika's private internals: crew's two I/O paths (internal).
 
 Every use of a private pika name (a ``_name`` of a pika object or module, a private pika
 class, a ``__class__`` swap) is in this module; the rest of crew calls :func:`publish`,
-:func:`ack`, :func:`publish_and_ack_now`, :func:`flush` and :func:`tune`, which do the
-same on either path. tests/unit/test_seam.py scans crew's modules to keep it so.
+:func:`ack`, :func:`publish_and_ack_now`, :func:`publish_now`, :func:`flush` and
+:func:`tune`, which do the same on either path. tests/unit/test_seam.py scans crew's
+modules to keep it so.
 
 **The fast path** (pika's internals, measured in docs/BENCHMARKS.md):
 
@@ -18,7 +20,9 @@ same on either path. tests/unit/test_seam.py scans crew's modules to keep it so.
   (:func:`flush`). Publishes and acks are marshalled by :mod:`crew.wire`.
 - *Sends from another thread.* A worker's job thread that finishes the only call being
   served sends its reply and ack itself (:func:`publish_and_ack_now`) rather than waking
-  the loop (a quarter of a worker's CPU per sequential call). The connection's
+  the loop (a quarter of a worker's CPU per sequential call); a :class:`crew.SyncClient`
+  caller whose call is the only one pending publishes it itself (:func:`publish_now`,
+  :mod:`crew.synccall`). The connection's
   ``_crew_send_lock``, held by the loop while it writes frames and while it processes what
   it read, keeps a thread's frames out of a message pika is writing and after the
   ``Channel.CloseOk`` pika writes before it marks the channel closed.
@@ -36,8 +40,6 @@ and a check of behaviour (crew's codec against pika's; the private methods and a
 used here exercised on bare objects). TLS connections on the fast path keep pika's
 transport (an ``SSLSocket`` has no ``sendmsg``) and send from the loop only.
 """
-
-# Longer than 300 lines because every use of pika's private names must be in this module.
 
 from __future__ import annotations
 
@@ -136,6 +138,34 @@ def publish_and_ack_now(channel: PikaChannel, exchange: str, routing_key: str, b
     return connection.send_now(frames, lambda: channel.is_open)
 
 
+def can_send_now(channel: PikaChannel) -> bool:
+    """Whether :func:`publish_now` may send on ``channel``'s connection from a thread now
+    (the fast path over plain TCP); it may still refuse, when the state changes."""
+    connection = channel.connection
+    return (isinstance(connection, FrameReadingConnection)
+            and isinstance(connection._transport, CoalescingTransport))
+
+
+def publish_now(channel: PikaChannel, exchange: str, routing_key: str, body: bytes,
+                prepare: Callable[[], BasicProperties | None], mandatory: bool) -> bool:
+    """From any thread: publish a message now, its properties made by ``prepare()`` under
+    the connection's send lock (None: do not send). False, and nothing sent, as for
+    :func:`publish_and_ack_now`."""
+    connection = channel.connection
+    if not isinstance(connection, FrameReadingConnection):
+        return False
+    number = channel.channel_number
+
+    def frames() -> list[bytes] | None:
+        properties = prepare()
+        if properties is None:
+            return None
+        return wire.publish_frames(number, exchange, routing_key, mandatory, properties,
+                                   body, connection.params.frame_max)
+
+    return connection.send_now(frames, lambda: channel.is_open)
+
+
 def flush(connection: Any) -> None:
     """Send what ``connection`` has buffered now, if its transport is a
     :class:`CoalescingTransport`; pika's own transport sends as it goes."""
@@ -176,9 +206,12 @@ class FrameReadingConnection(AsyncioConnection):
         with self._crew_send_lock:  # a message's frames stay together
             super()._output_marshaled_frames(marshaled_frames)
 
-    def send_now(self, frames: list[bytes], channel_open: Callable[[], bool]) -> bool:
+    def send_now(self, frames: list[bytes] | Callable[[], list[bytes] | None],
+                 channel_open: Callable[[], bool]) -> bool:
         """From any thread: send whole marshalled ``frames`` now, if ``channel_open()`` (asked
         under the lock) still holds; True once they are sent or queued behind what waits.
+        ``frames`` may be a function, called under the lock, that makes them (None: send
+        nothing, return False).
 
         False, and nothing sent, when the connection or channel is closed or the transport
         cannot send from a thread (TLS, pika's own): the caller then hands the frames' work
@@ -188,10 +221,13 @@ class FrameReadingConnection(AsyncioConnection):
         if not isinstance(transport, CoalescingTransport):
             return False
         with self._crew_send_lock:
-            if not self.is_open or not channel_open() or not transport.send_now(frames):
+            if not self.is_open or not channel_open():
                 return False
-            self.bytes_sent += sum(map(len, frames))
-            self.frames_sent += len(frames)
+            made = frames() if callable(frames) else frames
+            if made is None or not transport.send_now(made):
+                return False
+            self.bytes_sent += sum(map(len, made))
+            self.frames_sent += len(made)
         return True
 
 

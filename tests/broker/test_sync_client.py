@@ -18,8 +18,9 @@ import pytest
 import crew
 from crew import SyncClient, protocol
 from crew.syncruntime import HOP_MARGIN
-from crew.worker import Worker, context, serve_in_thread
+from crew.worker import context
 from tests.support.processes import spawn_python
+from tests.support.queues import idle_task
 
 #: What a busy 2-core machine may add to a bound measured here.
 SLACK = 3.0
@@ -37,14 +38,6 @@ def sleep_in_slices(seconds: float) -> float:
     while time.monotonic() < end:  # slices, so that the worker's interruption lands
         time.sleep(0.02)
     return seconds
-
-
-def idle_task(broker_url: str, task: str, **worker: Any) -> None:
-    """Make ``task``'s queue exist with no worker behind it."""
-    starter = Worker({task: lambda x: x}, broker=broker_url, **worker)
-    thread = serve_in_thread(starter)
-    starter.request_stop(grace=0)
-    thread.join(30)
 
 
 def test_many_threads_calling_at_once_each_get_their_own_answer(make_worker, sync_client, uid):

@@ -25,7 +25,7 @@ LAYERS = [
     "crew.tracing", "crew.observing", "crew.context", "crew.pool", "crew.replies",
     "crew.intake", "crew.calls", "crew.presence", "crew.session", "crew.serving",
     "crew.pubsub", "crew.pending", "crew.parallel", "crew.link", "crew.client",
-    "crew.loopthread", "crew.syncruntime", "crew.sync",
+    "crew.synccall", "crew.loopthread", "crew.syncruntime", "crew.sync",
     "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
     "crew.master.tornado", "crew.census", "crew.calling", "crew.command", "crew",
     "crew.__main__", "crew.testbroker", "crew.mocktask", "crew.testclient", "crew.testing",

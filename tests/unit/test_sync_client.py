@@ -17,6 +17,7 @@ import pytest
 
 import crew
 from crew.loopthread import LoopThread, PerProcess
+from crew.pending import ThreadCall
 from crew.sync import SyncClient
 from crew.syncruntime import HOP_MARGIN
 from tests.support.connect import refused_port, silent_port
@@ -250,3 +251,23 @@ def test_interpreter_exit_with_calls_pending_does_not_hang():
     assert time.monotonic() - started < 10
     lines = done.stdout.split()
     assert lines[0] == "exiting" and lines.count("ConnectionLostError") <= 4
+
+
+# --- the fast path's pending entry ---------------------------------------------------------
+
+def test_a_thread_call_settled_before_its_caller_waits_ends_the_wait_at_once():
+    call = ThreadCall("test", 0)
+    call.settle(("first", {}))  # the reply came before the sender returned
+    call.settle(crew.ConnectionLostError("too late"))  # the first outcome stays
+    started = time.monotonic()
+    assert call.wait(30) and call.outcome == ("first", {})
+    assert time.monotonic() - started < SLACK
+
+
+def test_a_thread_call_nobody_settles_waits_its_timeout_and_no_longer():
+    call = ThreadCall("test", 0)
+    started = time.monotonic()
+    assert not call.wait(0.2) and call.outcome is None
+    assert 0.15 < time.monotonic() - started < 0.2 + SLACK
+    threading.Timer(0.1, call.settle, [("late", {})]).start()
+    assert call.wait(30) and call.outcome == ("late", {})
