@@ -71,17 +71,24 @@ class ClientObserver:
     async def call(self, run: Awaitable[T], task: str, started: float, correlation_id: str,
                    headers: dict[str, Any]) -> T:
         """Await ``run``, the call, in its span; ``headers`` (not sent yet) get its context."""
-        tracing = self._tracing
-        span = None if tracing is None else tracing.start_call(task, correlation_id, headers)
+        span = self.start(task, correlation_id, headers)
         try:
             result = await run
         except BaseException as exc:
-            self._ended(task, started, exc, span)
+            self.ended(task, started, exc, span)
             raise
-        self._ended(task, started, None, span)
+        self.ended(task, started, None, span)
         return result
 
-    def _ended(self, task: str, started: float, exc: BaseException | None, span: Any) -> None:
+    def start(self, task: str, correlation_id: str, headers: dict[str, Any]) -> Any:
+        """A call begins (its span, if traced, in the current context); ``headers`` (not
+        sent yet) get its context. What :meth:`call` does for a call made without a
+        coroutine (:mod:`crew.synccall`), with :meth:`ended`."""
+        tracing = self._tracing
+        return None if tracing is None else tracing.start_call(task, correlation_id, headers)
+
+    def ended(self, task: str, started: float, exc: BaseException | None, span: Any) -> None:
+        """The call begun with :meth:`start` (its span ``span``) ended, raising ``exc``."""
         outcome = outcomes.of_exception(exc)
         if self._metrics is not None:
             self._metrics.call_ended(task, outcome, time.monotonic() - started)

@@ -53,6 +53,31 @@ def call_now(client: Client, loop: asyncio.AbstractEventLoop, task: str, data: A
         return ON_LOOP
     seconds, properties, body = _message(client, task, data, options)
     call = ThreadCall(task, properties.headers[protocol.DEADLINE_HEADER])
+    observer = client._observer  # metrics and traces, as Client.call records them
+    span = None if observer is None else observer.start(task, properties.correlation_id,
+                                                         properties.headers)
+    try:
+        outcome = _send_and_wait(client, loop, channel, call, seconds, properties, body)
+    except BaseException as exc:
+        if observer is not None:
+            observer.ended(task, call.started, exc, span)
+        raise
+    if outcome is ON_LOOP:
+        return ON_LOOP  # its span, never ended, is never exported: the loop's call has one
+    if observer is not None:
+        observer.ended(task, call.started, outcome if isinstance(outcome, BaseException)
+                       else None, span)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome if options["return_headers"] else outcome[0]
+
+
+def _send_and_wait(client: Client, loop: asyncio.AbstractEventLoop, channel: Any,
+                   call: ThreadCall, seconds: float, properties: BasicProperties,
+                   body: bytes) -> Any:
+    """Send the call on ``channel`` from this thread and wait for its outcome (a result or
+    an exception); :data:`ON_LOOP`, nothing sent, if the connection changed meanwhile."""
+    link = client._link
 
     def prepare() -> BasicProperties | None:
         """Under the send lock: address the call to the current reply queue, if it is
@@ -69,18 +94,15 @@ def call_now(client: Client, loop: asyncio.AbstractEventLoop, task: str, data: A
     table[correlation_id] = call  # before the send: the reply may come before it returns
     try:
         try:
-            sent = channel.publish_now("", protocol.task_queue(task), body, prepare,
+            sent = channel.publish_now("", protocol.task_queue(call.task), body, prepare,
                                        mandatory=True)
         except Exception:  # noqa: BLE001 - what pika cannot encode: the loop's path raises it
             sent = False
         if not sent:
             return ON_LOOP
-        outcome = _wait(client, loop, correlation_id, call, seconds)
+        return _wait(client, loop, correlation_id, call, seconds)
     finally:
         table.pop(correlation_id, None)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome if options["return_headers"] else outcome[0]
 
 
 def _message(client: Client, task: str, data: Any, options: dict[str, Any]

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pika
@@ -19,8 +20,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from crew import (Client, ConnectionLostError, ExpirationError, RemoteError, TimeoutError,
-                  UnknownTaskError, gateway, protocol)
+from crew import (Client, ConnectionLostError, ExpirationError, RemoteError, SyncClient,
+                  TimeoutError, UnknownTaskError, gateway, protocol)
 from crew.worker import Worker, serve_in_thread
 from tests.support.hostile import late_call
 from tests.support.processes import Output, python_env, stop
@@ -284,3 +285,30 @@ async def test_a_call_handed_back_by_a_graceful_stop_counts_as_requeued(
     labels = {"task": task, "outcome": "requeued"}
     assert value(scraped, "crew_worker_jobs_total", **labels) == 1
     assert value(scraped, "crew_worker_job_duration_seconds_count", **labels) == 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_sync_clients_calls_are_counted_sent_from_its_thread_or_the_loop(
+        make_worker, broker_url, uid):
+    """A lone SyncClient call is sent from the caller's thread, concurrent ones by crew's
+    loop: both are counted as the asyncio client's are."""
+    task, failing = f"sync.{uid}", f"sync.fail.{uid}"
+    make_worker({task: lambda x: x, failing: lambda x: 1 / 0}, concurrency=4)
+    client = SyncClient(broker_url, metrics=True, traces=False)
+
+    def calls() -> None:
+        assert client.call(task, 1) == 1  # lone: from this thread
+        with pytest.raises(RemoteError):
+            client.call(failing, 1)
+        with ThreadPoolExecutor(8) as pool:  # many at once: mostly by the loop
+            assert list(pool.map(lambda n: client.call(task, n), range(16))) == list(range(16))
+
+    try:
+        await asyncio.to_thread(calls)
+    finally:
+        await asyncio.to_thread(client.close)
+    scraped = samples(generate_latest().decode())
+    assert value(scraped, "crew_client_calls_total", task=task, outcome="ok") == 17
+    assert value(scraped, "crew_client_calls_total", task=failing, outcome="remote_error") == 1
+    assert value(scraped, "crew_client_call_duration_seconds_count", task=task,
+                 outcome="ok") == 17

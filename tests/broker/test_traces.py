@@ -126,13 +126,15 @@ async def test_a_sync_caller_in_a_span_links_up_too(traced, provider, exporter, 
             return span.get_span_context().span_id, results
 
     try:
+        lone = await asyncio.to_thread(request, 16)  # lone calls: sent from the thread itself
         requests = await asyncio.gather(*(asyncio.to_thread(request, n) for n in range(16)))
     finally:
         await asyncio.to_thread(client.close)
-    found = await spans(exporter, 16 * (1 + 3 * 3))
+    requests.append(lone)
+    found = await spans(exporter, 17 * (1 + 3 * 3))
     calls = {span.context.span_id: span for span in found if span.name == f"call work.{uid}"}
     jobs = [span for span in found if span.name == f"process work.{uid}"]
-    assert len(calls) == len(jobs) == 48
+    assert len(calls) == len(jobs) == 51
     for n, (_, results) in enumerate(requests):
         assert [r["n"] for r in results] == [n] * 3
     by_request = {request_id: n for n, (request_id, _) in enumerate(requests)}
@@ -140,7 +142,7 @@ async def test_a_sync_caller_in_a_span_links_up_too(traced, provider, exporter, 
         assert job.parent.span_id in calls  # each job's parent is its call's span
     # Each request's span is the parent of exactly its own three calls' spans.
     assert sorted(by_request[call.parent.span_id] for call in calls.values()) == sorted(
-        list(range(16)) * 3)
+        list(range(17)) * 3)
 
 
 @pytest.mark.gen_test(timeout=30)
