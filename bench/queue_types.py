@@ -165,10 +165,14 @@ def measure(systems: dict[str, Any], rounds: int, seq_calls: int,
     return {k: {f: statistics.median(v) for f, v in figs.items()} for k, figs in figures.items()}
 
 
-def delete_queues(systems: dict[str, Any]) -> None:
-    for system in systems.values():
-        connection = pika.BlockingConnection(pika.URLParameters(system.url))
-        connection.channel().queue_delete(system.queue)
+def delete_queues(urls: list[str], run_id: str) -> None:
+    """Every queue this run may have declared, whichever systems started."""
+    for url in urls:
+        connection = pika.BlockingConnection(pika.URLParameters(url))
+        channel = connection.channel()
+        for system in ("crew", "raw"):
+            for kind in TYPES:
+                channel.queue_delete(protocol.task_queue(f"bench.{system}.{kind}.{run_id}"))
         connection.close()
 
 
@@ -223,7 +227,7 @@ def main() -> None:
     finally:
         for system in systems.values():
             system.close()
-        delete_queues(systems)
+        delete_queues(urls, run_id)
         loop.close()
     report(brokers, med, options.rounds)
 
