@@ -1,6 +1,11 @@
 """``SyncClient.call``'s fast path (crew/synccall.py): a call sent from its caller's own
 thread gives what the loop's path gives, and hands the call to the loop whenever it cannot
-send it itself (tests/broker/test_sync_client.py runs both paths through SyncClient)."""
+send it itself (tests/broker/test_sync_client.py runs both paths through SyncClient).
+
+Sending from a thread needs crew's fast path to pika (crew/transport.py): these tests
+connect with ``CREW_PIKA_PATH=auto`` whatever the run's setting, so that a run on the
+public path (scripts/test-pika-range) tests this code too, and the last test shows that on
+the public path every call is left to the loop."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import pika
 import pytest
 
 import crew
-from crew import SyncClient, protocol
+from crew import SyncClient, protocol, seam
 from crew.synccall import ON_LOOP, call_now
 from crew.syncruntime import Runtime
 from tests.support.queues import idle_task
@@ -23,6 +28,11 @@ from tests.support.queues import idle_task
 SLACK = 3.0
 OPTIONS = {"priority": 0, "expiration": 5.0, "persistent": True, "gzip": None,
            "headers": None, "return_headers": False, "retry": False}
+
+
+@pytest.fixture(autouse=True)
+def fast_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(seam.ENV, "auto")  # the fast path, on the pika versions crew tested
 
 
 @pytest.fixture
@@ -170,3 +180,18 @@ def wait_for(condition: Any, timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_on_pikas_public_path_every_call_is_left_to_the_loop(make_worker, broker_url, uid,
+                                                             monkeypatch):
+    monkeypatch.setenv(seam.ENV, "public")
+    make_worker({f"echo.{uid}": lambda x: x})
+    client = SyncClient(broker_url)
+    try:
+        client.connect()
+        runtime = client._runtime()
+        assert fast(runtime, f"echo.{uid}", 1) is ON_LOOP
+        assert client.call(f"echo.{uid}", 2) == 2
+        assert runtime.client._table.calls == {}
+    finally:
+        client.close()
