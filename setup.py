@@ -26,11 +26,14 @@ setup(
         # gunicorn, whose --no-control-socket came in 25.1; gevent and eventlet: the tests
         # that SyncClient refuses their monkey-patching; the metrics and otel libraries (and
         # OpenTelemetry's SDK, whose in-memory exporter sees the spans), so that CI runs the
-        # tests of both. None of them is crew's dependency.
+        # tests of both; selenium: the dashboard's browser tests drive Debian's chromium and
+        # chromedriver with it (tests/support/browser.py, whose test checks that selenium's
+        # driver downloader, selenium-manager, there from 4.6, never runs). None of them is
+        # crew's dependency.
         "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6", "flask>=2.2",
                  "gunicorn>=25.1", "gevent>=22", "eventlet>=0.33",
                  "prometheus_client>=0.17", "opentelemetry-api>=1.20",
-                 "opentelemetry-sdk>=1.20"],
+                 "opentelemetry-sdk>=1.20", "selenium>=4.6"],
         # Pinned: a new release of either may find new things, which CI must not learn
         # from a stranger's upload.
         "lint": ["ruff==0.17.6", "mypy==2.4.1"],

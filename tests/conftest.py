@@ -23,6 +23,8 @@ import pytest
 # The helpers in tests.support assert too (the fault harness is a plugin of its own): have
 # pytest rewrite their asserts, which it does only for modules named before their import.
 pytest.register_assert_rewrite("tests.support")
+# The `browser` fixture (headless chromium for the dashboard's page).
+pytest_plugins = ["tests.support.browser"]
 
 from crew import Client  # noqa: E402
 from crew.worker import Worker, serve_in_thread  # noqa: E402
