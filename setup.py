@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["crew", "crew.*"]),
-    package_data={"crew": ["py.typed"]},
+    package_data={"crew": ["py.typed", "dashboard.html"]},
     install_requires=["tornado>=6,<7", "pika>=1.3,<1.5", "msgpack>=1.0,<2"],
     # The `crew` command (README, "The crew command"); and crew.testing, fixtures for tests
     # of code that calls crew (README, "Testing code that calls crew"), which pytest loads

@@ -21,8 +21,8 @@ import sys
 from types import ModuleType
 from typing import Any, Mapping, TextIO
 
-from . import census, protocol
-from .cancels import declare_stream, send_notice
+from . import census
+from .cancels import cancel_call
 from .client import Client
 from .exceptions import CrewError, UnknownTaskError
 from .settings import BrokerSettings
@@ -171,14 +171,8 @@ async def cancel(broker: BrokerSettings, options: argparse.Namespace) -> int:
             worker, running = found
             caller, deadline = str(running.get("caller")), running.get("deadline")
             where = f" (task {running.get('task')}, worker {worker.get('worker')})"
-        channel = await connection.channel()
-        # As a worker would: where none ever ran, the notice is then kept all the same.
-        await channel.declare_topology()
-        await declare_stream(channel)
-        await channel.bind(protocol.CANCEL_STREAM, protocol.CONTROL_EXCHANGE)
-        send_notice(channel, options.correlation_id, caller,
-                    deadline if isinstance(deadline, int) else None)
-        await channel.close()
+        await cancel_call(connection, options.correlation_id, caller,
+                          deadline if isinstance(deadline, int) else None)
     finally:
         await connection.close()
     print(f"cancelled call {options.correlation_id}{where}", flush=True)

@@ -68,6 +68,19 @@ def send_notice(channel: Channel, correlation_id: str, reply_to: str,
         headers=headers, delivery_mode=1))
 
 
+async def cancel_call(connection: Connection, correlation_id: str, reply_to: str,
+                      deadline_ms: int | None) -> None:
+    """Send the cancel notice of a call made by another program (``crew cancel``, the
+    dashboard), on a channel of its own: as a worker would, it first declares
+    ``crew.control`` and the stream, so that the notice is kept even where no worker ran."""
+    channel = await connection.channel()
+    await channel.declare_topology()
+    await declare_stream(channel)
+    await channel.bind(protocol.CANCEL_STREAM, protocol.CONTROL_EXCHANGE)
+    send_notice(channel, correlation_id, reply_to, deadline_ms)
+    await channel.close()
+
+
 class StreamUnavailable(ConnectionLostError):
     """The cancel stream's node is down, or has not recovered the stream yet."""
 

@@ -10,10 +10,12 @@ what, from a shell.
     crew cancel CORRELATION_ID            stop a call, as its caller's cancellation does
     crew purge TASK                       delete the calls waiting for a task
     crew publish CHANNEL DATA / crew subscribe CHANNEL
-    crew gateway --port 8080              the HTTP gateway
+    crew gateway --port 8080              the HTTP gateway (with the dashboard)
+    crew dashboard --port 8090            the dashboard alone: tasks, workers, calls, failures
 
 The top of the stack: it parses argv, and hands ``worker`` to :func:`crew.worker.main`,
-``gateway`` to :func:`crew.gateway.main` and the others to :mod:`crew.calling`. Exit
+``gateway`` to :func:`crew.gateway.main`, ``dashboard`` to :func:`crew.dashboard.main` and
+the others to :mod:`crew.calling`. Exit
 statuses: :data:`EXIT_CODES` (also in ``crew --help`` and the README).
 """
 
@@ -77,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .gateway import main as gateway_main  # here: Tornado's web stack is not free
 
         gateway_main(args[1:], prog="crew gateway")
+        return
+    if args[:1] == ["dashboard"]:
+        from .dashboard import main as dashboard_main  # here, as the gateway
+
+        dashboard_main(args[1:], prog="crew dashboard")
         return
     parser = build_parser()
     options = parser.parse_args(args)
@@ -166,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     _census_parsers(commands)
     commands.add_parser("gateway", add_help=False,
                         help="the HTTP gateway to every task and channel (python -m crew.gateway)")
+    commands.add_parser("dashboard", add_help=False,
+                        help="the dashboard alone: crew dashboard [--port 8090] [--read-only]")
     return parser
 
 

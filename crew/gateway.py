@@ -8,6 +8,7 @@
     POST /publish/<channel>                     publish the JSON body on the channel
     GET  /health                                200 {"broker": "up", ...} or 503
     GET  /metrics                               Prometheus metrics (with crew[metrics])
+    GET  /dashboard, POST /cancel/<id>          the dashboard (crew.dashboard), live
 
 Errors are JSON, ``{"error": "<name>", "message": "..."}``: 400 bad request or bad JSON,
 404 unknown task, 413 body over ``max_body``, 502 the task raised (``type`` names it), its
@@ -16,8 +17,9 @@ call) or broker down, 504 the job was interrupted at its deadline. A client that
 cancels its call. Each request logs one line (status, method, path, time, error name), never a body.
 docs/GATEWAY.md shows every endpoint with curl.
 
-Not for untrusted networks as it is: whoever reaches the gateway can call every task. It
-listens on 127.0.0.1 unless told otherwise; put an authenticating proxy in front of it.
+Not for untrusted networks as it is: whoever reaches it can call every task. It listens on
+127.0.0.1 unless told otherwise; put an authenticating proxy in front of it. ``--read-only``
+refuses every write (call, publish, cancel): 403, as for a write from another origin.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from typing import Any, Sequence
 from tornado.iostream import StreamClosedError
 from tornado.web import Application
 
-from . import protocol
+from . import dashboard, protocol
 from .cli import broker_from_options, setup_logging
 from .client import Client
 from .exceptions import (ConnectionLostError, CrewError, DeliveryLimitError, EncodeError,
                          ExpirationError, RemoteError, TimeoutError, UnknownTaskError)
 from .httpapi import (BodyHandler, JSONHandler, MetricsHandler, NotFound, Refused, bad_request,
                       build_http_parser, dumps, log_request, run_http)
+from .watcher import Watcher
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_POLL_TIMEOUT", "Listening", "main", "make_app"]
 
@@ -249,25 +252,25 @@ def _event(data: Any) -> str:
 
 def make_app(client: Client, *, max_body: int = DEFAULT_MAX_BODY,
              poll_timeout: float = DEFAULT_POLL_TIMEOUT, keepalive: float = DEFAULT_KEEPALIVE,
+             watcher: Watcher | None = None, writable: bool = True,
              **settings: Any) -> Application:
     """The gateway's Tornado application around ``client`` (connected by the caller).
 
     ``max_body``: bytes, at most the broker limit (16 MiB). ``poll_timeout`` and
-    ``keepalive``: seconds. ``settings`` go to :class:`~tornado.web.Application`.
+    ``keepalive``: seconds. ``watcher``: serve the dashboard from it (started by the caller).
+    ``writable`` False refuses every write (403). ``settings``: Tornado's.
     """
     if not isinstance(max_body, int) or not 0 < max_body <= protocol.MAX_BODY_BYTES:
         raise ValueError(f"max_body must be 1..{protocol.MAX_BODY_BYTES} bytes, got {max_body!r}")
     if not poll_timeout > 0 or not keepalive > 0:
         raise ValueError("poll_timeout and keepalive must be more than 0 seconds")
     return Application([
-        (r"/call/([^/]+)", CallHandler),
-        (r"/subscribe/([^/]+)", SubscribeHandler),
-        (r"/events/([^/]+)", EventsHandler),
-        (r"/publish/([^/]+)", PublishHandler),
-        (r"/health", HealthHandler),
-        (r"/metrics", MetricsHandler),
+        (r"/call/([^/]+)", CallHandler), (r"/subscribe/([^/]+)", SubscribeHandler),
+        (r"/events/([^/]+)", EventsHandler), (r"/publish/([^/]+)", PublishHandler),
+        (r"/health", HealthHandler), (r"/metrics", MetricsHandler),
+        *(dashboard.routes(watcher) if watcher is not None else ()),
     ], crew=client, listening=Listening(), max_body=max_body, poll_timeout=poll_timeout,
-        keepalive=keepalive, log_function=functools.partial(log_request, log),
+        keepalive=keepalive, writable=writable, log_function=functools.partial(log_request, log),
         default_handler_class=NotFound, **settings)
 
 
@@ -275,7 +278,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m crew.gateway"
     """``python -m crew.gateway`` (and ``crew gateway``): serve the gateway until SIGINT or
     SIGTERM; exits the process with its status."""
     parser = build_http_parser(prog, default_port=8080,
-                               description="Serve every crew task and pubsub channel over HTTP.")
+                               description="Serve every crew task and pubsub channel over HTTP.",
+                               read_only="refuse calls, publishes and cancels (403)")
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                         help="largest request body in bytes (default %(default)s)")
     parser.add_argument("--poll-timeout", type=float, default=DEFAULT_POLL_TIMEOUT,
@@ -283,11 +287,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m crew.gateway"
     options = parser.parse_args(argv)
     setup_logging(options)
     try:
-        client = Client(broker=broker_from_options(options, "crew-gateway"))
-        app = make_app(client, max_body=options.max_body, poll_timeout=options.poll_timeout)
+        broker = broker_from_options(options, "crew-gateway")
+        client, watcher = Client(broker=broker), Watcher(broker)
+        app = make_app(client, max_body=options.max_body, poll_timeout=options.poll_timeout,
+                       watcher=watcher, writable=not options.read_only)
     except ValueError as exc:  # a bad URL or option: usage and status 2, not a traceback
         parser.error(str(exc))
-    sys.exit(run_http(app, client, options))
+    sys.exit(run_http(app, client, options, also=[watcher]))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import contextlib
 import json
 import logging
 import signal
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Iterator, Protocol, Sequence
+from urllib.parse import urlsplit
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .client import Client
 
 __all__ = ["BodyHandler", "JSONHandler", "MetricsHandler", "NotFound", "Refused", "bad_request",
-           "build_http_parser", "dumps", "log_request", "run_http"]
+           "build_http_parser", "dumps", "log_request", "run_http", "write_refusal"]
 
 # The command line's logger, as when these lines were logged from crew.cli.
 log = logging.getLogger("crew")
@@ -111,6 +112,11 @@ class BodyHandler(JSONHandler):
 
     def prepare(self) -> None:
         self.body = bytearray()
+        refusal = write_refusal(self)
+        if refusal is not None:
+            self.refused = True
+            self.send_error(refusal.status_code, exc_info=(None, refusal, None))
+            return
         length = self.request.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self.settings["max_body"]:
             # Tornado answers a body over its own limit with a bare 400: lift that limit for
@@ -139,6 +145,23 @@ class BodyHandler(JSONHandler):
             return codec.decode(self.body, protocol.JSON)
         except CodecError as exc:
             raise Refused(400, "BadJSON", f"the body is not JSON: {exc}") from None
+
+
+def write_refusal(handler: RequestHandler) -> Refused | None:
+    """Why a write request (a call, a publish, a cancel) is refused, or None.
+
+    With the ``writable`` setting False (``--read-only``) every write is refused. A
+    request that a browser sent from another origin is refused too: a page on another site
+    could otherwise make a visitor's browser call tasks or cancel calls here (the gateway
+    answers no CORS preflight, so only such "simple" requests could get through).
+    """
+    if not handler.settings.get("writable", True):
+        return Refused(403, "ReadOnly", "this server is read-only (--read-only)")
+    origin = handler.request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != handler.request.host:
+        return Refused(403, "CrossOrigin", f"a request from another origin ({origin:.200}) "
+                                           "may not write here")
+    return None
 
 
 @contextlib.contextmanager
@@ -171,9 +194,10 @@ def log_request(log: logging.Logger, handler: RequestHandler) -> None:
 # --- the command lines of HTTP servers (the gateway, the master example) -----------------
 
 
-def build_http_parser(prog: str, description: str,
-                      default_port: int) -> argparse.ArgumentParser:
-    """A parser with the broker, HTTP and logging options of an HTTP server."""
+def build_http_parser(prog: str, description: str, default_port: int,
+                      read_only: str | None = None) -> argparse.ArgumentParser:
+    """A parser with the broker, HTTP and logging options of an HTTP server; with
+    ``read_only``, the help of its ``--read-only`` option."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="The password comes from the URL, $CREW_URL, $CREW_PASSWORD or "
@@ -185,39 +209,53 @@ def build_http_parser(prog: str, description: str,
     parser.add_argument("--address", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 for every interface "
                              "(default %(default)s)")
+    if read_only is not None:
+        parser.add_argument("--read-only", action="store_true", help=read_only)
     add_logging_arguments(parser)
     return parser
 
 
-def run_http(app: Application, client: "Client", options: argparse.Namespace) -> int:
-    """Serve ``app`` with ``client`` until SIGINT or SIGTERM; return the exit status."""
+class Service(Protocol):
+    """What an HTTP server runs beside its application: a client, a dashboard's watcher."""
+
+    def connect(self) -> Awaitable[None]: ...
+
+    def close(self) -> Awaitable[None]: ...
+
+
+def run_http(app: Application, client: "Client | None", options: argparse.Namespace,
+             also: Sequence[Service] = ()) -> int:
+    """Serve ``app`` with ``client`` and the services ``also`` until SIGINT or SIGTERM;
+    return the exit status."""
+    services: list[Service] = [] if client is None else [client]
+    services.extend(also)
     try:
-        asyncio.run(_serve_http(app, client, options.address, options.port))
+        asyncio.run(_serve_http(app, services, options.address, options.port))
     except (CrewError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0
 
 
-async def _serve_http(app: Application, client: "Client", address: str, port: int) -> None:
+async def _serve_http(app: Application, services: list[Service], address: str,
+                      port: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     sockets = bind_sockets(port, address)  # first: a port in use fails before connecting
     # A signal must stop the server while the client still waits for the broker, too.
-    stopping = asyncio.ensure_future(stop.wait())
-    connecting = asyncio.ensure_future(client.connect())
-    waits: set[asyncio.Future[Any]] = {stopping, connecting}
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    if not connecting.done():
-        connecting.cancel()
-        await client.close()
-        return
-    stopping.cancel()
-    connecting.result()  # raises why the client could not connect
-    server = HTTPServer(app)
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    connecting: asyncio.Future[Any] = asyncio.ensure_future(
+        asyncio.gather(*(s.connect() for s in services)))
     try:
+        await asyncio.wait({stopping, connecting}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            return
+        stopping.cancel()
+        connecting.result()  # raises why the client could not connect
+        server = HTTPServer(app)
         server.add_sockets(sockets)
         host, bound_port = sockets[0].getsockname()[:2]
         log.info("listening on http://%s:%d/", host, bound_port)
@@ -226,4 +264,5 @@ async def _serve_http(app: Application, client: "Client", address: str, port: in
         server.stop()
         await server.close_all_connections()
     finally:
-        await client.close()
+        for service in services:
+            await service.close()

@@ -64,8 +64,9 @@ class Job:
     __slots__ = ("scope", "task", "func", "delivery_tag", "correlation_id", "reply_to",
                  "content_type", "reply_type", "content_encoding", "body", "headers",
                  "reply_gzip", "deadline", "watch", "answered", "timer", "coroutine", "thread",
-                 "channel", "received", "priority", "ttl", "observed")
+                 "channel", "received", "priority", "ttl", "observed", "started", "failure")
 
+    # longer than 40 lines because it sets each slot of the job, with what it means
     def __init__(self, scope: Scope | None, task: str, func: Callable[[Any], Any],
                  delivery_tag: int, correlation_id: str, reply_to: str,
                  content_type: str | None, content_encoding: str | None, body: bytes,
@@ -106,6 +107,10 @@ class Job:
         self.ttl: str | None = None
         #: What :mod:`crew.observing` notes of the job (its start and span), if anything.
         self.observed: Any = None
+        #: When the task began, on the ``time.monotonic()`` clock; None until it does.
+        self.started: float | None = None
+        #: The error envelope of its reply, if it failed (:mod:`crew.figures`).
+        self.failure: dict[str, str] | None = None
 
     @classmethod
     def from_delivery(cls, scope: Scope, task: str, func: Callable[[Any], Any],
@@ -147,12 +152,13 @@ class Job:
 
     def error_reply(self, exc: BaseException, *, status: str = protocol.STATUS_ERROR,
                     with_traceback: bool = True) -> Reply:
-        return self.encode_reply(status, codec.error_envelope(exc, with_traceback))
+        self.failure = codec.error_envelope(exc, with_traceback)
+        return self.encode_reply(status, self.failure)
 
     def expired_reply(self, message: str) -> Reply:
         """The reply to a call whose deadline passed before its job began."""
-        return self.encode_reply(protocol.STATUS_EXPIRED, {
-            "type": "ExpirationError", "message": message, "traceback": ""})
+        self.failure = {"type": "ExpirationError", "message": message, "traceback": ""}
+        return self.encode_reply(protocol.STATUS_EXPIRED, self.failure)
 
     def encode_reply(self, status: str, value: Any) -> Reply:
         """Encode ``value`` in the call's content type; never raises.
@@ -182,6 +188,7 @@ class Job:
     def run_sync(self) -> Reply:
         """Decode, call the task and encode its result, in the current (job) thread."""
         token = current_job.set(self)
+        self.started = time.monotonic()
         try:
             try:
                 argument = self.decode_argument()
@@ -200,6 +207,7 @@ class Job:
     async def run_async(self) -> Reply:
         """Decode, await the coroutine task and encode its result, on the loop."""
         current_job.set(self)  # this asyncio task runs in a context of its own
+        self.started = time.monotonic()
         try:
             argument = self.decode_argument()
         except CodecError as exc:

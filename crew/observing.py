@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 from . import metrics as _metrics
 from . import outcomes
 from . import tracing as _tracing
+from .figures import queue_wait
 from .jobs import Job, current_job
 from .metrics import ClientMetrics, WorkerMetrics
 from .tracing import Tracing
@@ -156,7 +157,7 @@ class WorkerObserver:
             span = self._tracing.start_job(job.task, job.correlation_id, job.headers)
         job.observed = (now, span)
         if self._metrics is not None:
-            self._metrics.job_started(job.task, _queue_wait(job, now))
+            self._metrics.job_started(job.task, queue_wait(job, now))
         return span if span is not None and Tracing.carries_context(span) else None
 
     def job_ended(self, job: Job, status: str) -> None:
@@ -194,12 +195,3 @@ def for_worker(metrics: bool | None, traces: object,
         return None
     return WorkerObserver(recorder, tracing)
 
-
-def _queue_wait(job: Job, now: float) -> float | None:
-    """Seconds since the call was published: its TTL then (the AMQP ``expiration`` the
-    client set to deadline - now) less what is left of it now. Needs the clocks in sync."""
-    try:
-        ttl = int(job.ttl) / 1000  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, ttl - (job.deadline - now))

@@ -9,8 +9,10 @@ from an exclusive queue of its own, and answers on its event loop: job threads p
 part, so a worker whose every slot is busy, or whose job threads are stuck, still answers
 (unless a job holds the GIL in C code: RABBITMQ-NOTES 8).
 
-The map is versioned (``v``) and self-contained, so that the same map can later be
-published unasked (a dashboard); readers ignore keys they do not know.
+The map is versioned (``v``) and self-contained. The worker also publishes it unasked,
+every :data:`~crew.protocol.FIGURES_INTERVAL` seconds, with its figures (:mod:`crew.figures`)
+on the ``crew.figures`` fanout exchange, for dashboards (section 13); readers ignore keys
+they do not know.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from . import codec, protocol
 from .amqp import Channel, Connection
 from .calls import CallHandler
 from .exceptions import BrokerError, CrewError
+from .figures import Figures
 from .jobs import Job
 
 __all__ = ["PRESENCE_VERSION", "Presence"]
@@ -42,15 +45,17 @@ PRESENCE_VERSION = 1
 class Presence:
     """What a worker tells of itself, and its answers to presence requests.
 
-    ``calls``: the worker's call handler (its calls and job threads); the other arguments
-    are the worker's, as :class:`~crew.serving.Worker` was given them. One per worker, for
-    its whole life; :meth:`follow` on each connection.
+    ``calls``: the worker's call handler (its calls and job threads); ``figures``: what its
+    calls' ends are counted in; the other arguments are the worker's, as
+    :class:`~crew.serving.Worker` was given them. One per worker, for its whole life;
+    :meth:`follow` on each connection.
     """
 
-    def __init__(self, calls: CallHandler, worker_id: str, tasks: Mapping[str, Any],
-                 queue_type: str, max_priority: int, concurrency: int,
-                 max_stuck: int) -> None:
+    def __init__(self, calls: CallHandler, figures: Figures, worker_id: str,
+                 tasks: Mapping[str, Any], queue_type: str, max_priority: int,
+                 concurrency: int, max_stuck: int) -> None:
         self._calls = calls
+        self._figures = figures
         self._static: dict[str, Any] = {
             "v": PRESENCE_VERSION, "worker": worker_id, "host": socket.gethostname(),
             "version": protocol.VERSION, "tasks": sorted(tasks), "queue_type": queue_type,
@@ -61,6 +66,7 @@ class Presence:
         self._channel: Channel | None = None
         self._closed = False
         self._again: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The presence map now (docs/PROTOCOL.md, section 12); on the worker's loop."""
@@ -81,20 +87,24 @@ class Presence:
         consumer (its queue was deleted), it follows them again on a new channel; the
         connection's loss is the worker's to mend (it calls this again). A broker that
         refuses it (403: a user without rights on ``crew.presence``) is logged: the worker
-        serves its calls all the same, unseen by ``crew status``.
+        serves its calls all the same, unseen by ``crew status`` and dashboards.
+
+        Its figures leave on the same channel, now and every ``FIGURES_INTERVAL`` seconds.
         """
         self._closed = False
         channel = self._channel = await connection.channel()
         try:
             await channel.declare_exchange(protocol.PRESENCE_EXCHANGE, "fanout")
+            await channel.declare_exchange(protocol.FIGURES_EXCHANGE, "fanout")
             queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
             await channel.bind(queue, protocol.PRESENCE_EXCHANGE)
             await channel.consume(queue, self._on_request, auto_ack=True, exclusive=True)
         except BrokerError as exc:
             log.warning("presence requests cannot be followed: %s; this worker serves its "
-                        "calls, but crew status does not see it (docs/SECURITY.md, section 2)",
-                        exc)
+                        "calls, but crew status and dashboards do not see it "
+                        "(docs/SECURITY.md, section 2)", exc)
             return
+        self._publish_figures()
         channel.on_cancel(lambda _frame: self._again_on(connection, channel, "consumer cancelled"))
         channel.closed.add_done_callback(
             lambda _closed: self._again_on(connection, channel, "channel closed"))
@@ -104,6 +114,34 @@ class Presence:
         self._closed = True
         if self._again is not None:
             self._again.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def farewell(self) -> None:
+        """Publish the figures one last time, marked ``stopping``: the worker stops."""
+        if not self._closed:
+            self._publish_figures(stopping=True)
+
+    def _publish_figures(self, stopping: bool = False) -> None:
+        """Publish the map and figures (section 13), and again in ``FIGURES_INTERVAL``."""
+        if self._timer is not None:
+            self._timer.cancel()
+        channel = self._channel
+        if self._closed or channel is None or not channel.is_open:
+            return  # following again (or the connection's loss) starts it again
+        figures = {**self.snapshot(), **self._figures.snapshot(),
+                   "interval": protocol.FIGURES_INTERVAL, "stopping": stopping}
+        try:
+            body = codec.serialize(figures)
+        except CrewError:  # not with crew's own values; a timer callback must not raise
+            log.exception("figures could not be encoded")
+        else:
+            channel.publish(protocol.FIGURES_EXCHANGE, "", body, BasicProperties(
+                type=protocol.FIGURES_TYPE, content_type=protocol.MSGPACK, delivery_mode=1,
+                expiration=str(protocol.seconds_to_ms(5 * protocol.FIGURES_INTERVAL))))
+        if not stopping:
+            self._timer = asyncio.get_running_loop().call_later(
+                protocol.FIGURES_INTERVAL, self._publish_figures)
 
     def _again_on(self, connection: Connection, channel: Channel, why: str) -> None:
         if (self._closed or channel is not self._channel or not connection.is_open

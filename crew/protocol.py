@@ -35,6 +35,10 @@ PUBSUB_EXCHANGE: Final = "crew.pubsub"
 #: Fanout exchange for presence requests to every worker (docs/PROTOCOL.md, section 12); each
 #: answers to the requester's reply queue. Not ``crew.control``: its stream keeps everything.
 PRESENCE_EXCHANGE: Final = "crew.presence"
+#: Fanout exchange on which each worker publishes its figures every FIGURES_INTERVAL seconds,
+#: for dashboards (PROTOCOL.md 13); not ``crew.presence``, which every worker reads.
+FIGURES_EXCHANGE: Final = "crew.figures"
+FIGURES_INTERVAL: Final = 2.0
 
 # --- Headers ----------------------------------------------------------------------------
 
@@ -74,12 +78,12 @@ _RESERVED_PREFIXES: Final = (HEADER_PREFIX, *BROKER_HEADER_PREFIXES)
 
 #: AMQP ``type`` property of control messages.
 CANCEL_TYPE: Final = "crew.cancel"
-#: AMQP ``type`` of the marker a worker writes to :data:`CANCEL_STREAM` and reads back to
-#: know that it has read every notice sent before it connected.
+#: ``type`` of the marker a worker writes to CANCEL_STREAM and reads back: it has read all.
 MARKER_TYPE: Final = "crew.marker"
-#: AMQP ``type`` of a presence request, and of a worker's answer (a map, PROTOCOL.md 12).
+#: ``type`` of a presence request, of its answer (a map, PROTOCOL.md 12), of figures (13).
 PRESENCE_REQUEST_TYPE: Final = "crew.presence.request"
 PRESENCE_TYPE: Final = "crew.presence"
+FIGURES_TYPE: Final = "crew.figures"
 #: crew's version (``crew.__version__``), which workers report in their presence.
 VERSION: Final = "0.1.0"
 
@@ -118,8 +122,9 @@ QUEUE_TYPE_ENV: Final = "CREW_QUEUE_TYPE"
 #: DELIVERY_LIMIT + 1 deliveries. Fixed, so every worker declares the same and a caller knows
 #: the count (RabbitMQ 4.x's default is 20; 3.x has none).
 DELIVERY_LIMIT: Final = 5
-#: ``x-death`` reason of a call dead-lettered for the delivery limit (expired ones: "expired").
+#: ``x-death`` reasons of a call dead-lettered for the delivery limit, and of an expired one.
 DELIVERY_LIMIT_REASON: Final = "delivery_limit"
+EXPIRED_REASON: Final = "expired"
 
 # --- Priorities and deadlines -----------------------------------------------------------
 
@@ -150,11 +155,9 @@ def task_queue(task: str) -> str:
 
 
 def task_queue_arguments(max_priority: int, queue_type: str = CLASSIC) -> dict[str, Any]:
-    """Arguments every task queue is declared with (docs/PROTOCOL.md, section 2.2). Both
-    dead-letter to ``crew.expired`` (expired calls, and calls over a quorum queue's
-    delivery limit, go back to their caller). Classic queues need ``x-max-priority`` for
-    priorities; quorum queues refuse it (406) and order by priority themselves (RabbitMQ 4.x).
-    Declaring an existing queue with other values fails with 406 PRECONDITION_FAILED."""
+    """Arguments every task queue is declared with (docs/PROTOCOL.md, section 2.2); both
+    dead-letter to ``crew.expired``. Quorum queues refuse ``x-max-priority`` (406) and order
+    by priority themselves (4.x). Other values for an existing queue: 406 PRECONDITION_FAILED."""
     if queue_type == QUORUM:
         return {"x-queue-type": QUORUM, "x-dead-letter-exchange": EXPIRED_EXCHANGE,
                 "x-delivery-limit": DELIVERY_LIMIT}
@@ -189,17 +192,16 @@ def dead_letter_reason(headers: dict[str, Any] | None) -> str:
 def cancel_stream_arguments() -> dict[str, Any]:
     """Arguments :data:`CANCEL_STREAM` is declared with (durable, like every stream);
     declaring it again with other values fails with 406 PRECONDITION_FAILED."""
-    return {
-        "x-queue-type": "stream",
-        "x-max-age": CANCEL_STREAM_MAX_AGE,
-        "x-max-length-bytes": CANCEL_STREAM_MAX_BYTES,
-        "x-stream-max-segment-size-bytes": CANCEL_STREAM_SEGMENT_BYTES,
-    }
+    return {"x-queue-type": "stream", "x-max-age": CANCEL_STREAM_MAX_AGE,
+            "x-max-length-bytes": CANCEL_STREAM_MAX_BYTES,
+            "x-stream-max-segment-size-bytes": CANCEL_STREAM_SEGMENT_BYTES}
 
 
-def expired_binding(reply_queue: str) -> dict[str, Any]:
-    """Binding arguments that bring a client's dead letters to its own reply queue."""
-    return {"x-match": "all", CLIENT_HEADER: reply_queue}
+def expired_binding(reply_queue: str | None = None) -> dict[str, Any]:
+    """Binding arguments that bring a client's dead letters to its own reply queue; without
+    ``reply_queue``, every dead letter (a dashboard counts them: no header to match)."""
+    return {"x-match": "all"} if reply_queue is None else {
+        "x-match": "all", CLIENT_HEADER: reply_queue}
 
 
 def now_ms() -> int:
@@ -257,10 +259,8 @@ def validate_expiration(expiration: object) -> float:
     if not isinstance(expiration, (int, float)) or isinstance(expiration, bool):
         raise TypeError(f"expiration must be a number of seconds, not {type(expiration).__name__}")
     if not 0 < expiration <= MAX_EXPIRATION:
-        raise ValueError(
-            f"expiration must be more than 0 and at most {MAX_EXPIRATION:g} seconds, "
-            f"got {expiration!r}"
-        )
+        raise ValueError(f"expiration must be more than 0 and at most {MAX_EXPIRATION:g} "
+                         f"seconds, got {expiration!r}")
     return float(expiration)
 
 

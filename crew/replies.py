@@ -32,6 +32,7 @@ from . import outcomes, protocol
 from .amqp import Channel
 from .cancels import Key
 from .exceptions import ConnectionLostError, EncodeError, JobKilled
+from .figures import Figures
 from .jobs import Job, Reply
 
 __all__ = ["Replies"]
@@ -78,6 +79,15 @@ class Replies:
         self._finished_scheduled = False
         #: Told of each call that ends with a reply sent, or dropped (metrics, traces).
         self.observer: Observer | None = None
+        #: The worker's own figures, which it publishes (None: a worker's parts in tests).
+        self.figures: Figures | None = None
+
+    def _ended(self, job: Job, status: str) -> None:
+        """``job``'s call ended with a reply of ``status`` (or was dropped, or requeued)."""
+        if self.figures is not None:
+            self.figures.job_ended(job, status)
+        if self.observer is not None:
+            self.observer.job_ended(job, status)
 
     def start(self) -> None:
         """Called on the worker's loop before the first call."""
@@ -121,15 +131,13 @@ class Replies:
             self._publish_reply(channel, job, reply, {})
         channel.ack(job.delivery_tag)
         self.forget(job)
-        if self.observer is not None:
-            self.observer.job_ended(job, reply.status)
+        self._ended(job, reply.status)
 
     def drop(self, job: Job) -> None:
         """Acknowledge ``job``'s call without a reply (its caller cancelled it)."""
         self.forget(job)
         self.channel.ack(job.delivery_tag)  # type: ignore[union-attr]
-        if self.observer is not None:
-            self.observer.job_ended(job, outcomes.CANCELLED)
+        self._ended(job, outcomes.CANCELLED)
 
     def requeue(self, job: Job) -> None:
         """Put ``job``'s call back in its queue, unless it ended (its thread answers it)."""
@@ -148,8 +156,8 @@ class Replies:
         if self.jobs.get(job.key) is job:
             del self.jobs[job.key]
             self._on_forget(job)
-            if requeued and self.observer is not None:
-                self.observer.job_ended(job, outcomes.REQUEUED)
+            if requeued:
+                self._ended(job, outcomes.REQUEUED)
         if not self.jobs and self.idle is not None:
             self.idle.set()
 
@@ -198,8 +206,7 @@ class Replies:
         calls under way the loop is busy anyway, and answering them in batches is cheaper.
         """
         if self._alone() and self._send_now(job, reply):
-            if self.observer is not None:
-                self.observer.job_ended(job, reply.status)
+            self._ended(job, reply.status)
             with self._finished_lock:
                 self._sent.append(job)
                 wake = (self.stopping or self.wake_on_end) and not self._finished_scheduled

@@ -27,6 +27,7 @@ from .exceptions import ConnectionLostError
 from .jobs import Scope
 from .loops import first_set, running_loop
 from .observing import for_worker
+from .figures import Figures
 from .presence import Presence
 from .registry import Settings, TaskFunction, tasks
 from .session import Session
@@ -91,8 +92,9 @@ class Worker:
             self._scope, concurrency=concurrency, worker_id=self.uuid, max_memory=max_memory,
             max_stuck=max_stuck, call_in_loop=self._call_in_loop,
             on_too_many_stuck=self._on_too_many_stuck)
-        self._presence = Presence(self._calls, self.uuid, self.tasks, self.queue_type,
-                                  self.max_priority, concurrency, max_stuck)
+        figures = self._calls.replies.figures = Figures()
+        self._presence = Presence(self._calls, figures, self.uuid, self.tasks,
+                                  self.queue_type, self.max_priority, concurrency, max_stuck)
         observer = self._calls.replies.observer = for_worker(  # None: metrics, traces off
             metrics, traces, self._calls.gauges, concurrency)
         self._served = observer.wrap(self.tasks) if observer else self.tasks
@@ -216,6 +218,7 @@ class Worker:
         await self._wait_for_jobs(grace)
         self._calls.requeue_running()
         self._calls.close()
+        self._presence.farewell()  # before the connection closes: dashboards drop it now
         if self._session is not None:
             await self._session.close()
         log.info("worker %s stopped", self.uuid)

@@ -20,6 +20,7 @@ from crew.calls import CallHandler
 from crew.census import find_call, inspect_table, status_tables, table
 from crew.command import EXIT_CODES, build_parser, main
 from crew.context import Publisher
+from crew.figures import Figures
 from crew.jobs import Job, Scope
 from crew.presence import PRESENCE_VERSION, Presence
 from crew.registry import Settings
@@ -112,7 +113,8 @@ def _presence() -> tuple[Presence, CallHandler]:
                         max_stuck=3, call_in_loop=lambda func, *args: func(*args),
                         on_too_many_stuck=lambda: None)
     calls.start(asyncio.get_running_loop())
-    return Presence(calls, "w" * 32, {"b": print, "a": print}, protocol.CLASSIC, 10, 2, 3), calls
+    return Presence(calls, Figures(), "w" * 32, {"b": print, "a": print}, protocol.CLASSIC,
+                    10, 2, 3), calls
 
 
 def test_the_presence_map_tells_who_the_worker_is_and_what_it_serves():

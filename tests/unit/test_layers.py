@@ -22,12 +22,13 @@ LAYERS = [
     "crew.loops", "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec",
     "crew.frames", "crew.seam", "crew.transport", "crew.failures", "crew.amqp",
     "crew.connecting", "crew.registry", "crew.cancels", "crew.jobs", "crew.metrics",
-    "crew.tracing", "crew.observing", "crew.context", "crew.pool", "crew.replies",
+    "crew.tracing", "crew.figures", "crew.observing", "crew.context", "crew.pool", "crew.replies",
     "crew.intake", "crew.calls", "crew.presence", "crew.session", "crew.serving",
     "crew.pubsub", "crew.pending", "crew.parallel", "crew.link", "crew.client",
     "crew.synccall", "crew.loopthread", "crew.syncruntime", "crew.sync",
-    "crew.supervisor", "crew.cli", "crew.httpapi", "crew.gateway", "crew.worker", "crew.master",
-    "crew.master.tornado", "crew.census", "crew.calling", "crew.command", "crew",
+    "crew.supervisor", "crew.cli", "crew.census", "crew.board", "crew.watcher", "crew.httpapi",
+    "crew.dashboard", "crew.gateway", "crew.worker", "crew.master",
+    "crew.master.tornado", "crew.calling", "crew.command", "crew",
     "crew.__main__", "crew.testbroker", "crew.mocktask", "crew.testclient", "crew.testing",
 ]
 
