@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from crew import codec, protocol
+from crew import RemoteError, codec, protocol
 from tests.support.fakeworkers import (BUCKETS, FIGURES_EXCHANGE, FIGURES_TYPE, FakeFleet,
                                        shape_problems)
 from tests.support.rawamqp import raw_channel
@@ -95,3 +95,30 @@ def test_shape_problems_finds_what_breaks_the_contract(messages):
     assert shape_problems({**message, "buckets": [*BUCKETS, 120.0]}) != []
     del message["failures"]
     assert shape_problems(message) != []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_real_worker_s_message_passes_the_same_check(make_worker, client, broker_url,
+                                                             uid):
+    """The checker is the contract as the workers follow it, not only as the fake does."""
+    def explode(x):
+        raise ValueError(f"bad {x}")
+
+    with raw_channel(broker_url) as channel:
+        channel.exchange_declare(FIGURES_EXCHANGE, "fanout", durable=True)
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(queue, FIGURES_EXCHANGE)
+        worker = make_worker({f"echo.{uid}": lambda x: x, f"boom.{uid}": explode})
+        assert await client.call(f"echo.{uid}", 1) == 1
+        with pytest.raises(RemoteError):
+            await client.call(f"boom.{uid}", 2)
+        for _method, props, body in channel.consume(queue, inactivity_timeout=10):
+            assert body is not None, "no figures message with both calls within 10 s"
+            message = codec.decode(body, props.content_type)
+            if message["worker"] == worker.uuid and len(message["figures"]) == 2:
+                break
+        channel.cancel()
+    assert shape_problems(message) == []
+    assert props.type == FIGURES_TYPE and props.expiration == "10000"
+    assert message["figures"][f"boom.{uid}"]["outcomes"] == {"remote_error": 1}
+    assert message["failures"][-1]["type"] == "ValueError"

@@ -30,19 +30,20 @@ from typing import Any
 
 import pika
 
-from crew import codec, protocol
+from crew import codec, metrics, outcomes, protocol
 from crew.exceptions import JobKilled
+from crew.figures import KEEP_FAILURES, TRACEBACK_CHARS
 
-#: The figures exchange (fanout, durable, no arguments) and the messages' properties.
-FIGURES_EXCHANGE = "crew.figures"
-FIGURES_TYPE = "crew.figures"
-EXPIRATION = "10000"
-#: Upper bounds (seconds) of the fake histograms' buckets; +Inf is implicit.
-BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-OUTCOMES = ("ok", "remote_error", "killed", "expired", "cancelled", "requeued")
+#: The figures exchange (fanout, durable, no arguments) and the messages' properties: crew's.
+FIGURES_EXCHANGE = protocol.FIGURES_EXCHANGE
+FIGURES_TYPE = protocol.FIGURES_TYPE
+EXPIRATION = str(protocol.seconds_to_ms(5 * protocol.FIGURES_INTERVAL))
+#: Upper bounds (seconds) of the histograms' buckets, the workers' own; +Inf is implicit.
+BUCKETS = metrics.BUCKETS
+OUTCOMES = outcomes.WORKER_OUTCOMES
 RAN = ("ok", "remote_error", "killed")
-MAX_FAILURES = 10
-MAX_TRACEBACK = 4000
+MAX_FAILURES = KEEP_FAILURES
+MAX_TRACEBACK = TRACEBACK_CHARS
 _AREAS = ("billing", "mail", "search", "images", "reports", "auth", "sync", "geo")
 _VERBS = ("charge", "send", "index", "resize", "render", "check", "pull", "lookup")
 _SAMPLES = 2  # calls drawn per task and step; the step's other calls follow them
@@ -199,7 +200,8 @@ class FakeFleet:
     entered. Entering returns once each worker has published once; leaving raises what
     went wrong in the thread, if anything."""
 
-    def __init__(self, url: str, workers: int = 3, tasks: int = 5, interval: float = 2.0,
+    def __init__(self, url: str, workers: int = 3, tasks: int = 5,
+                 interval: float = protocol.FIGURES_INTERVAL,
                  workers_per_task: int | None = None, seed: int = 0, history: float = 600.0,
                  goodbye: bool = True) -> None:
         rng = random.Random(seed)
