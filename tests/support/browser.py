@@ -126,14 +126,18 @@ def screenshot(driver: WebDriver, path: str | os.PathLike[str], full_page: bool 
     """Save a PNG of the page to ``path`` (its folder made if needed) and return the path.
 
     ``full_page``: the viewport is first made as tall as the page (at its width), so the PNG
-    holds all of it; it keeps that height afterwards."""
+    holds all of it; it keeps that height afterwards. A page that changes its height all
+    the time may still be cut: take it right after it renders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if full_page:
-        width, height = driver.execute_script(
-            "return [window.innerWidth, Math.max(document.documentElement.scrollHeight,"
-            " document.body ? document.body.scrollHeight : 0)];")
-        set_viewport(driver, int(width), max(int(height), 100))
+    for _ in range(3 if full_page else 0):  # again if the page's height changed meanwhile
+        width, height, page = driver.execute_script(
+            "return [window.innerWidth, window.innerHeight, Math.max("
+            "document.documentElement.scrollHeight, document.body ? document.body.scrollHeight"
+            " : 0)];")
+        if page == height:
+            break
+        set_viewport(driver, int(width), max(int(page), 100))
     if not driver.save_screenshot(str(path)):
         raise OSError(f"chromium did not write the screenshot {path}")
     return path
