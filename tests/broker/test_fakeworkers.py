@@ -87,6 +87,8 @@ def test_the_fleet_has_running_calls_and_failures_with_tracebacks(messages):
     assert any(f["outcome"] == "remote_error" and "Traceback (most recent call last)" in
                f["traceback"] and f["type"] in f["traceback"] for f in failures)
     assert all(m["calls"] == [] for m in bodies if m["stopping"])
+    assert all([f["at"] for f in m["failures"]] == sorted(f["at"] for f in m["failures"])
+               for m in bodies)  # newest last
 
 
 def test_shape_problems_finds_what_breaks_the_contract(messages):

@@ -114,10 +114,10 @@ class FakeWorker:
         for task in self.tasks:
             count = int(task.rate * seconds + self.rng.random())
             if count:
-                self._serve(task, count, now)
+                self._serve(task, count, now, seconds)
         self._churn_calls(now)
 
-    def _serve(self, task: _Task, count: int, now: float) -> None:
+    def _serve(self, task: _Task, count: int, now: float, seconds: float) -> None:
         figures = self.figures.setdefault(task.name, {
             "outcomes": {}, "run": [0] * (len(BUCKETS) + 1), "run_sum": 0.0,
             "wait": [0] * (len(BUCKETS) + 1), "wait_sum": 0.0})
@@ -135,9 +135,9 @@ class FakeWorker:
                 figures["wait"][bisect.bisect_left(BUCKETS, wait)] += weight
                 figures["wait_sum"] += wait * weight
             if outcome in ("remote_error", "killed", "expired"):
-                self._failed(task, outcome, now)
+                self._failed(task, outcome, now - self.rng.uniform(0, min(seconds, 60)))
 
-    def _failed(self, task: _Task, outcome: str, now: float) -> None:
+    def _failed(self, task: _Task, outcome: str, at: float) -> None:
         if outcome == "expired":
             kind, message, trace = "ExpirationError", "expired before it started", ""
         else:
@@ -145,8 +145,9 @@ class FakeWorker:
                 ("ValueError", "KeyError", "ConnectionError"))
             message, trace = _failure_text(kind, f"{task.name}: item {self.rng.randrange(8)}")
         self.failures.append({"task": task.name, "correlation_id": self._call_id(),
-                              "at": int(now * 1000), "outcome": outcome, "type": kind,
+                              "at": int(at * 1000), "outcome": outcome, "type": kind,
                               "message": message, "traceback": trace})
+        self.failures.sort(key=lambda failure: failure["at"])  # newest last
         del self.failures[:-MAX_FAILURES]
 
     def _call_id(self) -> str:
