@@ -105,7 +105,7 @@ class Watcher:
     async def _watch(self, connection: Connection) -> None:
         """Follow ``connection`` until it is lost or the watcher closes."""
         channel = await connection.channel()
-        await channel.declare_topology()
+        await channel.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
         await channel.declare_exchange(protocol.FIGURES_EXCHANGE, "fanout")
         for exchange, on_message, binding in (
                 (protocol.FIGURES_EXCHANGE, self._on_figures, None),
