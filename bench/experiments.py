@@ -37,6 +37,8 @@ gateway's calls).
   replies and acks encoded and decoded by pika's own codec, as before ``crew/wire.py``.
 - ``nobudget``: the reverse of issue 21: bodies decoded without the decode budget, and a
   worker that reserves nothing for its calls (no memory ceiling), as before.
+- ``nofigures``: the reverse of issue 19's dashboard: the worker does not count its calls'
+  outcomes, durations and queue waits (``crew.figures``), as before.
 """
 
 from __future__ import annotations
@@ -147,10 +149,18 @@ def _nobudget() -> None:
     codec.decode_memory = lambda body, content_type, content_encoding=None: 0
 
 
+def _nofigures() -> None:
+    """The reverse of issue 19's dashboard: the worker counts nothing of its calls (its
+    figures), and publishes its map without them."""
+    from crew import replies
+
+    replies.Replies.figures = property(lambda self: None, lambda self, value: None)
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "arena": _arena, "mmap": _mmap, "switch": _switch, "asyncecho": _asyncecho,
     "nogzip": _nogzip, "huffman": _huffman, "isal": _isal, "directall": _directall,
-    "pikacodec": _pikacodec, "nobudget": _nobudget,
+    "pikacodec": _pikacodec, "nobudget": _nobudget, "nofigures": _nofigures,
 }
 
 

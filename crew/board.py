@@ -28,6 +28,9 @@ WINDOW = 60.0
 #: seconds, forgotten.
 STALE_INTERVALS = 3
 FORGET_AFTER = 60.0
+#: Seconds a task stays listed after the last worker that served it went: a queue whose
+#: workers are all gone is what an operator most needs to see.
+KEEP_TASKS = 3600.0
 #: What a board keeps and shows at most.
 MAX_WORKERS = 1000
 MAX_TASKS = 5000
@@ -55,6 +58,8 @@ class Board:
         self.window = window
         self._workers: dict[str, _Worker] = {}
         self._dead: dict[str, collections.deque[tuple[float, str]]] = {}
+        #: Every task a worker served, and when it was last heard of.
+        self._known: dict[str, float] = {}
 
     def heard(self, figures: object, now: float) -> bool:
         """Take a worker's figures message (decoded), heard at ``now`` (monotonic); False if
@@ -74,6 +79,9 @@ class Board:
                 worker.history.append((now - figures["uptime"], {}))  # it started from zero
         tasks = figures.get("figures")
         worker.map, worker.seen = figures, now
+        for task in figures.get("tasks") or ():
+            if isinstance(task, str) and (task in self._known or len(self._known) < MAX_TASKS):
+                self._known[task] = now
         worker.history.append((now, dict(tasks) if isinstance(tasks, dict) else {}))
         while len(worker.history) > 2 and worker.history[1][0] <= now - self.window:
             worker.history.popleft()
@@ -85,11 +93,14 @@ class Board:
             self._dead.setdefault(task, collections.deque()).append((now, reason))
 
     def tasks(self) -> list[str]:
-        """Every task a live worker serves or that had calls dead-lettered, by name."""
-        names: set[str] = set(self._dead)
-        for worker in self._workers.values():
-            names.update(t for t in worker.map.get("tasks") or () if isinstance(t, str))
-        return sorted(names)[:MAX_TASKS]
+        """Every task a worker served in the last KEEP_TASKS seconds or that had calls
+        dead-lettered in the window, by name."""
+        return sorted(set(self._known) | set(self._dead))[:MAX_TASKS]
+
+    def queue_gone(self, task: str) -> None:
+        """``task``'s queue does not exist (any more): list it no more, once no worker
+        serves it."""
+        self._known.pop(task, None)
 
     def find_call(self, correlation_id: str) -> dict[str, Any] | None:
         """The call ``correlation_id`` as a live worker last said it serves it, or None."""
@@ -103,6 +114,8 @@ class Board:
         """Forget workers unheard of for FORGET_AFTER seconds, and old dead letters."""
         for name in [n for n, w in self._workers.items() if now - w.seen > FORGET_AFTER]:
             del self._workers[name]
+        for task in [t for t, seen in self._known.items() if now - seen > KEEP_TASKS]:
+            del self._known[task]
         for task in list(self._dead):
             dead = self._dead[task]
             while dead and dead[0][0] < now - self.window:
@@ -132,7 +145,7 @@ class Board:
             serving.update(t for t in worker.map.get("tasks") or () if isinstance(t, str))
             _add_deltas(worker, sums)
         rows = []
-        for task in sorted(set(self.tasks()) | set(queues))[:MAX_TASKS]:
+        for task in self.tasks():
             total = sums.get(task) or _Sum(0)
             dead = collections.Counter(reason for _, reason in self._dead.get(task, ()))
             counts = queues.get(task)

@@ -1,10 +1,11 @@
 """Prometheus metrics of crew's clients and workers: the optional ``crew[metrics]`` extra.
 
 Without ``prometheus_client`` this module still imports (:data:`AVAILABLE` is False) and
-nothing in it may be used. With it, the metrics of every client and worker of the process
-are one collector in prometheus_client's default registry, registered on first use, so an
-application's own exporter shows them; :func:`serve` exposes them on a port of their own
-(``--metrics-port``), :func:`exposition` for the gateway's ``/metrics``.
+nothing in it but :data:`BUCKETS` may be used. With it, the metrics of every client and
+worker of the process are one collector in prometheus_client's default registry,
+registered on first use, so an application's own exporter shows them; :func:`serve`
+exposes them on a port of their own (``--metrics-port``), :func:`exposition` for the
+gateway's ``/metrics``.
 
 A call's record costs a fraction of a microsecond: an append to a deque, counted into
 buckets in batches (prometheus_client's own Counter and Histogram take a lock per number,
@@ -13,28 +14,34 @@ scrape time. Labels are ``task`` and ``outcome`` only (:mod:`crew.outcomes`), ne
 correlation id or data; a process labels at most :data:`MAX_TASK_LABELS` task names (the
 gateway's callers choose them), the rest under ``task="_other"``. Names and meanings are in
 README, "Metrics and traces"; :mod:`crew.observing` calls these.
+
+``prometheus_client`` is imported on first use (the first client or worker with metrics on,
+:func:`serve`, :func:`exposition`), never by ``import crew``: it takes tens of milliseconds,
+which a process without metrics should not pay. :data:`AVAILABLE` only finds it.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import threading
 import weakref
 from bisect import bisect_left
 from typing import Any, Callable, Iterator
 
-try:
-    import prometheus_client
-    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                        HistogramMetricFamily)
-    from prometheus_client.utils import floatToGoString
-except ImportError:  # the extra is not installed: crew runs without metrics
-    prometheus_client = None  # type: ignore[assignment]
-
 __all__ = ["AVAILABLE", "MAX_TASK_LABELS", "ClientMetrics", "WorkerMetrics", "exposition",
            "serve"]
 
-AVAILABLE = prometheus_client is not None
+
+def _installed() -> bool:
+    """Whether prometheus_client is installed (found, not imported: it takes tens of ms)."""
+    try:
+        return importlib.util.find_spec("prometheus_client") is not None
+    except ImportError:  # an import hook refused it
+        return False
+
+
+AVAILABLE = _installed()
 #: Distinct task names a process labels; calls to others count under :data:`OTHER_TASK`.
 MAX_TASK_LABELS = 1000
 OTHER_TASK = "_other"
@@ -103,6 +110,7 @@ class _Series:
         return self._series.setdefault(key, [0.0] * (_EVENTS + 1))
 
     def families(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
         self._count()
         with self._lock:
             series = [(key, list(values)) for key, values in self._series.items()]
@@ -123,6 +131,7 @@ class _Series:
 
 def _bounds() -> tuple[str, ...]:
     """The buckets' ``le`` labels, as prometheus_client writes them."""
+    from prometheus_client.utils import floatToGoString
     return (*map(floatToGoString, BUCKETS), "+Inf")
 
 
@@ -142,9 +151,11 @@ class _Collector:
         self.workers: weakref.WeakSet[WorkerMetrics] = weakref.WeakSet()
         self.reconnections = 0
         self.clients = False  # their families appear once a client records
-        prometheus_client.REGISTRY.register(self)
+        from prometheus_client import REGISTRY
+        REGISTRY.register(self)
 
     def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         if self.clients:
             yield from self.calls.families()
         workers = list(self.workers)
@@ -217,10 +228,12 @@ class WorkerMetrics:
 def serve(port: int, addr: str = "") -> Any:
     """Serve ``/metrics`` on ``port`` (all interfaces unless ``addr``) in a daemon thread;
     return the server (``shutdown()`` stops it). Raises ``OSError`` if the port is taken."""
+    import prometheus_client
     server, _thread = prometheus_client.start_http_server(port, addr or "0.0.0.0")
     return server
 
 
 def exposition() -> tuple[bytes, str]:
     """Every metric of the default registry in the text format, and its content type."""
+    import prometheus_client
     return prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST

@@ -13,25 +13,49 @@ A failed call or job sets its span's status to ERROR and records an event: the r
 exception (``exception``), or ``crew.<outcome>`` (``crew.killed``, ``crew.expired``, ...).
 The API alone records nothing: spans need an SDK's tracer provider, set globally by the
 application (or given to the client or worker, as tests do).
+
+The OpenTelemetry API is imported by the first :class:`Tracing` (a client or worker with
+traces on), never by ``import crew``: it takes tens of milliseconds, which a process
+without traces should not pay. :data:`AVAILABLE` only finds it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from contextlib import AbstractContextManager
-from typing import Any
-
-try:
-    from opentelemetry import propagate, trace
-    from opentelemetry.trace import SpanKind, Status, StatusCode
-except ImportError:  # the extra is not installed: crew runs without traces
-    trace = None  # type: ignore[assignment]
+from typing import TYPE_CHECKING, Any
 
 from . import outcomes, protocol
 from .exceptions import RemoteError
 
+if TYPE_CHECKING:  # at run time, the first Tracing imports them: see _import()
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
 __all__ = ["AVAILABLE", "Tracing"]
 
-AVAILABLE = trace is not None
+
+def _installed() -> bool:
+    """Whether the OpenTelemetry API is installed: found, not imported (nor is the namespace
+    package ``opentelemetry`` that it shares with other distributions)."""
+    try:
+        namespace = importlib.util.find_spec("opentelemetry")
+        places = list(namespace.submodule_search_locations or ()) if namespace else []
+        return bool(places) and any(finder.find_spec("opentelemetry.trace", places)
+                                    for finder in sys.meta_path)
+    except ImportError:  # an import hook refused it
+        return False
+
+
+def _import() -> None:
+    """Import the OpenTelemetry API's names that this module uses into its globals."""
+    global propagate, trace, SpanKind, Status, StatusCode
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+
+AVAILABLE = _installed()
 #: Outcomes that are not failures of the call: its span's status stays unset.
 _NOT_ERRORS = frozenset({outcomes.OK, outcomes.CANCELLED, outcomes.REQUEUED})
 
@@ -41,6 +65,7 @@ class Tracing:
     ``TracerProvider``; None: the global one, looked up at each span)."""
 
     def __init__(self, provider: Any = None) -> None:
+        _import()  # before any span: the static methods below take spans
         self._tracer = trace.get_tracer("crew", tracer_provider=provider)
 
     # --- the client --------------------------------------------------------------------

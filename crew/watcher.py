@@ -105,7 +105,7 @@ class Watcher:
     async def _watch(self, connection: Connection) -> None:
         """Follow ``connection`` until it is lost or the watcher closes."""
         channel = await connection.channel()
-        await channel.declare_topology()
+        await channel.declare_exchange(protocol.EXPIRED_EXCHANGE, "headers")
         await channel.declare_exchange(protocol.FIGURES_EXCHANGE, "fanout")
         for exchange, on_message, binding in (
                 (protocol.FIGURES_EXCHANGE, self._on_figures, None),
@@ -114,11 +114,16 @@ class Watcher:
                                                 arguments=dict(_QUEUE_LIMITS))
             await channel.bind(queue, exchange, arguments=binding)
             await channel.consume(queue, on_message, auto_ack=True, exclusive=True)
+        # A consumer the broker cancels (its queue deleted) would leave the board unfed:
+        # start over on a new connection instead.
+        channel.on_cancel(lambda _frame: asyncio.ensure_future(channel.close()))
         log.info("dashboard: watching the workers at %s", connection.settings.safe_url)
         closing: asyncio.Future[Any] = asyncio.ensure_future(self._closing.wait())
         try:
             while not self._closing.is_set() and not channel.closed.done():
                 queues = await census.queue_figures(connection, self.board.tasks())
+                for task in [task for task, counts in queues.items() if counts is None]:
+                    self.board.queue_gone(task)
                 self._publish(broker_up=True, queues=queues)
                 await asyncio.wait((closing, channel.closed), timeout=self.refresh,
                                    return_when=asyncio.FIRST_COMPLETED)

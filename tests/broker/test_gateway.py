@@ -8,9 +8,11 @@ import logging
 from typing import Any, Callable
 
 import pytest
-from tornado.httpclient import HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.tcpclient import TCPClient
+from tornado.testing import bind_unused_port
 
 import worker_example
 from crew import JobKilled, gateway
@@ -263,3 +265,35 @@ def test_make_app_refuses_bad_limits(client):
         gateway.make_app(client, max_body=0)
     with pytest.raises(ValueError):
         gateway.make_app(client, poll_timeout=0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_call_or_publish_from_another_origin_is_refused(make_worker, http_client,
+                                                                 base_url, uid):
+    make_worker({f"echo.{uid}": lambda data: data})
+    for path in (f"/call/echo.{uid}", f"/publish/news.{uid}"):
+        refused = await http_client.fetch(f"{base_url}{path}", method="POST", body=b"1",
+                                          headers={"Origin": "http://elsewhere.example"},
+                                          raise_error=False)
+        assert refused.code == 403 and json_of(refused)["error"] == "CrossOrigin"
+    same = await http_client.fetch(f"{base_url}/call/echo.{uid}", method="POST", body=b"1",
+                                   headers={"Origin": base_url}, raise_error=False)
+    assert (same.code, json_of(same)) == (200, 1)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_read_only_refuses_every_write_and_serves_the_rest(client, make_worker, uid):
+    make_worker({f"echo.{uid}": lambda data: data})
+    sock, port = bind_unused_port()
+    server = HTTPServer(gateway.make_app(client, writable=False))
+    server.add_sockets([sock])
+    fetch = AsyncHTTPClient().fetch
+    try:
+        for path in (f"/call/echo.{uid}", f"/publish/news.{uid}"):
+            refused = await fetch(f"http://127.0.0.1:{port}{path}", method="POST", body=b"1",
+                                  raise_error=False)
+            assert refused.code == 403 and json_of(refused)["error"] == "ReadOnly", path
+        health = await fetch(f"http://127.0.0.1:{port}/health", raise_error=False)
+        assert health.code == 200
+    finally:
+        server.stop()

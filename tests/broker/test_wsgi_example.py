@@ -4,11 +4,7 @@ HTTP requests, calling ``worker_example``'s tasks in an in-process worker."""
 
 from __future__ import annotations
 
-import queue
 import re
-import signal
-import subprocess
-import threading
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +14,7 @@ from typing import Iterator
 import pytest
 
 import worker_example
-from tests.support.processes import STAT, spawn_python
+from tests.support.processes import ROOT, STAT, Process, python_env
 
 #: A gunicorn hook run in its master before it forks the workers: with --preload the
 #: application (and its client) lives there, and this makes the master use the client, so
@@ -42,73 +38,33 @@ REQUESTS = [
 ROUNDS = 12  # of every request above: 72 requests, from 16 client threads
 
 
-class Gunicorn:
-    """``python -m gunicorn ... 'wsgi_example:create_app()'`` with its output read by a
-    thread; :meth:`wait_for` the first line (from the start) that matches a regex."""
-
-    def __init__(self, broker_url: str, args: list[str]) -> None:
-        self.proc = spawn_python(
-            ["-m", "gunicorn", "--workers", "2", "--threads", "8", "--bind", "127.0.0.1:0",
-             "--no-control-socket", "--graceful-timeout", "10", *args,
-             "wsgi_example:create_app()"], broker_url)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r}:\n{self.text()}") from None
-            if line is None:
-                raise AssertionError(f"gunicorn exited before {pattern!r}:\n{self.text()}")
-            self.seen.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def text(self) -> str:
-        return "".join(self.seen)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-        finally:
-            while (line := self.lines.get(timeout=10)) is not None:
-                self.seen.append(line)
+def start_gunicorn(broker_url: str, args: list[str]) -> Process:
+    """``python -m gunicorn ... 'wsgi_example:create_app()'``, two workers of eight threads,
+    on a free port of the loopback interface."""
+    return Process(["-m", "gunicorn", "--workers", "2", "--threads", "8", "--bind",
+                    "127.0.0.1:0", "--no-control-socket", "--graceful-timeout", "10", *args,
+                    "wsgi_example:create_app()"], python_env(broker_url), cwd=ROOT)
 
 
 @pytest.fixture
 def gunicorn(broker_url: str, make_worker, tmp_path: Path) -> Iterator:
     make_worker(worker_example.tasks, settings=worker_example.settings, concurrency=8)
-    started: list[Gunicorn] = []
+    started: list[Process] = []
 
-    def start(preload: bool) -> tuple[Gunicorn, str]:
+    def start(preload: bool) -> tuple[Process, str]:
         args = []
         if preload:
             config = tmp_path / "gunicorn_conf.py"
             config.write_text(MASTER_USES_THE_CLIENT)
             args = ["--preload", "--config", str(config)]
-        server = Gunicorn(broker_url, args)
+        server = start_gunicorn(broker_url, args)
         started.append(server)
         port = server.wait_for(r"Listening at: http://127\.0\.0\.1:(\d+)")[1]
         return server, f"http://127.0.0.1:{port}"
 
     yield start
     for server in started:
-        if server.proc.poll() is None:
-            server.stop()
+        server.stop()  # SIGTERM, so that gunicorn stops its workers (a kill would orphan them)
 
 
 def fetch(base: str, method: str, path: str, body: bytes | None) -> tuple[int, str]:

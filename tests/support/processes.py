@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 #: The checkout's root directory.
@@ -106,32 +107,52 @@ class Process:
         self.popen = subprocess.Popen([sys.executable, *args], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       **kwargs)
-        self.lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             self.output.append(line)
             self.lines.put(line)
+        self.lines.put(None)  # the end of the output
 
     def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
-        """The first match of ``pattern`` in a line printed from now on."""
+        """The first match of ``pattern`` in a line printed from now on, within ``timeout``
+        seconds in all (however many other lines come meanwhile); raise if the output ends."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                line = self.lines.get(timeout=timeout)
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n"
-                                     f"{''.join(self.output)}") from None
+                                     f"{self.text()}") from None
+            if line is None:
+                self.lines.put(None)  # for the next wait_for: the output stays ended
+                raise AssertionError(f"the process exited before a line matching "
+                                     f"{pattern!r}:\n{self.text()}")
             match = re.search(pattern, line)
             if match:
                 return match
 
+    def text(self) -> str:
+        """The output read so far: all of it once :meth:`stop` has returned."""
+        return "".join(self.output)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send ``sig`` and return the exit status; killed if it has not exited within
+        ``timeout`` seconds. The output is then read to its end."""
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
-        return self.popen.wait(timeout)
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            code = self.popen.wait(10)
+        self.reader.join(10)
+        return code
 
 
 def kill_alive(processes: list[Process]) -> None:
