@@ -2,11 +2,13 @@
 13): the tasks, the workers, the calls running now and the recent failures.
 
 A :class:`Board` holds nothing but what the workers sent in the last minute or so: each
-worker's latest map and the figures it sent over the last :data:`WINDOW` seconds. Rates and
-percentiles are the difference between a worker's newest figures and its oldest within the
-window (both counted since the worker started), summed over workers; so a dashboard that
-restarts shows everything again after two figures messages. It does no I/O:
-:mod:`crew.watcher` feeds it, :mod:`crew.dashboard` serves :meth:`Board.view`.
+worker's latest map, and what the workers counted over the last :data:`WINDOW` seconds, in
+slots of :data:`SLOT` seconds. Workers count from their start; what one counted between two
+of its messages goes into the newest slot, added up over workers, and a slot that leaves
+the window is dropped: the memory and the work of a view depend on the tasks, not on the
+messages. A dashboard that restarts shows everything again after two messages of each
+worker. It does no I/O: :mod:`crew.watcher` feeds it, :mod:`crew.dashboard` serves
+:meth:`Board.view`.
 
 Anyone who may publish to the vhost may publish figures: a map that is not one is ignored,
 and what a board keeps is bounded (:data:`MAX_WORKERS`, :data:`MAX_TASKS`).
@@ -18,12 +20,14 @@ import collections
 import math
 from typing import Any, Iterable, Mapping
 
-from . import outcomes, protocol
+from . import protocol
+from .windows import Figures, Sum, checked, checked_buckets, growth
 
-__all__ = ["MAX_CALLS", "MAX_FAILURES", "WINDOW", "Board", "quantile"]
+__all__ = ["MAX_CALLS", "MAX_FAILURES", "WINDOW", "Board"]
 
-#: Seconds the rates and percentiles are taken over.
+#: Seconds the rates and percentiles are taken over, kept as slots of SLOT seconds.
 WINDOW = 60.0
+SLOT = 2.0
 #: A worker unheard of for this many of its intervals is shown stale; for FORGET_AFTER
 #: seconds, forgotten.
 STALE_INTERVALS = 3
@@ -39,15 +43,14 @@ MAX_FAILURES = 50
 
 
 class _Worker:
-    """One worker's latest map, and its figures over the window: ``(monotonic time,
-    figures)``, oldest first."""
+    """One worker's latest map, and its figures in it (checked)."""
 
-    __slots__ = ("map", "seen", "history")
+    __slots__ = ("map", "seen", "figures")
 
     def __init__(self) -> None:
         self.map: dict[str, Any] = {}
         self.seen = 0.0
-        self.history: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
+        self.figures: Figures | None = None  # None: no message heard yet
 
 
 class Board:
@@ -60,6 +63,10 @@ class Board:
         self._dead: dict[str, collections.deque[tuple[float, str]]] = {}
         #: Every task a worker served, and when it was last heard of.
         self._known: dict[str, float] = {}
+        #: What workers counted, per slot: (the slot's start, task -> sum), oldest first.
+        self._slots: collections.deque[tuple[float, dict[str, Sum]]] = collections.deque()
+        #: From when the slots count (None: nothing counted yet).
+        self._since: float | None = None
 
     def heard(self, figures: object, now: float) -> bool:
         """Take a worker's figures message (decoded), heard at ``now`` (monotonic); False if
@@ -75,17 +82,30 @@ class Board:
             if len(self._workers) >= MAX_WORKERS:
                 return False
             worker = self._workers[name] = _Worker()
-            if _number(figures.get("uptime"), -1) >= 0 and figures["uptime"] < self.window:
-                worker.history.append((now - figures["uptime"], {}))  # it started from zero
-        tasks = figures.get("figures")
-        worker.map, worker.seen = figures, now
+            uptime = _number(figures.get("uptime"), -1)
+            if 0 <= uptime < self.window:  # it started recently, from zero
+                worker.figures, worker.seen = {}, now - uptime
         for task in figures.get("tasks") or ():
             if isinstance(task, str) and (task in self._known or len(self._known) < MAX_TASKS):
                 self._known[task] = now
-        worker.history.append((now, dict(tasks) if isinstance(tasks, dict) else {}))
-        while len(worker.history) > 2 and worker.history[1][0] <= now - self.window:
-            worker.history.popleft()
+        buckets = checked_buckets(figures.get("buckets"))
+        newest = checked(figures.get("figures"), len(buckets) + 1 if buckets else 0)
+        if worker.figures is not None:
+            self._count(growth(worker.figures, newest), buckets, worker.seen, now)
+        worker.map, worker.seen, worker.figures = figures, now, newest
         return True
+
+    def _count(self, grown: Figures, buckets: tuple[float, ...] | None, since: float,
+               now: float) -> None:
+        """Add what a worker counted from ``since`` until ``now`` to the newest slot."""
+        if self._since is None:
+            self._since = since
+        if not self._slots or now >= self._slots[-1][0] + SLOT:
+            self._slots.append((now, {}))
+        slot = self._slots[-1][1]
+        for task, counted in grown.items():
+            total = slot.get(task) or slot.setdefault(task, Sum())
+            total.add(counted, buckets)
 
     def dead_lettered(self, task: str, reason: str, now: float) -> None:
         """The broker dead-lettered a call of ``task`` (``reason``: expired, delivery_limit)."""
@@ -116,6 +136,10 @@ class Board:
             del self._workers[name]
         for task in [t for t, seen in self._known.items() if now - seen > KEEP_TASKS]:
             del self._known[task]
+        # A slot holds what was counted from its start on, of the SLOT seconds before each
+        # count: one that started at the window's start counts from before it.
+        while self._slots and self._slots[0][0] <= now - self.window:
+            self._slots.popleft()
         for task in list(self._dead):
             dead = self._dead[task]
             while dead and dead[0][0] < now - self.window:
@@ -132,105 +156,34 @@ class Board:
         workers = sorted(self._workers.values(),
                          key=lambda w: (str(w.map.get("host")), _number(w.map.get("pid"), 0)))
         return {"window": self.window,
-                "tasks": self._task_rows(workers, queues),
+                "tasks": self._task_rows(now, workers, queues),
                 "workers": [_worker_row(w, now) for w in workers],
                 "calls": _calls(workers, now, now_ms),
                 "failures": _failures(workers)}
 
-    def _task_rows(self, workers: list[_Worker],
+    def _task_rows(self, now: float, workers: list[_Worker],
                    queues: Mapping[str, tuple[int, int] | None]) -> list[dict[str, Any]]:
-        sums: dict[str, _Sum] = {}
         serving: collections.Counter[str] = collections.Counter()
         for worker in workers:
             serving.update(t for t in worker.map.get("tasks") or () if isinstance(t, str))
-            _add_deltas(worker, sums)
+        sums: dict[str, Sum] = {}
+        for _start, slot in self._slots:
+            for task, counted in slot.items():
+                total = sums.get(task) or sums.setdefault(task, Sum())
+                total.add((counted.outcomes, counted.run, counted.wait), counted.buckets)
+        seconds = 0.0 if self._since is None else min(self.window, now - self._since)
         rows = []
         for task in self.tasks():
-            total = sums.get(task) or _Sum(0)
+            total = sums.get(task) or Sum()
+            total.seconds = seconds
             dead = collections.Counter(reason for _, reason in self._dead.get(task, ()))
             counts = queues.get(task)
-            rows.append({
-                "task": task, "messages": counts[0] if counts else None,
-                "consumers": counts[1] if counts else None, "workers": serving[task],
-                "rate": round(total.ended / total.seconds, 3) if total.seconds else None,
-                "p50": quantile(0.5, total.buckets, total.run),
-                "p95": quantile(0.95, total.buckets, total.run),
-                "wait_p50": quantile(0.5, total.buckets, total.wait),
-                "wait_p95": quantile(0.95, total.buckets, total.wait),
-                "errors": total.outcomes[outcomes.REMOTE_ERROR],
-                "killed": total.outcomes[outcomes.KILLED],
-                "expired": total.outcomes[outcomes.EXPIRED] + dead[protocol.EXPIRED_REASON],
-                "delivery_limit": dead[protocol.DELIVERY_LIMIT_REASON]})
+            row = {"task": task, "messages": counts[0] if counts else None,
+                   "consumers": counts[1] if counts else None, "workers": serving[task],
+                   **total.figures(), "delivery_limit": dead[protocol.DELIVERY_LIMIT_REASON]}
+            row["expired"] += dead[protocol.EXPIRED_REASON]
+            rows.append(row)
         return rows
-
-
-class _Sum:
-    """A task's figures over the window, summed over workers."""
-
-    __slots__ = ("buckets", "outcomes", "run", "wait", "ended", "seconds")
-
-    def __init__(self, size: int) -> None:
-        self.buckets: list[float] = []
-        self.outcomes: collections.Counter[str] = collections.Counter()
-        self.run, self.wait = [0] * size, [0] * size
-        self.ended, self.seconds = 0, 0.0
-
-
-def _add_deltas(worker: _Worker, sums: dict[str, _Sum]) -> None:
-    """Add what ``worker`` counted in the window to each task's sum."""
-    if len(worker.history) < 2:
-        return
-    (first, base), (last, newest) = worker.history[0], worker.history[-1]
-    buckets = worker.map.get("buckets")
-    if not isinstance(buckets, list) or not all(isinstance(b, (int, float)) for b in buckets):
-        return
-    for task in worker.map.get("tasks") or ():  # it served none of some: 0 calls/s
-        if isinstance(task, str) and task not in newest:
-            total = sums.get(task) or sums.setdefault(task, _Sum(len(buckets) + 1))
-            total.seconds = max(total.seconds, last - first)
-    for task, figures in newest.items():
-        if not isinstance(task, str) or not isinstance(figures, dict):
-            continue
-        was_there = base.get(task)
-        old: dict[str, Any] = was_there if isinstance(was_there, dict) else {}
-        total = sums.get(task)
-        if total is None:
-            total = sums[task] = _Sum(len(buckets) + 1)
-        total.buckets = buckets
-        total.seconds = max(total.seconds, last - first)
-        ended = _diff(figures.get("outcomes"), old.get("outcomes"))
-        total.outcomes.update(ended)
-        total.ended += sum(n for o, n in ended.items() if o != outcomes.REQUEUED)
-        for key, into in (("run", total.run), ("wait", total.wait)):
-            new, was = figures.get(key), old.get(key) or []
-            if isinstance(new, list) and len(new) == len(into):
-                for i, count in enumerate(new):
-                    into[i] += int(_number(count, 0) - _number(was[i] if i < len(was) else 0, 0))
-
-
-def _diff(new: object, old: object) -> dict[str, int]:
-    if not isinstance(new, dict):
-        return {}
-    was = old if isinstance(old, dict) else {}
-    return {str(k): max(0, int(_number(v, 0) - _number(was.get(k), 0))) for k, v in new.items()}
-
-
-def quantile(q: float, bounds: list[float], counts: list[int]) -> float | None:
-    """The ``q`` quantile of a histogram (``counts`` per bucket, the last past every bound),
-    interpolated within its bucket as Prometheus' ``histogram_quantile`` does; None if
-    empty. Past the last bound it is that bound."""
-    total = sum(counts)
-    if total <= 0 or not bounds:
-        return None
-    rank, seen = q * total, 0
-    for i, count in enumerate(counts):
-        if count and seen + count >= rank:
-            if i >= len(bounds):
-                return float(bounds[-1])
-            low = 0.0 if i == 0 else float(bounds[i - 1])
-            return round(low + (float(bounds[i]) - low) * (rank - seen) / count, 6)
-        seen += count
-    return float(bounds[-1])
 
 
 def _worker_row(worker: _Worker, now: float) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from pika.spec import Basic, BasicProperties
 
 from . import census, codec, protocol
-from .amqp import Connection
+from .amqp import Channel, Connection
 from .board import Board
 from .cancels import cancel_call
 from .connecting import Nodes, Stopped, connect_retrying
@@ -53,6 +53,7 @@ class Watcher:
         self._connection: Connection | None = None
         self._closing = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
+        self._closing_channel: asyncio.Future[None] | None = None  # kept: not collected
 
     @property
     def connected(self) -> bool:
@@ -116,7 +117,7 @@ class Watcher:
             await channel.consume(queue, on_message, auto_ack=True, exclusive=True)
         # A consumer the broker cancels (its queue deleted) would leave the board unfed:
         # start over on a new connection instead.
-        channel.on_cancel(lambda _frame: asyncio.ensure_future(channel.close()))
+        channel.on_cancel(lambda _frame: self._start_over(channel))
         log.info("dashboard: watching the workers at %s", connection.settings.safe_url)
         closing: asyncio.Future[Any] = asyncio.ensure_future(self._closing.wait())
         try:
@@ -129,6 +130,9 @@ class Watcher:
                                    return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
+
+    def _start_over(self, channel: Channel) -> None:
+        self._closing_channel = asyncio.ensure_future(channel.close())
 
     def _publish(self, broker_up: bool,
                  queues: dict[str, tuple[int, int] | None] | None = None) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from crew import board as boards
-from crew.board import Board, quantile
+from crew.board import Board
+from crew.windows import quantile
 from crew.metrics import BUCKETS
 
 NOW_MS = 1_800_000_000_000

@@ -26,8 +26,8 @@ LAYERS = [
     "crew.intake", "crew.calls", "crew.presence", "crew.session", "crew.serving",
     "crew.pubsub", "crew.pending", "crew.parallel", "crew.link", "crew.client",
     "crew.synccall", "crew.loopthread", "crew.syncruntime", "crew.sync",
-    "crew.supervisor", "crew.cli", "crew.census", "crew.board", "crew.watcher", "crew.httpapi",
-    "crew.dashboard", "crew.gateway", "crew.worker", "crew.master",
+    "crew.supervisor", "crew.cli", "crew.census", "crew.windows", "crew.board",
+    "crew.watcher", "crew.httpapi", "crew.dashboard", "crew.gateway", "crew.worker", "crew.master",
     "crew.master.tornado", "crew.calling", "crew.command", "crew",
     "crew.__main__", "crew.testbroker", "crew.mocktask", "crew.testclient", "crew.testing",
 ]
