@@ -113,12 +113,15 @@ class Board:
             self._dead.setdefault(task, collections.deque()).append((now, reason))
 
     def tasks(self) -> list[str]:
-        """Every task a worker served in the last KEEP_TASKS seconds or that had calls
-        dead-lettered in the window, by name."""
-        return sorted(set(self._known) | set(self._dead))[:MAX_TASKS]
+        """Every task a live worker serves, a worker served in the last KEEP_TASKS seconds,
+        or that had calls dead-lettered in the window, by name."""
+        names = set(self._known) | set(self._dead)
+        for worker in self._workers.values():
+            names.update(t for t in worker.map.get("tasks") or () if isinstance(t, str))
+        return sorted(names)[:MAX_TASKS]
 
     def queue_gone(self, task: str) -> None:
-        """``task``'s queue does not exist (any more): list it no more, once no worker
+        """``task``'s queue does not exist (any more): list it no more once no live worker
         serves it."""
         self._known.pop(task, None)
 

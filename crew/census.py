@@ -32,6 +32,10 @@ __all__ = ["DEFAULT_WINDOW", "connect", "find_call", "gather", "inspect_table", 
 
 log = logging.getLogger(__name__)
 
+#: Why a passive declare may fail for one queue: not found, access refused, locked
+#: (another connection's exclusive queue). Other codes are connection errors.
+_UNREADABLE = frozenset({NOT_FOUND, 403, 405})
+
 #: Seconds the answers of the workers are gathered for, unless told otherwise.
 DEFAULT_WINDOW = 1.0
 
@@ -82,7 +86,9 @@ def _host_and_pid(answer: dict[str, Any]) -> tuple[str, int]:
 async def queue_figures(connection: Connection,
                         tasks: Iterable[str]) -> dict[str, tuple[int, int] | None]:
     """``(messages ready, consumers)`` of each task's queue; None for a queue that does not
-    exist (its passive declare closes the channel: the next task gets a new one)."""
+    exist, or that this connection may not read (another's exclusive queue: 405; no
+    permission: 403). Each such passive declare closes the channel: the next task gets a
+    new one. Only a lost connection raises."""
     figures: dict[str, tuple[int, int] | None] = {}
     channel: Channel | None = None
     for task in tasks:
@@ -91,7 +97,7 @@ async def queue_figures(connection: Connection,
         try:
             figures[task] = await channel.queue_counts(protocol.task_queue(task))
         except BrokerError as exc:
-            if exc.code != NOT_FOUND:
+            if exc.code not in _UNREADABLE:
                 raise
             figures[task] = None
     if channel is not None:

@@ -14,6 +14,7 @@ management plugin needed. When the connection is lost it says so in the view (``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from . import census, codec, protocol
 from .amqp import Channel, Connection
 from .board import Board
 from .cancels import cancel_call
-from .connecting import Nodes, Stopped, connect_retrying
+from .connecting import Nodes, Stopped, backoff, connect_retrying
 from .exceptions import CodecError, CrewError
 from .settings import BrokerSettings
 
@@ -87,8 +88,9 @@ class Watcher:
         return call
 
     async def _run(self) -> None:
-        nodes = Nodes(self.broker)
+        nodes, delays = Nodes(self.broker), backoff(first=1.0, cap=30.0)
         while not self._closing.is_set():
+            watched = time.monotonic()
             try:
                 self._connection = await connect_retrying(
                     lambda: Connection.open(nodes.next()), who="crew dashboard",
@@ -102,6 +104,11 @@ class Watcher:
             self._publish(broker_up=False)
             if self._connection is not None and not self._closing.is_set():
                 await self._connection.close()
+            if time.monotonic() - watched > 60:  # it worked for a while: start over quickly
+                delays = backoff(first=1.0, cap=30.0)
+            # A link that fails as soon as it is made must not spin: wait before the next.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), next(delays))
 
     async def _watch(self, connection: Connection) -> None:
         """Follow ``connection`` until it is lost or the watcher closes."""

@@ -12,13 +12,14 @@ import subprocess
 import threading
 import time
 import urllib.request
+import uuid
 from typing import Any, Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pika
 import pytest
 
-from crew import ExpirationError, codec, dashboard, gateway, protocol
+from crew import ExpirationError, census, codec, dashboard, gateway, protocol
 from crew.settings import BrokerSettings
 from crew.watcher import Watcher
 from tests.support.broker import rabbitmqctl_command
@@ -302,3 +303,50 @@ def test_crew_dashboard_serves_alone_until_sigterm(broker_url):
         assert dashboard_process.stop(signal.SIGTERM) == 0
     finally:
         kill_alive([dashboard_process])
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_queue_it_may_not_read_does_not_stop_the_figures(broker_url, uid):
+    """Another connection's exclusive queue of a task's name answers a passive declare with
+    405: that task's figures are unknown (None), the others' still come."""
+    holder = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        holder.channel().queue_declare(protocol.task_queue(f"locked.{uid}"), exclusive=True)
+        connection = await census.connect(BrokerSettings.from_url(broker_url), timeout=10)
+        try:
+            figures = await census.queue_figures(
+                connection, [f"locked.{uid}", f"missing.{uid}"])
+        finally:
+            await connection.close()
+        assert figures == {f"locked.{uid}": None, f"missing.{uid}": None}
+    finally:
+        holder.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_watcher_that_fails_at_once_waits_before_it_tries_again(broker_url):
+    """In a vhost where crew.figures has another type, every set-up fails with 406 right
+    after connecting: the watcher must back off, not spin."""
+    rabbitmqctl = rabbitmqctl_command()
+    assert rabbitmqctl, "set CREW_TEST_RABBITMQCTL with CREW_TEST_URL: this test makes a vhost"
+    vhost = f"crew-test-figures-{uuid.uuid4().hex[:8]}"
+    ctl = [*rabbitmqctl, "-q"]
+    subprocess.run([*ctl, "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run([*ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                       check=True, capture_output=True, timeout=60)
+        url = urlunsplit(urlsplit(broker_url)._replace(path=f"/{vhost}"))
+        blocker = pika.BlockingConnection(pika.URLParameters(url))
+        blocker.channel().exchange_declare(protocol.FIGURES_EXCHANGE, "topic", durable=True)
+        blocker.close()
+        watcher = Watcher(BrokerSettings.from_url(url), refresh=0.5)
+        views: list[str] = []
+        watcher.listeners.add(views.append)
+        await watcher.connect()
+        await asyncio.sleep(4)  # a window to count in, not a wait for something
+        await watcher.close()
+        assert 1 <= len(views) <= 5, len(views)  # about 1 + 2 + 4 s of waits: 3 tries
+        assert all(json.loads(view)["broker"] == "down" for view in views)
+    finally:
+        subprocess.run([*ctl, "delete_vhost", vhost], check=True, capture_output=True,
+                       timeout=60)
