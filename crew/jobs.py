@@ -152,8 +152,10 @@ class Job:
 
     def error_reply(self, exc: BaseException, *, status: str = protocol.STATUS_ERROR,
                     with_traceback: bool = True) -> Reply:
-        self.failure = codec.error_envelope(exc, with_traceback)
-        return self.encode_reply(status, self.failure)
+        envelope = codec.error_envelope(exc, with_traceback)
+        if self.failure is None:  # the first is the answer: a kill's, not its thread's late one
+            self.failure = envelope
+        return self.encode_reply(status, envelope)
 
     def expired_reply(self, message: str) -> Reply:
         """The reply to a call whose deadline passed before its job began."""

@@ -115,3 +115,14 @@ def test_calls_ended_by_many_threads_at_once_are_all_counted():
     assert total["outcomes"] == {"ok": per_thread * threads}
     assert sum(total["run"]) == per_thread * threads
     assert all(isinstance(s["figures"], dict) for s in seen)
+
+
+def test_a_killed_job_keeps_the_kills_error_not_its_threads_late_one():
+    killed = job(ran=1.0)
+    killed.error_reply(JobKilled("the job ran past its deadline"),
+                       status=protocol.STATUS_TIMEOUT, with_traceback=False)
+    killed.error_reply(JobKilled(), with_traceback=False)  # its thread's, once the kill landed
+    counts = Figures()
+    counts.job_ended(killed, protocol.STATUS_TIMEOUT)
+    [failure] = counts.snapshot()["failures"]
+    assert failure["message"] == "the job ran past its deadline"
