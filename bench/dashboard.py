@@ -1,5 +1,6 @@
 """What the dashboard costs its process at scale: ``python bench/dashboard.py [--workers N]
-[--tasks M]`` (defaults 30 and 300: every worker serves every task, the worst case).
+[--tasks M] [--active F]`` (defaults 30, 300 and 1: every worker serves every task and is
+called on each between two reports, the worst case).
 
 The board (crew/board.py) hears one figures message per worker every 2 s and makes a view
 every refresh; this times, on synthetic maps shaped as workers publish them, a worker's
@@ -23,11 +24,12 @@ from crew.board import Board
 from crew.metrics import BUCKETS
 
 
-def figures_map(worker: int, tasks: list[str], calls_so_far: int, at: float) -> dict:
+def figures_map(worker: int, tasks: list[str], calls_so_far: int, at: float,
+                active: float) -> dict:
     rng = random.Random(worker)
     figures = {}
-    for task in tasks:
-        ok = calls_so_far + rng.randrange(100)
+    for index, task in enumerate(tasks):
+        ok = (calls_so_far if index < active * len(tasks) else 0) + rng.randrange(100)
         run = [0] * (len(BUCKETS) + 1)
         run[rng.randrange(3, 9)] = ok
         figures[task] = {"outcomes": {"ok": ok, "remote_error": ok // 50}, "run": run,
@@ -48,13 +50,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=30)
     parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--active", type=float, default=1.0,
+                        help="the share of tasks called between two reports (default 1: all)")
     options = parser.parse_args()
     tasks = [f"service{n // 20}.task{n}" for n in range(options.tasks)]
     board, heard, views, size = Board(), [], [], 0
     for tick in range(31):  # a full 60 s window of 2 s reports
         now = 1000.0 + 2 * tick
         for worker in range(options.workers):
-            body = codec.serialize(figures_map(worker, tasks, 10 * tick, now))
+            body = codec.serialize(figures_map(worker, tasks, 10 * tick, now, options.active))
             started = time.perf_counter()
             board.heard(codec.decode(body, "application/msgpack"), now)
             heard.append(time.perf_counter() - started)
@@ -63,7 +67,8 @@ def main() -> None:
                           separators=(",", ":"))
         views.append(time.perf_counter() - started)
         size = len(text)
-    print(f"{options.workers} workers x {options.tasks} tasks, message {len(body)} bytes")
+    print(f"{options.workers} workers x {options.tasks} tasks, {options.active:.0%} called, "
+          f"message {len(body)} bytes")
     print(f"  a worker's message decoded and heard: median {statistics.median(heard) * 1e3:.2f}"
           f" ms (per 2 s: {statistics.median(heard) * options.workers * 1e3:.1f} ms)")
     print(f"  a view made and turned into JSON ({size} bytes): median "

@@ -45,12 +45,13 @@ MAX_FAILURES = 50
 class _Worker:
     """One worker's latest map, and its figures in it (checked)."""
 
-    __slots__ = ("map", "seen", "figures")
+    __slots__ = ("map", "seen", "figures", "raw")
 
     def __init__(self) -> None:
         self.map: dict[str, Any] = {}
         self.seen = 0.0
         self.figures: Figures | None = None  # None: no message heard yet
+        self.raw: dict[str, Any] | None = None  # the figures as they came, for the next
 
 
 class Board:
@@ -89,10 +90,12 @@ class Board:
             if isinstance(task, str) and (task in self._known or len(self._known) < MAX_TASKS):
                 self._known[task] = now
         buckets = checked_buckets(figures.get("buckets"))
-        newest = checked(figures.get("figures"), len(buckets) + 1 if buckets else 0)
+        raw = figures.get("figures")
+        newest = checked(raw, len(buckets) + 1 if buckets else 0, worker.raw, worker.figures)
         if worker.figures is not None:
             self._count(growth(worker.figures, newest), buckets, worker.seen, now)
         worker.map, worker.seen, worker.figures = figures, now, newest
+        worker.raw = raw if isinstance(raw, dict) else None
         return True
 
     def _count(self, grown: Figures, buckets: tuple[float, ...] | None, since: float,
