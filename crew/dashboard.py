@@ -60,18 +60,18 @@ class PageHandler(RequestHandler):
 
 
 class EventsHandler(JSONHandler):
-    """``GET /dashboard/events``: the latest view at once, then each new one."""
+    """``GET /dashboard/events``: a view at once, then each new one."""
 
     def initialize(self, watcher: Watcher) -> None:
         self.watcher = watcher
-        self.pending: str | None = watcher.latest
+        self.pending: str | None = None
         self.woken = asyncio.Event()
 
     async def get(self) -> None:
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")  # or nginx holds the events back
-        self.watcher.listeners.add(self.on_view)
+        self.watcher.listen(self.on_view)
         try:
             self.write(": dashboard\n\n")
             while not self.gone:
@@ -87,7 +87,7 @@ class EventsHandler(JSONHandler):
         except StreamClosedError:
             return
         finally:
-            self.watcher.listeners.discard(self.on_view)
+            self.watcher.unlisten(self.on_view)
 
     def on_view(self, view: str) -> None:
         self.pending = view  # a slow reader gets the newest view, not a backlog

@@ -1,6 +1,6 @@
 """The dashboard's link to the broker: it hears the workers' figures, counts the calls the
-broker dead-letters, reads the task queues' depths, and hands a fresh view to its listeners
-every :data:`~crew.protocol.FIGURES_INTERVAL` seconds.
+broker dead-letters, reads the task queues' depths, and, while anyone listens, hands a fresh
+view to its listeners every :data:`~crew.protocol.FIGURES_INTERVAL` seconds.
 
 On a connection of its own (not a client's: a dashboard also runs alone, ``crew
 dashboard``), it binds two exclusive queues of its own: one to ``crew.figures``, one to
@@ -48,13 +48,23 @@ class Watcher:
         self.broker = broker
         self.board = board or Board()
         self.refresh = refresh
-        self.listeners: set[Listener] = set()
-        #: The latest view, for a listener that comes between two (None before the first).
-        self.latest: str | None = None
+        self._listeners: set[Listener] = set()
+        #: Set when a listener comes: it gets a view at once, not at the next refresh.
+        self._wanted = asyncio.Event()
         self._connection: Connection | None = None
         self._closing = asyncio.Event()
         self._running: asyncio.Task[None] | None = None
         self._closing_channel: asyncio.Future[None] | None = None  # kept: not collected
+
+    def listen(self, listener: Listener) -> None:
+        """Hand ``listener`` every view from now on, the first one at once. Views are made
+        only while someone listens: a gateway whose dashboard nobody looks at reads no
+        queue and makes no view (it still hears the workers, and forgets what gets old)."""
+        self._listeners.add(listener)
+        self._wanted.set()
+
+    def unlisten(self, listener: Listener) -> None:
+        self._listeners.discard(listener)
 
     @property
     def connected(self) -> bool:
@@ -129,12 +139,18 @@ class Watcher:
         closing: asyncio.Future[Any] = asyncio.ensure_future(self._closing.wait())
         try:
             while not self._closing.is_set() and not channel.closed.done():
-                queues = await census.queue_figures(connection, self.board.tasks())
-                for task in [task for task, counts in queues.items() if counts is None]:
-                    self.board.queue_gone(task)
-                self._publish(broker_up=True, queues=queues)
-                await asyncio.wait((closing, channel.closed), timeout=self.refresh,
+                self._wanted.clear()
+                if self._listeners:
+                    queues = await census.queue_figures(connection, self.board.tasks())
+                    for task in [task for task, counts in queues.items() if counts is None]:
+                        self.board.queue_gone(task)
+                    self._publish(broker_up=True, queues=queues)
+                else:
+                    self.board.forget_old(time.monotonic())
+                wanted = asyncio.ensure_future(self._wanted.wait())
+                await asyncio.wait((closing, channel.closed, wanted), timeout=self.refresh,
                                    return_when=asyncio.FIRST_COMPLETED)
+                wanted.cancel()
         finally:
             closing.cancel()
 
@@ -143,10 +159,12 @@ class Watcher:
 
     def _publish(self, broker_up: bool,
                  queues: dict[str, tuple[int, int] | None] | None = None) -> None:
+        if not self._listeners:
+            return
         view = self.board.view(time.monotonic(), protocol.now_ms(), queues or {})
         view.update(broker="up" if broker_up else "down", at=protocol.now_ms())
-        self.latest = text = json.dumps(view, separators=(",", ":"), default=str)
-        for listener in list(self.listeners):
+        text = json.dumps(view, separators=(",", ":"), default=str)
+        for listener in list(self._listeners):
             listener(text)
 
     def _on_figures(self, _ch: Any, _method: Basic.Deliver, props: BasicProperties,

@@ -117,7 +117,7 @@ async def next_view(watcher: Watcher, until: Callable[[dict[str, Any]], bool],
                     timeout: float = 20.0) -> dict[str, Any]:
     """The first view from now on for which ``until(view)`` holds."""
     views: asyncio.Queue[str] = asyncio.Queue()
-    watcher.listeners.add(views.put_nowait)
+    watcher.listen(views.put_nowait)
     try:
         async def wait() -> dict[str, Any]:
             while True:
@@ -126,7 +126,7 @@ async def next_view(watcher: Watcher, until: Callable[[dict[str, Any]], bool],
                     return view
         return await asyncio.wait_for(wait(), timeout)
     finally:
-        watcher.listeners.discard(views.put_nowait)
+        watcher.unlisten(views.put_nowait)
 
 
 def task_row(view: dict[str, Any], task: str) -> dict[str, Any] | None:
@@ -341,7 +341,7 @@ async def test_a_watcher_that_fails_at_once_waits_before_it_tries_again(broker_u
         blocker.close()
         watcher = Watcher(BrokerSettings.from_url(url), refresh=0.5)
         views: list[str] = []
-        watcher.listeners.add(views.append)
+        watcher.listen(views.append)
         await watcher.connect()
         await asyncio.sleep(4)  # a window to count in, not a wait for something
         await watcher.close()
@@ -350,3 +350,22 @@ async def test_a_watcher_that_fails_at_once_waits_before_it_tries_again(broker_u
     finally:
         subprocess.run([*ctl, "delete_vhost", vhost], check=True, capture_output=True,
                        timeout=60)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_views_are_made_only_while_someone_listens(broker_url):
+    watcher = Watcher(BrokerSettings.from_url(broker_url), refresh=30.0)
+    made: list[float] = []
+    view = watcher.board.view
+    watcher.board.view = lambda *args: made.append(time.monotonic()) or view(*args)
+    await watcher.connect()
+    try:
+        await asyncio.sleep(1.5)  # connected, and nobody listens: nothing to make
+        assert made == []
+        views: asyncio.Queue[str] = asyncio.Queue()
+        listening = time.monotonic()
+        watcher.listen(views.put_nowait)
+        await asyncio.wait_for(views.get(), 10)  # at once, not after the 30 s refresh
+        assert made and made[0] - listening < 10
+    finally:
+        await watcher.close()
