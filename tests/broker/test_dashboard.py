@@ -369,3 +369,25 @@ async def test_views_are_made_only_while_someone_listens(broker_url):
         assert made and made[0] - listening < 10
     finally:
         await watcher.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_dashboard_started_late_is_complete_within_seconds(make_worker, client,
+                                                                   broker_url, uid):
+    """It stores nothing: a dashboard (re)started after the calls were made shows the worker,
+    its task and, for a worker younger than the window, the calls it served since it
+    started, from the workers' next messages."""
+    task = f"early.{uid}"
+    worker = make_worker({task: lambda data: data})
+    for number in range(10):
+        await client.call(task, number)
+    watcher = Watcher(BrokerSettings.from_url(broker_url), refresh=0.5)
+    await watcher.connect()
+    try:
+        started = time.monotonic()
+        view = await next_view(watcher, lambda v: (task_row(v, task) or {}).get("rate"))
+        assert time.monotonic() - started < 3 * protocol.FIGURES_INTERVAL + 1
+        assert worker.uuid in [w["worker"] for w in view["workers"]]
+        assert task_row(view, task)["p50"] is not None
+    finally:
+        await watcher.close()
