@@ -112,8 +112,8 @@ class CancelHandler(BodyHandler):
                 raise ValueError("a correlation id is 1 to 255 characters long")
         try:
             call = await self.watcher.cancel(correlation_id)
-        except CrewError as exc:
-            raise Refused(503, "ConnectionLostError", str(exc)) from None
+        except CrewError as exc:  # not connected, or the broker refused the notice
+            raise Refused(503, type(exc).__name__, str(exc)) from None
         if call is None:
             raise Refused(404, "NotFound", f"no worker reported running call {correlation_id}")
         log.info("cancel notice sent for call %s (task %s)", correlation_id, call.get("task"))
