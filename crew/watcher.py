@@ -28,7 +28,7 @@ from .board import Board
 from .cancels import cancel_call
 from .connecting import Nodes, Stopped, backoff, connect_retrying
 from .exceptions import CodecError, CrewError
-from .settings import BrokerSettings
+from .settings import BrokerSettings, BrokerSpec
 
 __all__ = ["Watcher"]
 
@@ -41,11 +41,12 @@ Listener = Callable[[str], None]
 
 
 class Watcher:
-    """Keeps ``board`` fed from ``broker``; each listener gets every view as JSON text."""
+    """Keeps ``board`` fed from ``broker`` (settings, or URLs as a worker takes them);
+    each listener gets every view as JSON text."""
 
-    def __init__(self, broker: BrokerSettings, board: Board | None = None,
+    def __init__(self, broker: BrokerSpec = None, board: Board | None = None,
                  refresh: float = protocol.FIGURES_INTERVAL) -> None:
-        self.broker = broker
+        self.broker = BrokerSettings.given(broker)
         self.board = board or Board()
         self.refresh = refresh
         self._listeners: set[Listener] = set()
