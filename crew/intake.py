@@ -134,11 +134,11 @@ class Intake:
 
     def check(self) -> None:
         """After a call was let in or released: pause, consume again, or raise the prefetch."""
-        if self._channel is None or self._stopped or self._changing or not self._returns:
+        if self._channel is None or self._stopped or not self._returns:
             return
-        held, waiting = self._load()  # may end calls, whose release checks first
+        held, waiting = self._load()  # may end calls, whose release checks in between
         if self._changing:
-            return  # that check consumes again
+            return  # consuming (again) is under way or scheduled; it checks when done
         free = self._limit - held
         if not self._paused:
             if waiting:
