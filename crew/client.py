@@ -20,21 +20,19 @@ is not thread-safe: use it from the thread that runs its event loop.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import uuid
 from typing import Any, Awaitable, Sequence
 
 from pika.spec import BasicProperties
 
 from . import protocol
-from .amqp import Connection
+from .amqp import Channel, Connection
 from .exceptions import ConnectionLostError
 from .link import Link
 from .loops import Background
-from .observing import for_client
+from .observing import ClientObserver, for_client
 from .parallel import Parallel
-from .pending import Call, Outcome, Pending, Resend, encode
+from .pending import Call, Messages, Outcome, Pending, Resend, ThreadCall, encode
 from .pubsub import Callback, Subscriptions
 from .settings import BrokerSettings
 
@@ -45,8 +43,6 @@ log = logging.getLogger(__name__)
 #: Seconds the client waits past a call's deadline for the worker's or the broker's own
 #: answer (a kill notice or a dead letter) before it answers the caller by itself.
 DEFAULT_DEADLINE_GRACE = 1.0
-#: Task names a client remembers as valid; beyond that they are checked on every call.
-_MAX_REMEMBERED_NAMES = 1024
 
 
 class Client:
@@ -84,19 +80,17 @@ class Client:
         self.content_type = content_type
         self.expiration = protocol.validate_expiration(expiration)
         self.deadline_grace = float(deadline_grace)
-        self._table = Pending()
-        self._pending = self._table.calls  # the table itself: read and written on every call
+        #: Its pending calls (:class:`crew.pending.Pending`), by correlation id.
+        self.pending = Pending()
+        self._pending = self.pending.calls  # the table itself: read and written on every call
+        #: How its calls become messages (:class:`crew.pending.Messages`).
+        self.messages = Messages()
         background = Background(log)
         self._subscriptions = Subscriptions(background.spawn)
-        self._link = Link(broker, reconnect=reconnect, pending=self._table,
+        self._link = Link(broker, reconnect=reconnect, pending=self.pending,
                           subscriptions=self._subscriptions, background=background)
-        # Correlation ids: a random prefix per client and a counter, unique and cheaper
-        # than a uuid4 per call.
-        self._id_prefix = f"{uuid.uuid4().hex[:16]}."
-        self._call_numbers = itertools.count(1)
-        self._task_names: set[str] = set()
-        #: Metrics and traces of its calls; None when neither is on.
-        self._observer = for_client(metrics, traces)
+        #: Metrics and traces of its calls (:mod:`crew.observing`); None when both are off.
+        self.observer: ClientObserver | None = for_client(metrics, traces)
 
     # --- connection --------------------------------------------------------------------
 
@@ -188,38 +182,22 @@ class Client:
         cannot be sent or a reply that cannot be read. Cancelling the awaiting coroutine
         cancels the call: a running job is interrupted, a queued one never starts.
         """
-        seconds, user_headers = self._validate(task, priority, expiration, headers)
+        seconds, user_headers = self.messages.check(
+            task, priority, self.expiration if expiration is None else expiration, headers)
         body, encoding = await encode(data, self.content_type, gzip)
         if self._link.connector is None and not self._link.connected:
             raise ConnectionLostError("the client is not connected; call connect() first")
-        correlation_id = f"{self._id_prefix}{next(self._call_numbers)}"
-        deadline_ms = protocol.now_ms() + protocol.seconds_to_ms(seconds)
-        user_headers[protocol.DEADLINE_HEADER] = deadline_ms
-        user_headers[protocol.TASK_HEADER] = task
-        if gzip is not None:  # the worker compresses the reply as the caller chose
-            user_headers[protocol.GZIP_HEADER] = bool(gzip)
-        properties = BasicProperties(
-            content_type=self.content_type, content_encoding=encoding,
-            correlation_id=correlation_id, priority=priority, headers=user_headers,
-            delivery_mode=2 if persistent else 1)
-        call = Call(task, asyncio.get_running_loop().create_future(), deadline_ms, retry)
+        properties = self.messages.properties(
+            task, seconds, user_headers, self.content_type, encoding, priority=priority,
+            persistent=persistent, gzip=gzip)
+        correlation_id: str = properties.correlation_id
+        call = Call(task, asyncio.get_running_loop().create_future(),
+                    user_headers[protocol.DEADLINE_HEADER], retry)
         run = self._run(correlation_id, call, seconds, properties, body)
-        if self._observer is not None:
-            run = self._observer.call(run, task, call.started, correlation_id, user_headers)
+        if self.observer is not None:
+            run = self.observer.call(run, task, call.started, correlation_id, user_headers)
         value, reply_headers = await run
         return (value, reply_headers) if return_headers else value
-
-    def _validate(self, task: str, priority: int, expiration: float | None,
-                  headers: dict[str, Any] | None) -> tuple[float, dict[str, Any]]:
-        """A call's seconds to its deadline and its user headers, or ValueError/TypeError."""
-        if task not in self._task_names:  # validated once per name, not on every call
-            protocol.validate_task_name(task)
-            if len(self._task_names) < _MAX_REMEMBERED_NAMES:  # names may come from HTTP
-                self._task_names.add(task)
-        protocol.validate_priority(priority)
-        seconds = protocol.validate_expiration(self.expiration if expiration is None
-                                               else expiration)
-        return seconds, protocol.validate_user_headers(headers)
 
     async def _run(self, correlation_id: str, call: Call, seconds: float,
                    properties: BasicProperties, body: bytes) -> Outcome:
@@ -253,7 +231,41 @@ class Client:
         return Parallel(self)
 
     def _on_deadline(self, correlation_id: str) -> None:
-        self._table.on_deadline(correlation_id, self._link.blocked)
+        self.pending.on_deadline(correlation_id, self._link.blocked)
+
+    # --- for a thread that sends a lone call itself (crew.synccall): with messages, a
+    # ThreadCall in pending, channel_now(), its publish_now and address(), observer.
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the broker blocks publishers now (memory or disk alarm)."""
+        return self._link.blocked
+
+    def channel_now(self) -> Channel | None:
+        """The channel another thread may publish a call on now, or None if the loop must
+        send it: other calls pending, no connection, publishers blocked, or a connection
+        that cannot send from a thread (pika's public path, TLS)."""
+        channel = self._link.channel
+        if (self._pending or channel is None or not channel.is_open or self._link.blocked
+                or not channel.can_send_now()):
+            return None
+        return channel
+
+    def address(self, channel: Channel, call: ThreadCall, properties: BasicProperties) -> bool:
+        """Under ``channel``'s send lock: address ``call`` (``properties``) to the reply queue
+        of ``channel``'s connection; False, and nothing changed, if that is no longer the
+        client's current connection (then the loop sends the call)."""
+        link = self._link
+        if link.channel is not channel or not link.ready.is_set():
+            return False
+        call.reply_to = properties.reply_to = link.reply_queue
+        properties.headers[protocol.CLIENT_HEADER] = link.reply_queue
+        properties.expiration = protocol.ttl_property(call.deadline_ms)
+        return True
+
+    def send_cancel(self, correlation_id: str, call: Call | ThreadCall) -> None:
+        """On the loop: tell the workers that the caller cancelled the call (if connected)."""
+        self._link.send_cancel(correlation_id, call)
 
     # --- pubsub --------------------------------------------------------------------------
 

@@ -68,8 +68,9 @@ class Intake:
         self._tags: dict[str, str] = {}  # consumer tag -> queue
         self._missing: set[str] = set()  # queues whose consumer the broker cancelled
         self._restoring: dict[str, asyncio.Task[None]] = {}
+        self._consuming: asyncio.Task[None] | None = None  # the consume of _resume()
         self._paused = False
-        self._changing = False  # an RPC of ours is pending: pika queues the next behind it
+        self._changing = False  # consuming (again) is under way or scheduled: wait for it
         self._parked: list[int] = []  # deliveries past the limit, rejected once it is not
         self._prefetch = concurrency
         self._turn = 0
@@ -133,9 +134,11 @@ class Intake:
 
     def check(self) -> None:
         """After a call was let in or released: pause, consume again, or raise the prefetch."""
-        if self._channel is None or self._stopped or self._changing or not self._returns:
+        if self._channel is None or self._stopped or not self._returns:
             return
-        held, waiting = self._load()
+        held, waiting = self._load()  # may end calls, whose release checks in between
+        if self._changing:
+            return  # consuming (again) is under way or scheduled; it checks when done
         free = self._limit - held
         if not self._paused:
             if waiting:
@@ -161,8 +164,12 @@ class Intake:
     def _resume(self, free: int) -> None:
         self._paused = False
         self._on_pause(False)
-        task = asyncio.get_running_loop().create_task(self._consume(free))
-        task.add_done_callback(self._consumed)
+        # Changing from now, not from when the task runs: a check() in between (the next
+        # reply of a batch) would otherwise consume again too, and the queue would have two
+        # consumers of this worker, one never cancelled (seen on RabbitMQ 4.3).
+        self._changing = True
+        self._consuming = asyncio.get_running_loop().create_task(self._consume(free))
+        self._consuming.add_done_callback(self._consumed)
 
     async def _consume(self, prefetch: int) -> None:
         """Consume every queue, from the next in turn, each with ``prefetch``. The prefetch
@@ -170,6 +177,7 @@ class Intake:
         existing consumer)."""
         channel = self._channel
         if channel is None:
+            self._changing = False
             return
         self._changing = True
         try:
@@ -183,9 +191,10 @@ class Intake:
                 tag = await channel.consume(queue, self._queues[queue])
                 self._tags[tag] = queue
                 self.consumes += 1
+            waiting = self._returns and self._load()[1]  # a check it leads to waits for us
         finally:
             self._changing = False
-        if self._parked or self._renew or self._stopped or (self._returns and self._load()[1]):
+        if self._parked or self._renew or self._stopped or waiting:
             self._renew = False
             self._pause()
         parked, self._parked = self._parked, []
@@ -193,6 +202,8 @@ class Intake:
             self._reject(delivery_tag)
 
     def _consumed(self, task: asyncio.Task[None]) -> None:
+        if self._consuming is task:
+            self._consuming = None
         if not task.cancelled() and isinstance(task.exception(), CrewError):
             return  # the channel closed: the worker connects again
         self.check()
@@ -208,6 +219,9 @@ class Intake:
         self._tags.clear()
         self._parked.clear()
         self._changing = False
+        if self._consuming is not None:
+            self._consuming.cancel()  # it would consume on the next channel
+            self._consuming = None
         for task in self._restoring.values():
             task.cancel()
         self._restoring.clear()

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, 
                          DeliveryLimitError, ExpirationError, RemoteError, TimeoutError,
                          UnknownTaskError)
 
-__all__ = ["OFF_LOOP_BYTES", "Call", "Outcome", "Pending", "Resend", "ThreadCall",
+__all__ = ["OFF_LOOP_BYTES", "Call", "Messages", "Outcome", "Pending", "Resend", "ThreadCall",
            "dead_letter_error", "deadline_error", "encode", "encode_now", "outcome"]
 
 # The client's logger: these lines are the client's.
@@ -37,6 +39,8 @@ log = logging.getLogger("crew.client")
 OFF_LOOP_BYTES = 256 * 1024
 #: AMQP reply code of a mandatory message that no queue took.
 _NO_ROUTE = 312
+#: Task names a client remembers as valid; beyond that they are checked on every call.
+_MAX_REMEMBERED_NAMES = 1024
 
 Outcome = tuple[Any, dict[str, Any]]
 
@@ -90,6 +94,47 @@ class ThreadCall:
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the outcome; whether it came."""
         return self._ended.acquire(timeout=max(0.0, timeout)) or self.outcome is not None
+
+
+class Messages:
+    """How one client's calls become messages, for :meth:`crew.Client.call` and a
+    :class:`crew.SyncClient` caller's own thread (:mod:`crew.synccall`) alike: the checks
+    of a call's arguments (:meth:`check`), then its properties (:meth:`properties`).
+    Correlation ids are a random prefix per client and a counter: unique, and cheaper than
+    a uuid4 per call. Safe from any thread (the counter is ``itertools.count``)."""
+
+    __slots__ = ("_prefix", "_numbers", "_names")
+
+    def __init__(self) -> None:
+        self._prefix = f"{uuid.uuid4().hex[:16]}."
+        self._numbers = itertools.count(1)
+        self._names: set[str] = set()
+
+    def check(self, task: str, priority: int, expiration: float,
+              headers: dict[str, Any] | None) -> tuple[float, dict[str, Any]]:
+        """A call's seconds to its deadline (``expiration``: the call's, else the client's)
+        and a copy of its user headers; ValueError or TypeError for a bad argument."""
+        if task not in self._names:  # checked once per name, not on every call
+            protocol.validate_task_name(task)
+            if len(self._names) < _MAX_REMEMBERED_NAMES:  # names may come from HTTP
+                self._names.add(task)
+        protocol.validate_priority(priority)
+        return protocol.validate_expiration(expiration), protocol.validate_user_headers(headers)
+
+    def properties(self, task: str, seconds: float, headers: dict[str, Any],
+                   content_type: str, encoding: str | None, *, priority: int,
+                   persistent: bool, gzip: bool | None) -> BasicProperties:
+        """The properties of a call of ``task`` due in ``seconds``, with a new correlation
+        id; ``headers`` (:meth:`check`'s) gain crew's, its deadline among them (epoch ms,
+        ``headers[protocol.DEADLINE_HEADER]``). The reply queue is set when it is sent."""
+        headers[protocol.DEADLINE_HEADER] = protocol.now_ms() + protocol.seconds_to_ms(seconds)
+        headers[protocol.TASK_HEADER] = task
+        if gzip is not None:  # the worker compresses the reply as the caller chose
+            headers[protocol.GZIP_HEADER] = bool(gzip)
+        return BasicProperties(
+            content_type=content_type, content_encoding=encoding,
+            correlation_id=f"{self._prefix}{next(self._numbers)}", priority=priority,
+            headers=headers, delivery_mode=2 if persistent else 1)
 
 
 class Pending:

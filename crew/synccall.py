@@ -46,14 +46,12 @@ def call_now(client: Client, loop: asyncio.AbstractEventLoop, task: str, data: A
     """Make the call from this thread and wait for its outcome (``options`` are
     :meth:`crew.Client.call`'s, ``expiration`` given); :data:`ON_LOOP` if it cannot.
     ``loop`` runs ``client``: it sends the cancel notice of an interrupted wait."""
-    link = client._link
-    channel = link.channel
-    if (options["retry"] or client._table.calls or channel is None or not channel.is_open
-            or link.blocked or not channel.can_send_now()):
+    channel = None if options["retry"] else client.channel_now()
+    if channel is None:
         return ON_LOOP
     seconds, properties, body = _message(client, task, data, options)
     call = ThreadCall(task, properties.headers[protocol.DEADLINE_HEADER])
-    observer = client._observer  # metrics and traces, as Client.call records them
+    observer = client.observer  # metrics and traces, as Client.call records them
     span = None if observer is None else observer.start(task, properties.correlation_id,
                                                          properties.headers)
     try:
@@ -77,20 +75,13 @@ def _send_and_wait(client: Client, loop: asyncio.AbstractEventLoop, channel: Any
                    body: bytes) -> Any:
     """Send the call on ``channel`` from this thread and wait for its outcome (a result or
     an exception); :data:`ON_LOOP`, nothing sent, if the connection changed meanwhile."""
-    link = client._link
-
     def prepare() -> BasicProperties | None:
-        """Under the send lock: address the call to the current reply queue, if it is
+        """Under the send lock: the call addressed to the current reply queue, if it is
         still the connection's that the call was entered for (else the loop sends it)."""
-        if link.channel is not channel or not link.ready.is_set():
-            return None
-        call.reply_to = properties.reply_to = link.reply_queue
-        properties.headers[protocol.CLIENT_HEADER] = link.reply_queue
-        properties.expiration = protocol.ttl_property(call.deadline_ms)
-        return properties
+        return properties if client.address(channel, call, properties) else None
 
     correlation_id = properties.correlation_id
-    table = client._table.calls
+    table = client.pending.calls
     table[correlation_id] = call  # before the send: the reply may come before it returns
     try:
         try:
@@ -109,19 +100,14 @@ def _message(client: Client, task: str, data: Any, options: dict[str, Any]
              ) -> tuple[float, BasicProperties, bytes]:
     """The call's seconds to its deadline, properties and body, as :meth:`crew.Client.call`
     makes them (and raises what it raises); the reply queue is set when it is sent."""
-    seconds, headers = client._validate(task, options["priority"], options["expiration"],
-                                        options["headers"])
-    gzip = options["gzip"]
-    body, encoding = encode_now(data, client.content_type, gzip)
-    headers[protocol.DEADLINE_HEADER] = protocol.now_ms() + protocol.seconds_to_ms(seconds)
-    headers[protocol.TASK_HEADER] = task
-    if gzip is not None:  # the worker compresses the reply as the caller chose
-        headers[protocol.GZIP_HEADER] = bool(gzip)
-    properties = BasicProperties(
-        content_type=client.content_type, content_encoding=encoding,
-        correlation_id=f"{client._id_prefix}{next(client._call_numbers)}",
-        priority=options["priority"], headers=headers,
-        delivery_mode=2 if options["persistent"] else 1)
+    expiration, messages = options["expiration"], client.messages
+    seconds, headers = messages.check(
+        task, options["priority"], client.expiration if expiration is None else expiration,
+        options["headers"])
+    body, encoding = encode_now(data, client.content_type, options["gzip"])
+    properties = messages.properties(
+        task, seconds, headers, client.content_type, encoding, priority=options["priority"],
+        persistent=options["persistent"], gzip=options["gzip"])
     return seconds, properties, body
 
 
@@ -129,18 +115,18 @@ def _wait(client: Client, loop: asyncio.AbstractEventLoop, correlation_id: str,
           call: ThreadCall, seconds: float) -> Any:
     """The call's outcome (a result or an exception), or its TimeoutError once its deadline
     and grace have passed, as the client's deadline timer would have answered."""
-    link = client._link
+    table = client.pending.calls
     try:
         call.wait(call.started + seconds + client.deadline_grace - time.monotonic())
     except BaseException:  # a KeyboardInterrupt, say: cancelled, as Client's would be
-        client._table.calls.pop(correlation_id, None)
+        table.pop(correlation_id, None)
         if call.outcome is None:
             try:
-                loop.call_soon_threadsafe(link.send_cancel, correlation_id, call)
+                loop.call_soon_threadsafe(client.send_cancel, correlation_id, call)
             except RuntimeError:
                 pass  # the loop is closed, and the connection with it
         raise
-    client._table.calls.pop(correlation_id, None)  # from now on, a late reply is dropped
+    table.pop(correlation_id, None)  # from now on, a late reply is dropped
     if call.outcome is None:
-        return deadline_error(call.task, call.started, link.blocked)
+        return deadline_error(call.task, call.started, client.blocked)
     return call.outcome

@@ -50,7 +50,7 @@ WITHOUT_EXTRAS = textwrap.dedent('''
         worker.request_stop(grace=0)
         thread.join(10)
         print(repr((result, error, metrics.AVAILABLE, tracing.AVAILABLE,
-                    client._observer, worker._calls.replies.observer, refused,
+                    client.observer, worker._calls.replies.observer, refused,
                     [name for name in sys.modules if name.startswith(("prometheus", "opentel"))])))
 
     asyncio.run(main())

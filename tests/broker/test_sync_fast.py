@@ -68,7 +68,7 @@ def test_the_fast_path_gives_every_outcome_of_the_clients_call(make_worker, brok
         fast(runtime, f"echo.{uid}", object())
     with pytest.raises(ValueError, match="priority"):
         fast(runtime, f"echo.{uid}", priority=256)
-    assert runtime.client._table.calls == {}
+    assert runtime.client.pending.calls == {}
 
 
 def test_a_call_nobody_answers_times_out_in_its_callers_thread(broker_url, runtime, uid):
@@ -100,7 +100,7 @@ def test_a_call_nobody_answers_times_out_in_its_callers_thread(broker_url, runti
     assert re.fullmatch(rf"no answer from task '{re.escape(task)}' by its deadline "
                         r"\(\d\.\d{3} s after the call\); it may or may not have run",
                         str(outcome[0]))
-    assert runtime.client._table.calls == {}
+    assert runtime.client.pending.calls == {}
 
 
 def test_what_the_fast_path_cannot_send_is_left_to_the_loop(make_worker, runtime, uid):
@@ -115,7 +115,7 @@ def test_what_the_fast_path_cannot_send_is_left_to_the_loop(make_worker, runtime
         assert fast(runtime, f"echo.{uid}", 1) is ON_LOOP
     finally:
         runtime.thread.loop.call_soon_threadsafe(link.ready.set)
-    assert runtime.client._table.calls == {}
+    assert runtime.client.pending.calls == {}
 
 
 def test_a_connection_lost_between_entering_and_sending_the_call(make_worker, broker_url,
@@ -131,7 +131,7 @@ def test_a_connection_lost_between_entering_and_sending_the_call(make_worker, br
             caller = threading.Thread(
                 target=lambda: outcome.append(client.call(f"echo.{uid}", 1, expiration=30)))
             caller.start()
-            wait_for(lambda: len(client._runtime().client._table.calls) == 1)
+            wait_for(lambda: len(client._runtime().client.pending.calls) == 1)
             pika_connection._transport._sock.shutdown(socket.SHUT_RDWR)
             wait_for(lambda: not client.connected)
         caller.join(30)
@@ -147,7 +147,7 @@ def test_a_call_made_while_others_are_pending_is_left_to_the_loop(make_worker, r
     client = runtime.client
     slow = threading.Thread(target=fast, args=(runtime, f"sleep.{uid}", 1))
     slow.start()
-    wait_for(lambda: len(client._table.calls) == 1)
+    wait_for(lambda: len(client.pending.calls) == 1)
     assert fast(runtime, f"echo.{uid}", 1) is ON_LOOP
     slow.join(30)
     assert fast(runtime, f"echo.{uid}", 2) == 2
@@ -170,7 +170,7 @@ def test_many_threads_calling_through_both_paths(make_worker, broker_url, uid):
         thread.join(60)
     try:
         assert answers == {n: [[n, i] for i in range(50)] for n in range(16)}
-        assert client._runtime().client._table.calls == {}
+        assert client._runtime().client.pending.calls == {}
     finally:
         client.close()
 
@@ -192,6 +192,6 @@ def test_on_pikas_public_path_every_call_is_left_to_the_loop(make_worker, broker
         runtime = client._runtime()
         assert fast(runtime, f"echo.{uid}", 1) is ON_LOOP
         assert client.call(f"echo.{uid}", 2) == 2
-        assert runtime.client._table.calls == {}
+        assert runtime.client.pending.calls == {}
     finally:
         client.close()

@@ -227,3 +227,29 @@ async def test_more_slots_freed_after_consuming_again_raise_the_prefetch():
     assert len(h.channel.since(mark, "cancel")) == 2
     assert h.channel.since(mark, "qos") == [("qos", 2)]
     assert len(h.channel.since(mark, "consume")) == 2
+
+
+@pytest.mark.gen_test
+async def test_a_check_before_the_consume_again_has_run_starts_no_second_consumer():
+    """A resume's consume runs as a task: a check in between (the loop ending several calls
+    in one batch, or a call ended inside a check) must not consume again too. Before the
+    fix, RabbitMQ 4.3 counted two consumers of the worker's one queue."""
+    h = Harness(4, ["q1"])
+    await h.start()
+    h.channel.deliver(h.channel.tag_of("q1"), 1)
+    h.channel.deliver(h.channel.tag_of("q1"), 2)
+    assert h.memory.admit("big", 1 << 30, lambda: None)
+    assert not h.memory.admit("waits", 1, lambda: None)
+    h.intake.check()  # a call waits for memory: paused
+    assert h.channel.consumers == {}
+    h.memory.release("big")
+    h.memory.release("waits")
+    h.release("q1", 1)  # nothing waits, 3 free: consume again with prefetch 3
+    await settle()
+    assert len(h.channel.consumers) == 1
+    mark = len(h.channel.calls)
+    h.release("q1", 2)  # 4 free > 3: consume anew with prefetch 4 ...
+    h.intake.check()  # ... and a check before that consume has run
+    await settle()
+    assert len(h.channel.consumers) == 1, h.channel.calls[mark:]
+    assert h.channel.since(mark, "qos") == [("qos", 4)]

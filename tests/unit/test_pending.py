@@ -13,7 +13,8 @@ from pika.spec import BasicProperties
 from crew import codec, protocol
 from crew.exceptions import (CallError, ConnectionLostError, ExpirationError, TimeoutError,
                              UnknownTaskError)
-from crew.pending import Call, Pending, Resend
+from crew import Client
+from crew.pending import Call, Messages, Pending, Resend
 from crew.pubsub import Subscriptions
 
 
@@ -79,3 +80,34 @@ async def test_subscriptions_before_a_connection_are_kept_and_publish_fails():
     subscriptions.on_message("orders.new.eu", BasicProperties(
         content_type=protocol.MSGPACK, content_encoding=encoding), body)
     assert got == ["hi"] and spawned == []
+
+
+def test_messages_check_the_arguments_and_build_each_call_with_a_new_id():
+    messages = Messages()
+    with pytest.raises(ValueError, match="priority"):
+        messages.check("echo", 256, 5.0, None)
+    with pytest.raises(ValueError):
+        messages.check("bad name!", 0, 5.0, None)
+    given = {"x-a": "b"}
+    seconds, headers = messages.check("echo", 3, 5.0, given)
+    assert seconds == 5.0 and headers == given and headers is not given
+    before = protocol.now_ms()
+    first = messages.properties("echo", seconds, headers, protocol.JSON, None, priority=3,
+                                persistent=False, gzip=False)
+    assert first.headers[protocol.TASK_HEADER] == "echo"
+    assert first.headers[protocol.GZIP_HEADER] is False and first.headers["x-a"] == "b"
+    assert before + 5000 <= first.headers[protocol.DEADLINE_HEADER] <= protocol.now_ms() + 5000
+    assert (first.content_type, first.priority, first.delivery_mode) == (protocol.JSON, 3, 1)
+    second = messages.properties("echo", 1.0, {}, protocol.MSGPACK, protocol.GZIP, priority=0,
+                                 persistent=True, gzip=None)
+    assert protocol.GZIP_HEADER not in second.headers and second.delivery_mode == 2
+    prefix, number = first.correlation_id.split(".")
+    assert second.correlation_id == f"{prefix}.{int(number) + 1}"
+    assert Messages().properties("echo", 1.0, {}, protocol.JSON, None, priority=0,
+                                 persistent=True, gzip=None).correlation_id[:16] != prefix
+
+
+def test_a_client_not_connected_leaves_a_threads_call_to_the_loop():
+    client = Client("amqp://guest:guest@127.0.0.1:1/", metrics=False, traces=False)
+    assert client.channel_now() is None and not client.blocked
+    assert client.pending.calls == {} and client.observer is None
