@@ -72,6 +72,8 @@ class Client:
         if broker is None:
             broker = BrokerSettings.from_url(url, host=host, port=port, vhost=vhost, user=user,
                                              password=password, name="crew-client")
+        elif not isinstance(broker, BrokerSettings):  # URLs go first; here they failed late
+            raise TypeError(f"broker= takes BrokerSettings, not {type(broker).__name__}")
         if content_type not in (protocol.MSGPACK, protocol.JSON):
             raise ValueError(f"content_type must be {protocol.MSGPACK!r} or {protocol.JSON!r}, "
                              f"got {content_type!r}")

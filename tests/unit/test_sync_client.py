@@ -271,3 +271,14 @@ def test_a_thread_call_nobody_settles_waits_its_timeout_and_no_longer():
     assert 0.15 < time.monotonic() - started < 0.2 + SLACK
     threading.Timer(0.1, call.settle, [("late", {})]).start()
     assert call.wait(30) and call.outcome == ("late", {})
+
+
+def test_broker_settings_are_checked_at_once_not_at_connect():
+    """A URL given as ``broker=`` (Worker takes one there) failed only at connect, with an
+    AttributeError from inside crew."""
+    from crew import Client
+
+    with pytest.raises(TypeError, match="broker= takes BrokerSettings, not str"):
+        Client(broker="amqp://guest:guest@127.0.0.1:5672/")
+    with pytest.raises(TypeError, match="broker= takes BrokerSettings"):
+        SyncClient(broker="amqp://guest:guest@127.0.0.1:5672/")
