@@ -13,13 +13,13 @@ import textwrap
 import time
 import uuid
 from typing import Any, Callable, Iterator
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
 
 from crew import protocol
-from tests.support.broker import rabbitmqctl_command
+from tests.support.broker import delete_bound_queues, rabbitmqctl_command
 from tests.support.processes import ROOT, Process, kill_alive, python_env
 
 #: The worker module served by file path (relative to the checkout, as an operator types it).
@@ -216,18 +216,7 @@ def test_cancel_with_caller_stops_a_call_still_in_its_queue(run, idle_task, brok
 
 def test_a_worker_answers_again_after_its_presence_queue_is_deleted(run, file_worker,
                                                                   broker_url):
-    rabbitmqctl = rabbitmqctl_command()
-    assert rabbitmqctl, "set CREW_TEST_RABBITMQCTL with CREW_TEST_URL: this test deletes a queue"
-    vhost = ["-p", unquote(urlsplit(broker_url).path[1:]) or "/"]
-    bindings = subprocess.run([*rabbitmqctl, "-q", *vhost, "list_bindings", "source_name",
-                               "destination_name"], check=True, capture_output=True,
-                              text=True, timeout=60).stdout
-    queues = [line.split("\t")[1] for line in bindings.splitlines()
-              if line.startswith(f"{protocol.PRESENCE_EXCHANGE}\t")]
-    assert queues, bindings
-    for queue in queues:  # the broker cancels each worker's presence consumer
-        subprocess.run([*rabbitmqctl, "-q", *vhost, "delete_queue", queue], check=True,
-                       capture_output=True, timeout=60)
+    delete_bound_queues(broker_url, protocol.PRESENCE_EXCHANGE)  # their consumers cancelled
     file_worker.wait_for("presence requests: consumer cancelled")
     wait_until("the worker answering again", lambda: worker_of(status(run), file_worker))
 

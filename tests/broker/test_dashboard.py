@@ -14,7 +14,7 @@ import time
 import urllib.request
 import uuid
 from typing import Any, Callable
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
@@ -22,23 +22,9 @@ import pytest
 from crew import ExpirationError, census, codec, dashboard, gateway, protocol
 from crew.settings import BrokerSettings
 from crew.watcher import Watcher
-from tests.support.broker import rabbitmqctl_command
+from tests.support.broker import delete_bound_queues, rabbitmqctl_command
 from tests.support.processes import ROOT, Process, kill_alive, python_env
-
-
-def failing(_data: Any) -> None:
-    return 1 / 0  # type: ignore[return-value]
-
-
-def napping(stopped: threading.Event) -> Callable[[Any], str]:
-    """A task that runs until interrupted (it checks often), and says when it ended."""
-    def nap(_data: Any) -> str:
-        try:
-            while True:
-                time.sleep(0.02)
-        finally:
-            stopped.set()
-    return nap
+from tests.support.tasks import failing, napping
 
 
 @pytest.fixture
@@ -259,21 +245,10 @@ async def test_page_events_and_health(http_client, base_url, watcher):
 @pytest.mark.gen_test(timeout=60)
 async def test_the_watcher_follows_again_when_its_queue_is_deleted(make_worker, watcher,
                                                                   broker_url, uid):
-    rabbitmqctl = rabbitmqctl_command()
-    assert rabbitmqctl, "set CREW_TEST_RABBITMQCTL with CREW_TEST_URL: this test deletes a queue"
     worker = make_worker({f"here.{uid}": lambda data: data})
     mine = lambda v: [w for w in v["workers"] if w["worker"] == worker.uuid]  # noqa: E731
     await next_view(watcher, lambda v: bool(mine(v)))
-    vhost = ["-p", unquote(urlsplit(broker_url).path[1:]) or "/"]
-    bindings = subprocess.run([*rabbitmqctl, "-q", *vhost, "list_bindings", "source_name",
-                               "destination_name"], check=True, capture_output=True,
-                              text=True, timeout=60).stdout
-    queues = [line.split("\t")[1] for line in bindings.splitlines()
-              if line.startswith(f"{protocol.FIGURES_EXCHANGE}\t")]
-    assert queues, bindings
-    for queue in queues:
-        subprocess.run([*rabbitmqctl, "-q", *vhost, "delete_queue", queue], check=True,
-                       capture_output=True, timeout=60)
+    delete_bound_queues(broker_url, protocol.FIGURES_EXCHANGE)
     deleted = time.monotonic()
     # Unfed, the worker's row would grow stale: it must be heard from again, and lately.
     view = await next_view(watcher, lambda v: time.monotonic() - deleted > 8

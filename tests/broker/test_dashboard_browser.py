@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pika
 import pytest
@@ -16,20 +16,7 @@ from crew import SyncClient, TimeoutError, protocol
 from tests.support.browser import wait_for, wait_for_js
 from tests.support.fakeworkers import FakeFleet
 from tests.support.processes import ROOT, Process, kill_alive, python_env
-
-
-def failing(_data: Any) -> None:
-    return 1 / 0  # type: ignore[return-value]
-
-
-def napping(stopped: threading.Event) -> Callable[[Any], None]:
-    def nap(_data: Any) -> None:
-        try:
-            while True:
-                time.sleep(0.02)
-        finally:
-            stopped.set()
-    return nap
+from tests.support.tasks import failing, napping
 
 
 @pytest.fixture

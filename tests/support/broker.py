@@ -15,6 +15,7 @@ import os
 import shlex
 import socket
 import subprocess
+from urllib.parse import unquote, urlsplit
 
 
 def broker_answers(host: str = "127.0.0.1", port: int = 5672) -> bool:
@@ -38,3 +39,22 @@ def rabbitmqctl_command() -> list[str] | None:
 def rabbitmqctl(*args: str) -> None:
     """Run the shared broker's ``rabbitmqctl`` quietly; raise if it fails."""
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def delete_bound_queues(broker_url: str, exchange: str) -> list[str]:
+    """Delete every queue bound to ``exchange`` in ``broker_url``'s vhost, with the broker
+    under test's ``rabbitmqctl`` (the broker cancels their consumers); return their names.
+    Fails if that command is not known or no queue is bound."""
+    rabbitmqctl = rabbitmqctl_command()
+    assert rabbitmqctl, "set CREW_TEST_RABBITMQCTL with CREW_TEST_URL: this test deletes a queue"
+    vhost = ["-p", unquote(urlsplit(broker_url).path[1:]) or "/"]
+    bindings = subprocess.run([*rabbitmqctl, "-q", *vhost, "list_bindings", "source_name",
+                               "destination_name"], check=True, capture_output=True,
+                              text=True, timeout=60).stdout
+    queues = [line.split("\t")[1] for line in bindings.splitlines()
+              if line.startswith(f"{exchange}\t")]
+    assert queues, bindings
+    for queue in queues:
+        subprocess.run([*rabbitmqctl, "-q", *vhost, "delete_queue", queue], check=True,
+                       capture_output=True, timeout=60)
+    return queues
