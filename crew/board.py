@@ -61,7 +61,9 @@ class Board:
     def __init__(self, window: float = WINDOW) -> None:
         self.window = window
         self._workers: dict[str, _Worker] = {}
-        self._dead: dict[str, collections.deque[tuple[float, str]]] = {}
+        #: Calls the broker dead-lettered, per slot: (its start, (task, reason) -> count).
+        self._dead: collections.deque[tuple[float, collections.Counter[tuple[str, str]]]] = (
+            collections.deque())
         #: Every task a worker served, and when it was last heard of.
         self._known: dict[str, float] = {}
         #: What workers counted, per slot: (the slot's start, task -> sum), oldest first.
@@ -86,8 +88,8 @@ class Board:
             uptime = _number(figures.get("uptime"), -1)
             if 0 <= uptime < self.window:  # it started recently, from zero
                 worker.figures, worker.seen = {}, now - uptime
-        for task in figures.get("tasks") or ():
-            if isinstance(task, str) and (task in self._known or len(self._known) < MAX_TASKS):
+        for task in _tasks_of(figures):
+            if task in self._known or len(self._known) < MAX_TASKS:
                 self._known[task] = now
         buckets = checked_buckets(figures.get("buckets"))
         raw = figures.get("figures")
@@ -112,15 +114,20 @@ class Board:
 
     def dead_lettered(self, task: str, reason: str, now: float) -> None:
         """The broker dead-lettered a call of ``task`` (``reason``: expired, delivery_limit)."""
-        if task in self._dead or len(self._dead) < MAX_TASKS:
-            self._dead.setdefault(task, collections.deque()).append((now, reason))
+        if not self._dead or now >= self._dead[-1][0] + SLOT:
+            self._dead.append((now, collections.Counter()))
+        counts = self._dead[-1][1]
+        if (task, reason) in counts or len(counts) < MAX_TASKS:
+            counts[task, reason] += 1
 
     def tasks(self) -> list[str]:
         """Every task a live worker serves, a worker served in the last KEEP_TASKS seconds,
         or that had calls dead-lettered in the window, by name."""
-        names = set(self._known) | set(self._dead)
+        names = set(self._known)
+        for _start, counts in self._dead:
+            names.update(task for task, _reason in counts)
         for worker in self._workers.values():
-            names.update(t for t in worker.map.get("tasks") or () if isinstance(t, str))
+            names.update(_tasks_of(worker.map))
         return sorted(names)[:MAX_TASKS]
 
     def queue_gone(self, task: str) -> None:
@@ -131,7 +138,7 @@ class Board:
     def find_call(self, correlation_id: str) -> dict[str, Any] | None:
         """The call ``correlation_id`` as a live worker last said it serves it, or None."""
         for worker in self._workers.values():
-            for call in worker.map.get("calls") or ():
+            for call in _list(worker.map.get("calls")):
                 if isinstance(call, dict) and call.get("correlation_id") == correlation_id:
                     return call
         return None
@@ -146,12 +153,8 @@ class Board:
         # count: one that started at the window's start counts from before it.
         while self._slots and self._slots[0][0] <= now - self.window:
             self._slots.popleft()
-        for task in list(self._dead):
-            dead = self._dead[task]
-            while dead and dead[0][0] < now - self.window:
-                dead.popleft()
-            if not dead:
-                del self._dead[task]
+        while self._dead and self._dead[0][0] <= now - self.window:
+            self._dead.popleft()
 
     def view(self, now: float, now_ms: int,
              queues: Mapping[str, tuple[int, int] | None]) -> dict[str, Any]:
@@ -171,23 +174,26 @@ class Board:
                    queues: Mapping[str, tuple[int, int] | None]) -> list[dict[str, Any]]:
         serving: collections.Counter[str] = collections.Counter()
         for worker in workers:
-            serving.update(t for t in worker.map.get("tasks") or () if isinstance(t, str))
+            serving.update(_tasks_of(worker.map))
         sums: dict[str, Sum] = {}
         for _start, slot in self._slots:
             for task, counted in slot.items():
                 total = sums.get(task) or sums.setdefault(task, Sum())
                 total.add((counted.outcomes, counted.run, counted.wait), counted.buckets)
         seconds = 0.0 if self._since is None else min(self.window, now - self._since)
+        dead: collections.Counter[tuple[str, str]] = collections.Counter()
+        for _start, lettered in self._dead:
+            dead.update(lettered)
         rows = []
         for task in self.tasks():
             total = sums.get(task) or Sum()
             total.seconds = seconds
-            dead = collections.Counter(reason for _, reason in self._dead.get(task, ()))
             counts = queues.get(task)
             row = {"task": task, "messages": counts[0] if counts else None,
                    "consumers": counts[1] if counts else None, "workers": serving[task],
-                   **total.figures(), "delivery_limit": dead[protocol.DELIVERY_LIMIT_REASON]}
-            row["expired"] += dead[protocol.EXPIRED_REASON]
+                   **total.figures(),
+                   "delivery_limit": dead[task, protocol.DELIVERY_LIMIT_REASON]}
+            row["expired"] += dead[task, protocol.EXPIRED_REASON]
             rows.append(row)
         return rows
 
@@ -196,10 +202,11 @@ def _worker_row(worker: _Worker, now: float) -> dict[str, Any]:
     m = worker.map
     interval = _number(m.get("interval"), protocol.FIGURES_INTERVAL)
     tasks = m.get("tasks")
-    return {"worker": m["worker"], "host": m.get("host"), "pid": m.get("pid"),
-            "version": m.get("version"), "busy": m.get("busy"),
-            "concurrency": m.get("concurrency"), "stuck": m.get("stuck"),
-            "uptime": m.get("uptime"), "tasks": len(tasks) if isinstance(tasks, list) else 0,
+    return {"worker": m["worker"][:64], "host": _text(m.get("host"), 255),
+            "pid": _number(m.get("pid"), 0), "version": _text(m.get("version"), 50),
+            "busy": _number(m.get("busy"), 0), "concurrency": _number(m.get("concurrency"), 0),
+            "stuck": _number(m.get("stuck"), 0), "uptime": _number(m.get("uptime"), 0),
+            "tasks": len(tasks) if isinstance(tasks, list) else 0,
             "seen": round(now - worker.seen, 1),
             "stale": now - worker.seen > STALE_INTERVALS * interval}
 
@@ -208,11 +215,12 @@ def _calls(workers: Iterable[_Worker], now: float, now_ms: int) -> list[dict[str
     rows = []
     for worker in workers:
         since = now - worker.seen
-        for call in worker.map.get("calls") or ():
+        for call in _list(worker.map.get("calls")):
             if isinstance(call, dict) and isinstance(call.get("correlation_id"), str):
                 rows.append({
-                    "task": call.get("task"), "correlation_id": call["correlation_id"],
-                    "worker": worker.map["worker"], "state": call.get("state"),
+                    "task": _text(call.get("task"), 200),
+                    "correlation_id": call["correlation_id"][:255],
+                    "worker": worker.map["worker"], "state": _text(call.get("state"), 20),
                     "elapsed": round(_number(call.get("elapsed"), 0) + since, 1),
                     "deadline": round((_number(call.get("deadline"), now_ms) - now_ms) / 1000,
                                       1)})
@@ -220,12 +228,32 @@ def _calls(workers: Iterable[_Worker], now: float, now_ms: int) -> list[dict[str
     return rows[:MAX_CALLS]
 
 
+#: The failure fields a view shows, cut to what a worker sends (crew/figures.py).
+_FAILURE_TEXT = {"task": 200, "correlation_id": 255, "outcome": 50, "type": 200,
+                 "message": 1000, "traceback": 4000}
+
+
 def _failures(workers: Iterable[_Worker]) -> list[dict[str, Any]]:
-    rows = [{**failure, "worker": worker.map["worker"]}
-            for worker in workers for failure in worker.map.get("failures") or ()
+    rows = [{**{key: _text(failure.get(key), size) for key, size in _FAILURE_TEXT.items()},
+             "at": _number(failure.get("at"), 0), "worker": worker.map["worker"]}
+            for worker in workers for failure in _list(worker.map.get("failures"))
             if isinstance(failure, dict)]
-    rows.sort(key=lambda row: -_number(row.get("at"), 0))
+    rows.sort(key=lambda row: -row["at"])
     return rows[:MAX_FAILURES]
+
+
+def _text(value: object, size: int) -> str:
+    return value[-size:] if isinstance(value, str) else ""
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _tasks_of(figures: dict[str, Any]) -> list[str]:
+    """The tasks a map says its worker serves (a list of names; anything else: none)."""
+    tasks = figures.get("tasks")
+    return [t for t in tasks if isinstance(t, str)] if isinstance(tasks, list) else []
 
 
 def _number(value: object, default: float) -> float:

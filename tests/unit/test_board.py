@@ -169,3 +169,30 @@ def test_a_task_stays_listed_after_its_workers_went_until_its_queue_goes():
     board.heard(figures_map("w2", tasks=["kept"]), now=0.0)
     board.forget_old(1.0 + boards.KEEP_TASKS)
     assert board.tasks() == []
+
+
+def test_hostile_sizes_and_types_are_cut_in_the_view():
+    board = Board()
+    huge = "x" * 100_000
+    board.heard(figures_map("w1", host=huge, version=["no"], tasks="abc", busy="many",
+                            calls=[{"correlation_id": "c", "task": huge, "state": {}}],
+                            failures=[{"traceback": huge, "message": huge, "type": 5,
+                                       "at": "then"}]), now=0.0)
+    view = board.view(0.0, NOW_MS, {})
+    [worker] = view["workers"]
+    assert len(worker["host"]) == 255 and worker["version"] == "" and worker["busy"] == 0
+    assert view["tasks"] == []  # "abc" is no list of tasks: not a, b and c
+    assert len(view["calls"][0]["task"]) == 200 and view["calls"][0]["state"] == ""
+    [failure] = view["failures"]
+    assert len(failure["traceback"]) == 4000 and len(failure["message"]) == 1000
+    assert failure["type"] == "" and failure["at"] == 0
+
+
+def test_a_flood_of_dead_letters_is_counted_in_slots_not_kept_one_by_one():
+    board = Board(window=60.0)
+    for number in range(100_000):
+        board.dead_lettered("flooded", "expired", now=10.0 + number / 10_000)
+    assert sum(len(counts) for _, counts in board._dead) <= 6  # a counter per 2 s slot
+    flooded = rows(board.view(20.0, NOW_MS, {}), "tasks", "task")["flooded"]
+    assert flooded["expired"] == 100_000
+    assert rows(board.view(100.0, NOW_MS, {}), "tasks", "task").get("flooded") is None
