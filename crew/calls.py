@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from pika.spec import Basic, BasicProperties
 
-from . import codec, protocol
+from . import codec
 from .amqp import Channel
 from .cancels import Key, Remembered
 from .exceptions import JobKilled, MessageTooLargeError
@@ -221,6 +221,7 @@ class CallHandler:
     def _on_deadline(self, job: Job) -> None:
         if job.answered:
             return
+        where = job.where()  # before the kill lands and unwinds it
         state = self._abandon(job)
         if state == "ended":
             return  # it ended just now: its thread answers it
@@ -230,8 +231,7 @@ class CallHandler:
         else:
             log.warning("job %s of task %s interrupted at its deadline", job.correlation_id,
                         job.task)
-            reply = job.error_reply(JobKilled("the job ran past its deadline"),
-                                    status=protocol.STATUS_TIMEOUT, with_traceback=False)
+            reply = job.killed_reply(where)
         self.replies.answer(job, reply)
 
     def _abandon(self, job: Job) -> str:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
@@ -156,6 +158,28 @@ class Job:
         if self.failure is None:  # the first is the answer: a kill's, not its thread's late one
             self.failure = envelope
         return self.encode_reply(status, envelope)
+
+    def where(self) -> str:
+        """Where the job runs now, as a traceback's lines (most recent call last); "" when
+        neither its thread nor its coroutine is running."""
+        if self.coroutine is not None:
+            frames = [(frame, frame.f_lineno) for frame in self.coroutine.get_stack()]
+        else:
+            ident = self.thread.ident if self.thread is not None else None
+            frame = sys._current_frames().get(ident) if ident is not None else None
+            frames = list(traceback.walk_stack(frame))[::-1] if frame is not None else []
+        return "".join(traceback.StackSummary.extract(frames).format())
+
+    def killed_reply(self, where: str) -> Reply:
+        """The reply to a job interrupted at its deadline. Its failure (:mod:`crew.figures`,
+        the dashboard) keeps ``where`` it was (:meth:`where`, just before the kill); the
+        caller's reply does not carry it."""
+        reply = self.error_reply(JobKilled("the job ran past its deadline"),
+                                 status=protocol.STATUS_TIMEOUT, with_traceback=False)
+        if self.failure is not None and where:
+            self.failure = {**self.failure, "traceback": (
+                f"Where the job was at its deadline (most recent call last):\n{where}")}
+        return reply
 
     def expired_reply(self, message: str) -> Reply:
         """The reply to a call whose deadline passed before its job began."""

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pika
 import pytest
 
-from crew import ExpirationError, census, codec, dashboard, gateway, protocol
+from crew import ExpirationError, TimeoutError, census, codec, dashboard, gateway, protocol
 from crew.settings import BrokerSettings
 from crew.watcher import Watcher
 from tests.support.broker import delete_bound_queues, rabbitmqctl_command
@@ -366,3 +366,19 @@ async def test_a_dashboard_started_late_is_complete_within_seconds(make_worker, 
         assert task_row(view, task)["p50"] is not None
     finally:
         await watcher.close()
+
+
+def test_a_killed_jobs_failure_shows_where_it_was(make_worker, client, io_loop,
+                                                 figures_queue, uid):
+    task = f"stuck.{uid}"
+    stopped = threading.Event()
+    worker = make_worker({task: napping(stopped)})
+    with pytest.raises(TimeoutError):
+        io_loop.run_sync(lambda: client.call(task, expiration=1.0), timeout=30)
+    assert stopped.wait(10)
+    mine = figures_queue(lambda m: m.get("worker") == worker.uuid and m.get("failures"))
+    [failure] = mine["failures"]
+    assert failure["outcome"] == "killed" and failure["type"] == "JobKilled"
+    assert failure["message"] == "the job ran past its deadline"
+    assert failure["traceback"].startswith("Where the job was at its deadline")
+    assert "in nap" in failure["traceback"] and "time.sleep(0.02)" in failure["traceback"]

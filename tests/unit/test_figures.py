@@ -3,6 +3,7 @@ histograms, the recent failures; recorded from many threads, counted at snapshot
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -126,3 +127,47 @@ def test_a_killed_job_keeps_the_kills_error_not_its_threads_late_one():
     counts.job_ended(killed, protocol.STATUS_TIMEOUT)
     [failure] = counts.snapshot()["failures"]
     assert failure["message"] == "the job ran past its deadline"
+
+
+def test_where_tells_the_line_a_jobs_thread_or_coroutine_is_on():
+    running, release = threading.Event(), threading.Event()
+
+    def held_in_here() -> None:
+        running.set()
+        release.wait(10)
+
+    threaded = job()
+    threaded.thread = threading.Thread(target=held_in_here)
+    threaded.thread.start()
+    try:
+        assert running.wait(10)
+        assert "in held_in_here" in threaded.where() and "release.wait(10)" in threaded.where()
+    finally:
+        release.set()
+        threaded.thread.join()
+    assert threaded.where() == ""  # its thread ended
+    assert job().where() == ""  # never started
+
+    async def awaiting_in_here() -> None:
+        await asyncio.sleep(10)
+
+    async def look() -> str:
+        coroutine = job()
+        coroutine.coroutine = asyncio.ensure_future(awaiting_in_here())
+        await asyncio.sleep(0)
+        try:
+            return coroutine.where()
+        finally:
+            coroutine.coroutine.cancel()
+
+    assert "in awaiting_in_here" in asyncio.run(look())
+
+
+def test_a_killed_job_without_a_place_keeps_the_kills_message_only():
+    killed = job()
+    killed.killed_reply("")
+    assert killed.failure == {"type": "JobKilled", "message": "the job ran past its deadline",
+                              "traceback": ""}
+    placed = job()
+    placed.killed_reply('  File "x.py", line 1, in f\n')
+    assert placed.failure["traceback"].endswith('line 1, in f\n')
