@@ -8,7 +8,7 @@
     POST /publish/<channel>                     publish the JSON body on the channel
     GET  /health                                200 {"broker": "up", ...} or 503
     GET  /metrics                               Prometheus metrics (with crew[metrics])
-    GET  /dashboard, POST /cancel/<id>          the dashboard (crew.dashboard), live
+    GET  /dashboard, POST /cancel/<id>          the dashboard (crew.dashboard; --no-dashboard)
 
 Errors are JSON, ``{"error": "<name>", "message": "..."}``: 400 bad request or bad JSON,
 404 unknown task, 413 body over ``max_body``, 502 the task raised (``type`` names it), its
@@ -49,12 +49,10 @@ log = logging.getLogger(__name__)
 
 #: Largest request body accepted; a larger one gets 413.
 DEFAULT_MAX_BODY = 1024 * 1024
-#: Seconds ``/subscribe`` waits for a message before answering 204.
-DEFAULT_POLL_TIMEOUT = 30.0
+DEFAULT_POLL_TIMEOUT = 30.0  # seconds /subscribe waits for a message before 204
 #: Seconds between keep-alive comments on a quiet ``/events`` stream (proxies cut silent ones).
 DEFAULT_KEEPALIVE = 15.0
-#: Messages an ``/events`` stream holds for a client that reads slower than they come; past
-#: this the stream ends, and the browser's EventSource reconnects.
+#: Messages an ``/events`` stream holds for a slow reader; past it, the stream ends.
 SSE_BACKLOG = 1000
 
 #: HTTP status of each error a call or publish can end with; the first match counts.
@@ -284,16 +282,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m crew.gateway"
                         help="largest request body in bytes (default %(default)s)")
     parser.add_argument("--poll-timeout", type=float, default=DEFAULT_POLL_TIMEOUT,
                         help="seconds /subscribe waits before 204 (default %(default)s)")
+    parser.add_argument("--no-dashboard", action="store_true", help="serve no /dashboard "
+                        "(and hear no worker's figures: a large crew sends many)")
     options = parser.parse_args(argv)
     setup_logging(options)
     try:
         broker = broker_from_options(options, "crew-gateway")
-        client, watcher = Client(broker=broker), Watcher(broker)
+        client, watcher = Client(broker=broker), None if options.no_dashboard else Watcher(broker)
         app = make_app(client, max_body=options.max_body, poll_timeout=options.poll_timeout,
                        watcher=watcher, writable=not options.read_only)
     except ValueError as exc:  # a bad URL or option: usage and status 2, not a traceback
         parser.error(str(exc))
-    sys.exit(run_http(app, client, options, also=[watcher]))
+    sys.exit(run_http(app, client, options, also=[watcher] if watcher else []))
 
 
 if __name__ == "__main__":
