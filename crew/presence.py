@@ -67,6 +67,7 @@ class Presence:
         self._closed = False
         self._again: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._figures_on = False  # whether the broker let it declare crew.figures
 
     def snapshot(self) -> dict[str, Any]:
         """The presence map now (docs/PROTOCOL.md, section 12); on the worker's loop."""
@@ -89,13 +90,22 @@ class Presence:
         refuses it (403: a user without rights on ``crew.presence``) is logged: the worker
         serves its calls all the same, unseen by ``crew status`` and dashboards.
 
-        Its figures leave on the same channel, now and every ``FIGURES_INTERVAL`` seconds.
+        Its figures leave on the same channel, now and every ``FIGURES_INTERVAL`` seconds,
+        unless the broker refuses ``crew.figures`` (a user whose permissions predate it):
+        that is logged, and presence is answered all the same.
         """
         self._closed = False
         channel = self._channel = await connection.channel()
         try:
-            await channel.declare_exchange(protocol.PRESENCE_EXCHANGE, "fanout")
             await channel.declare_exchange(protocol.FIGURES_EXCHANGE, "fanout")
+            self._figures_on = True
+        except BrokerError as exc:  # it closed the channel: presence goes on a new one
+            log.warning("figures cannot be published: %s; dashboards do not see this worker "
+                        "(docs/SECURITY.md, section 2)", exc)
+            self._figures_on = False
+            channel = self._channel = await connection.channel()
+        try:
+            await channel.declare_exchange(protocol.PRESENCE_EXCHANGE, "fanout")
             queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
             await channel.bind(queue, protocol.PRESENCE_EXCHANGE)
             await channel.consume(queue, self._on_request, auto_ack=True, exclusive=True)
@@ -127,7 +137,7 @@ class Presence:
         if self._timer is not None:
             self._timer.cancel()
         channel = self._channel
-        if self._closed or channel is None or not channel.is_open:
+        if self._closed or not self._figures_on or channel is None or not channel.is_open:
             return  # following again (or the connection's loss) starts it again
         figures = {**self.snapshot(), **self._figures.snapshot(),
                    "interval": protocol.FIGURES_INTERVAL, "stopping": stopping}
