@@ -221,6 +221,7 @@ async def test_page_events_and_health(http_client, base_url, watcher):
     assert b'data-writable="true"' in page.body
     assert b"http://" not in page.body and b"https://" not in page.body  # nothing from outside
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+    await next_view(watcher, lambda v: v["broker"] == "up")  # it connects in the background
     health = await http_client.fetch(f"{base_url}/health", raise_error=False)
     assert (health.code, json.loads(health.body)) == (200, {"broker": "up"})
     chunks: list[bytes] = []
