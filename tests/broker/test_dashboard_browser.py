@@ -133,8 +133,10 @@ def test_three_hundred_tasks_and_thirty_workers_stay_quick(browser, serve_dashbo
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
     try:
-        for task in fleet.task_names:  # the queues, as real workers would have them
-            channel.queue_declare(protocol.task_queue(task))
+        for task in fleet.task_names:  # the queues, as real workers declare them (durable:
+            # a transient queue that is not exclusive is a deprecated feature of RabbitMQ 4.x)
+            channel.queue_declare(protocol.task_queue(task), durable=True,
+                                  arguments=protocol.task_queue_arguments(10))
         with fleet:
             browser.get(serve_dashboard())
             wait_for_js(browser, "document.querySelectorAll('#tasks tbody tr[data-task]')"
