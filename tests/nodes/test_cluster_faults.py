@@ -170,7 +170,7 @@ async def test_quorum_task_queues_survive_node_kills_and_a_rolling_restart(
 
 @pytest.mark.gen_test(timeout=300)
 async def test_a_classic_task_queue_is_out_of_service_while_its_node_is_down(
-        cluster, workers, request):
+        cluster, workers, request, caplog):
     urls = cluster.urls
     task = f"{workers.prefix}.job"
     queue = protocol.task_queue(task)
@@ -194,8 +194,13 @@ async def test_a_classic_task_queue_is_out_of_service_while_its_node_is_down(
     report(ledger, down + [after], workers)
     # While its node is down no call to the task is served: each ends with an error by its
     # deadline (which one is what README documents), none hangs; once the node is back the
-    # task is served again.
-    assert all(isinstance(outcome, crew.CallError) for outcome in down), down
+    # task is served again. The client's first node is chosen at random: when it was the
+    # killed one, a call sent before the client noticed ends with ConnectionLostError, as
+    # README says of calls waiting on a lost connection.
+    client_lost = any("client lost its broker connection" in record.getMessage()
+                      for record in caplog.records)
+    errors = (crew.CallError, crew.ConnectionLostError) if client_lost else crew.CallError
+    assert all(isinstance(outcome, errors) for outcome in down), (client_lost, down)
     assert isinstance(after, dict), after
     ledger.note("calls while the node was down: "
                 + ", ".join(sorted({type(o).__name__ for o in down})))
