@@ -67,11 +67,15 @@ class Output:
             pass  # the test's loop is closed: a fixture stopped the process after the test
 
     async def wait_for(self, text: str, timeout: float = 20.0) -> str:
+        """The first line printed from now on that contains ``text``, within ``timeout``
+        seconds in all (however many other lines come meanwhile); raise if the output ends."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                line = await asyncio.wait_for(self.queue.get(), timeout)
+                line = await asyncio.wait_for(self.queue.get(),
+                                              max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise AssertionError(f"no new line for {timeout} s, none with {text!r}:\n"
+                raise AssertionError(f"no line with {text!r} within {timeout} s:\n"
                                      f"{''.join(self.seen)}") from None
             if line is None:
                 raise AssertionError(f"exited before printing {text!r}:\n{''.join(self.seen)}")
