@@ -35,7 +35,7 @@ import experiments
 from common import URL, ready_until_signal, orders, percentile
 
 import crew
-from crew import protocol
+from crew import validation
 from crew.gateway import CallHandler, make_app
 from crew.httpapi import bad_request
 
@@ -50,7 +50,7 @@ class InlineCallHandler(CallHandler):
         if self.refused:
             return
         with bad_request():
-            protocol.validate_task_name(task)
+            validation.validate_task_name(task)
         self.finish_json(self.json_body())
 
 

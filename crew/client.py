@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Sequence
 
 from pika.spec import BasicProperties
 
-from . import protocol
+from . import protocol, validation
 from .amqp import Channel, Connection
 from .exceptions import ConnectionLostError
 from .link import Link
@@ -80,7 +80,7 @@ class Client:
         if not deadline_grace >= 0:
             raise ValueError(f"deadline_grace must be >= 0 seconds, got {deadline_grace!r}")
         self.content_type = content_type
-        self.expiration = protocol.validate_expiration(expiration)
+        self.expiration = validation.validate_expiration(expiration)
         self.deadline_grace = float(deadline_grace)
         #: Its pending calls (:class:`crew.pending.Pending`), by correlation id.
         self.pending = Pending()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from . import codec, protocol
+from . import codec, validation
 from .jobs import Publishes, Scope, current_job
 
 __all__ = ["Context", "Publisher", "context"]
@@ -84,7 +84,7 @@ class Publisher:
         that cannot be sent and :class:`~crew.ConnectionLostError` once the worker stopped;
         a message published while the connection is down is dropped (and logged).
         """
-        protocol.validate_channel(channel)
+        validation.validate_channel(channel)
         body, encoding = codec.encode(data)
         self._send(channel, body, encoding)
 

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from tornado.iostream import StreamClosedError
 from tornado.web import Application
 
-from . import dashboard, protocol
+from . import dashboard, protocol, validation
 from .cli import broker_from_options, setup_logging
 from .client import Client
 from .exceptions import (ConnectionLostError, CrewError, DeliveryLimitError, EncodeError,
@@ -89,11 +89,11 @@ class CallHandler(BodyHandler):
         # persisting costs the broker a disk write per call).
         options: dict[str, Any] = {"persistent": False}
         with bad_request():
-            protocol.validate_task_name(task)
+            validation.validate_task_name(task)
             if (priority := self.get_query_argument("priority", None)) is not None:
-                options["priority"] = protocol.validate_priority(int(priority))
+                options["priority"] = validation.validate_priority(int(priority))
             if (expiration := self.get_query_argument("expiration", None)) is not None:
-                options["expiration"] = protocol.validate_expiration(float(expiration))
+                options["expiration"] = validation.validate_expiration(float(expiration))
         self.call = asyncio.ensure_future(self.client.call(task, self.json_body(), **options))
         try:
             result = await self.call
@@ -118,7 +118,7 @@ class PublishHandler(BodyHandler):
         if self.refused:
             return
         with bad_request():
-            protocol.validate_channel(channel)
+            validation.validate_channel(channel)
         try:
             await self.client.publish(channel, self.json_body())
         except CrewError as exc:
@@ -133,7 +133,7 @@ class _ListenHandler(JSONHandler):
 
     async def listen(self, channel: str) -> None:
         with bad_request():
-            protocol.validate_channel(channel, pattern=True)
+            validation.validate_channel(channel, pattern=True)
         if not self.client.connected:
             raise Refused(503, "ConnectionLostError", "the gateway is not connected")
         try:

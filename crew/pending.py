@@ -23,7 +23,7 @@ from typing import Any
 
 from pika.spec import Basic, BasicProperties
 
-from . import codec, protocol
+from . import codec, protocol, validation
 from .exceptions import (CallError, CodecError, ConnectionLostError, CrewError, DecodeError,
                          DeliveryLimitError, ExpirationError, RemoteError, TimeoutError,
                          UnknownTaskError)
@@ -115,11 +115,11 @@ class Messages:
         """A call's seconds to its deadline (``expiration``: the call's, else the client's)
         and a copy of its user headers; ValueError or TypeError for a bad argument."""
         if task not in self._names:  # checked once per name, not on every call
-            protocol.validate_task_name(task)
+            validation.validate_task_name(task)
             if len(self._names) < _MAX_REMEMBERED_NAMES:  # names may come from HTTP
                 self._names.add(task)
-        protocol.validate_priority(priority)
-        return protocol.validate_expiration(expiration), protocol.validate_user_headers(headers)
+        validation.validate_priority(priority)
+        return validation.validate_expiration(expiration), validation.validate_user_headers(headers)
 
     def properties(self, task: str, seconds: float, headers: dict[str, Any],
                    content_type: str, encoding: str | None, *, priority: int,

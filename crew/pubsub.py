@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
 
 from pika.spec import BasicProperties
 
-from . import codec, protocol
+from . import codec, protocol, validation
 from .exceptions import CodecError, ConnectionLostError, CrewError
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Subscriptions:
     def subscribe(self, channel: str, callback: Callback) -> Awaitable[None]:
         """Add ``callback`` to ``channel``, binding it if connected; see
         :meth:`crew.Client.subscribe`."""
-        protocol.validate_channel(channel, pattern=True)
+        validation.validate_channel(channel, pattern=True)
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         callbacks = self._callbacks.setdefault(channel, [])
@@ -98,7 +98,7 @@ class Subscriptions:
 
     def publish(self, channel: str, data: Any = None) -> Awaitable[None]:
         """Send ``data`` on ``channel`` at once; see :meth:`crew.Client.publish`."""
-        protocol.validate_channel(channel)
+        validation.validate_channel(channel)
         try:
             body, encoding = codec.encode(data)
             amqp_channel = self._channel

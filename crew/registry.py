@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from . import protocol
+from . import validation
 
 __all__ = ["Settings", "Task", "TaskFunction", "TaskRegistry", "tasks"]
 
@@ -16,7 +16,7 @@ class TaskRegistry(dict[str, TaskFunction]):
     """Task names mapped to their functions."""
 
     def add(self, name: str, func: TaskFunction) -> None:
-        protocol.validate_task_name(name)
+        validation.validate_task_name(name)
         if not callable(func):
             raise TypeError(f"task {name!r} must be callable, got {type(func).__name__}")
         if name in self:
@@ -32,7 +32,7 @@ class Task:
     """Decorator that registers a function as the task ``name``; the function is unchanged."""
 
     def __init__(self, name: str, *, registry: TaskRegistry | None = None) -> None:
-        self.name = protocol.validate_task_name(name)
+        self.name = validation.validate_task_name(name)
         self.registry = tasks if registry is None else registry
 
     def __call__(self, func: TaskFunction) -> TaskFunction:

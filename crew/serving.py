@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from pika.spec import BasicProperties
 
-from . import protocol
+from . import protocol, validation
 from .amqp import Connection
 from .connecting import Nodes, Stopped, connect_retrying
 from .calls import CallHandler
@@ -71,12 +71,12 @@ class Worker:
         if not registry:
             raise ValueError("a worker needs at least one task")
         for name in registry:
-            protocol.validate_task_name(name)
+            validation.validate_task_name(name)
         check_worker_limits(concurrency, max_stuck, grace, max_memory)
         self.tasks = dict(registry)
         self.broker = BrokerSettings.given(broker)
         self._nodes = Nodes(self.broker)  # which node each connection attempt goes to
-        self.max_priority = protocol.validate_max_priority(max_priority)
+        self.max_priority = validation.validate_max_priority(max_priority)
         self.queue_type = protocol.queue_type(queue_type)
         self.concurrency, self.max_stuck, self.grace = concurrency, max_stuck, grace
         self.max_memory = max_memory

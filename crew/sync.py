@@ -35,7 +35,7 @@ import time
 import weakref
 from typing import Any, Sequence
 
-from . import protocol
+from . import protocol, validation
 from .client import DEFAULT_DEADLINE_GRACE, Client
 from .exceptions import ConnectionLostError
 from .loops import running_loop
@@ -148,7 +148,7 @@ class SyncClient:
         :class:`~crew.ConnectionLostError`, and the subscription is made when the client
         connects."""
         _refuse_running_loop("subscribe")
-        protocol.validate_channel(channel, pattern=True)
+        validation.validate_channel(channel, pattern=True)
         if not callable(callback) or inspect.iscoroutinefunction(callback):
             raise TypeError(f"callback must be a plain function (crew.Client takes coroutine "
                             f"functions), not {callback!r}")
@@ -217,7 +217,7 @@ class SyncClient:
         if unknown:
             raise TypeError(f"call() got unexpected keyword argument(s) {sorted(unknown)}")
         expiration = options.get("expiration")
-        options["expiration"] = seconds = protocol.validate_expiration(
+        options["expiration"] = seconds = validation.validate_expiration(
             self.expiration if expiration is None else expiration)
         if options.get("headers") is not None:  # the caller may change its dict meanwhile
             options["headers"] = dict(options["headers"])

@@ -18,9 +18,9 @@ README = CREW.parent / "README.md"
 
 #: Bottom first; a module may import only the modules before it.
 LAYERS = [
-    "crew.exceptions", "crew.protocol", "crew.outcomes", "crew.settings", "crew.threads",
-    "crew.loops", "crew.budget", "crew.memory", "crew.tables", "crew.wire", "crew.codec",
-    "crew.frames", "crew.seam", "crew.transport", "crew.failures", "crew.amqp",
+    "crew.exceptions", "crew.protocol", "crew.validation", "crew.outcomes", "crew.settings",
+    "crew.threads", "crew.loops", "crew.budget", "crew.memory", "crew.tables", "crew.wire",
+    "crew.codec", "crew.frames", "crew.seam", "crew.transport", "crew.failures", "crew.amqp",
     "crew.connecting", "crew.registry", "crew.cancels", "crew.jobs", "crew.metrics",
     "crew.tracing", "crew.figures", "crew.observing", "crew.context", "crew.pool", "crew.replies",
     "crew.intake", "crew.calls", "crew.presence", "crew.session", "crew.serving",

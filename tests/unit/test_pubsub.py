@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from crew import Client
-from crew.protocol import validate_channel
+from crew.validation import validate_channel
 from crew.pubsub import _topic_matches
 
 
