@@ -213,7 +213,7 @@ def deadline_error(task: str, started: float, blocked: bool) -> TimeoutError:
 def dead_letter_error(task: str, headers: dict[str, Any] | None) -> CallError:
     """The error a dead letter of a call to ``task`` means, by its ``x-death`` reason: a
     quorum queue's delivery limit, else (``expired``, or anything else) expiry."""
-    if protocol.dead_letter_reason(headers) == protocol.DELIVERY_LIMIT_REASON:
+    if protocol.dead_letter(headers)[0] == protocol.DELIVERY_LIMIT_REASON:
         return DeliveryLimitError(task, protocol.DELIVERY_LIMIT + 1)
     return ExpirationError(f"no worker took the call to {task!r} before its deadline")
 

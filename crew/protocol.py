@@ -179,14 +179,21 @@ def queue_type(value: object = None) -> str:
     return value
 
 
-def dead_letter_reason(headers: dict[str, Any] | None) -> str:
-    """Why the broker dead-lettered a call: ``x-death``'s newest ``reason`` (``expired``,
-    ``delivery_limit``, ...), or ``""`` if the headers do not say."""
+def dead_letter(headers: dict[str, Any] | None) -> tuple[str, str]:
+    """Why and from which task's queue the broker dead-lettered a call, by ``x-death``'s newest
+    entry: its ``reason`` (``expired``, ``delivery_limit``, ...) and the task, each ``""``
+    when the headers do not say (or are not in the broker's shape: anyone may publish)."""
     deaths = (headers or {}).get("x-death")
-    reason = deaths[0].get("reason") if deaths and isinstance(deaths[0], dict) else None
-    if isinstance(reason, bytes):
-        reason = reason.decode("utf-8", "replace")
-    return reason if isinstance(reason, str) else ""
+    death = deaths[0] if isinstance(deaths, list) and deaths else None
+    reason, queue = (_text(death.get(key)) if isinstance(death, dict) else ""
+                     for key in ("reason", "queue"))
+    return reason, queue[len(TASK_QUEUE_PREFIX):] if queue.startswith(TASK_QUEUE_PREFIX) else ""
+
+
+def _text(value: object) -> str:
+    """A header's text, which pika gives as bytes or str; ``""`` for anything else."""
+    value = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return value if isinstance(value, str) else ""
 
 
 def cancel_stream_arguments() -> dict[str, Any]:

@@ -182,11 +182,6 @@ class Watcher:
 
     def _on_dead_letter(self, _ch: Any, _method: Basic.Deliver, props: BasicProperties,
                         _body: bytes) -> None:
-        deaths = (props.headers or {}).get("x-death")
-        queue = deaths[0].get("queue") if deaths and isinstance(deaths[0], dict) else None
-        if isinstance(queue, bytes):
-            queue = queue.decode("utf-8", "replace")
-        if isinstance(queue, str) and queue.startswith(protocol.TASK_QUEUE_PREFIX):
-            self.board.dead_lettered(queue[len(protocol.TASK_QUEUE_PREFIX):],
-                                     protocol.dead_letter_reason(props.headers),
-                                     time.monotonic())
+        reason, task = protocol.dead_letter(props.headers)
+        if task:
+            self.board.dead_lettered(task, reason, time.monotonic())

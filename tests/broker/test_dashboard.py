@@ -168,6 +168,30 @@ async def test_calls_that_expire_in_their_queue_are_counted(make_worker, client,
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_forged_dead_letters_neither_count_nor_disturb_it(make_worker, client, watcher,
+                                                                 broker_url, uid, caplog):
+    # Anyone who may publish to crew.expired reaches the watcher's catch-all binding: x-death
+    # in shapes the broker never writes must be ignored, and must not cost its connection.
+    task = f"forged.{uid}"
+    make_worker({task: lambda data: data})
+    await next_view(watcher, lambda v: task_row(v, task) is not None)
+    connection = watcher._connection
+    forged = [5, "nonsense", {"0": 1}, [], [1], [{"reason": 7, "queue": [task]}],
+              [{"reason": "expired", "queue": "someone.elses"}]]
+    with pika.BlockingConnection(pika.URLParameters(broker_url)) as publisher:
+        channel = publisher.channel()
+        for x_death in forged:
+            channel.basic_publish(protocol.EXPIRED_EXCHANGE, "", b"",
+                                  pika.BasicProperties(headers={"x-death": x_death}))
+        channel.basic_publish(protocol.EXPIRED_EXCHANGE, "", b"", pika.BasicProperties(
+            headers={"x-death": [{"reason": "expired", "queue": protocol.task_queue(task)}]}))
+    view = await next_view(watcher, lambda v: (task_row(v, task) or {}).get("expired"))
+    assert task_row(view, task)["expired"] == 1  # the one in the broker's shape
+    assert watcher._connection is connection and watcher.connected
+    assert "connecting again" not in caplog.text
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_cancel_ends_a_running_call(make_worker, client, watcher, http_client,
                                           base_url, uid):
     task = f"nap.{uid}"

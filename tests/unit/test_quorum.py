@@ -73,13 +73,30 @@ def test_a_dead_letter_for_the_delivery_limit_is_a_delivery_limit_error():
 
 
 @pytest.mark.parametrize("headers", [_death("expired"), _death(b"expired"), None, {},
-                                     {"x-death": "nonsense"}, {"x-death": [1]}])
+                                     {"x-death": "nonsense"}, {"x-death": [1]},
+                                     {"x-death": 5}, {"x-death": {"0": 1}}])
 def test_any_other_dead_letter_is_an_expiration(headers):
     assert isinstance(dead_letter_error("t", headers), ExpirationError)
 
 
 def test_a_bytes_reason_is_read():
-    assert protocol.dead_letter_reason(_death(b"delivery_limit")) == "delivery_limit"
+    assert protocol.dead_letter(_death(b"delivery_limit")) == ("delivery_limit", "t")
+
+
+@pytest.mark.parametrize("headers", [
+    None, {}, {"x-death": 5}, {"x-death": "nonsense"}, {"x-death": {"reason": "expired"}},
+    {"x-death": []}, {"x-death": [1]}, {"x-death": [{"reason": 7, "queue": ["crew.tasks.t"]}]},
+    {"x-death": [{"reason": "expired", "queue": "someone.elses"}]}])
+def test_a_dead_letter_not_in_the_brokers_shape_says_nothing(headers):
+    # Anyone allowed to publish to crew.expired reaches the dashboard's catch-all binding.
+    reason, task = protocol.dead_letter(headers)
+    assert task == "" and reason in ("", "expired")
+
+
+def test_the_newest_death_says_which_task_and_why():
+    headers = {"x-death": [{"reason": b"expired", "queue": b"crew.tasks.a.b"},
+                           {"reason": "delivery_limit", "queue": "crew.tasks.older"}]}
+    assert protocol.dead_letter(headers) == ("expired", "a.b")
 
 
 def test_the_pending_call_is_settled_by_a_delivery_limit_dead_letter():
