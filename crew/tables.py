@@ -4,7 +4,13 @@
 the same types included, with one difference on purpose: a timestamp that Python cannot
 represent (past the year 9999) stays an int of epoch seconds. pika raises on it while it
 parses a frame, which kills the connection; the broker passes the header through and
-redelivers the call, so one forged message would take a worker down again and again.
+redelivers the call, so one forged message would take a worker down again and again. The
+same holds for tables and arrays nested thousands deep (the broker passes them through; a
+content header frame holds some 26 000 levels): pika's recursive reader raises
+``RecursionError``. crew reads :data:`MAX_DEPTH` levels, and keeps a table or array nested
+deeper as the bytes it was sent as (its kind octet, its length, its contents), logged once
+per table read. On pika's public path (:mod:`crew.transport`) pika reads first, so there a
+value nested deeper than MAX_DEPTH but not so deep that pika fails is pika's nested value.
 
 It replaces crew's former process-wide patch of ``pika.data.decode_value``: it applies
 only where crew decodes frames (:mod:`crew.wire`'s content headers, on the fast path and,
@@ -18,13 +24,21 @@ timestamps are read the same way; every other kind is read by pika's public
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import Any
 
 import pika.compat
 import pika.data
 
-__all__ = ["decode_table", "decode_value", "read_short", "text"]
+__all__ = ["MAX_DEPTH", "decode_table", "decode_value", "read_short", "text"]
+
+log = logging.getLogger(__name__)
+
+#: Tables and arrays read inside one another at most; deeper ones stay bytes (see above).
+#: Far more than any header crew or a program of its users writes; far fewer than the
+#: Python stack holds, whatever reads the values afterwards.
+MAX_DEPTH = 64
 
 _U32 = struct.Struct(">L")
 _U64 = struct.Struct(">Q")
@@ -61,10 +75,21 @@ def read_short(data: bytes, offset: int) -> tuple[str | bytes, int]:
     return text(data[offset + 1:end]), end
 
 
-def decode_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
+def decode_table(data: bytes, offset: int, depth: int = 0,
+                 cut: list[int] | None = None) -> tuple[dict[Any, Any], int]:
     """The field table at ``offset`` (its length first) and the offset after it, as pika's
-    ``decode_table`` reads it, except for timestamps past the year 9999 (an int here: see
-    the module's docstring). Raises on bytes pika would raise for."""
+    ``decode_table`` reads it, except for timestamps past the year 9999 (an int here) and
+    tables and arrays nested deeper than :data:`MAX_DEPTH` (bytes): see the module's
+    docstring. Raises on bytes pika would raise for. ``depth`` and ``cut`` are for the
+    reading of nested values: how deep this table is, and the sizes of those kept bytes."""
+    if cut is None:  # the outermost table: what it cut is logged once, here
+        cut = []
+        outer, end = decode_table(data, offset, depth, cut)
+        if cut:
+            log.warning("a header table with %d value(s) nested deeper than %d tables and "
+                        "arrays, kept as bytes (%d in all): a forged message?", len(cut),
+                        MAX_DEPTH, sum(cut))
+        return outer, end
     size, = _U32.unpack_from(data, offset)
     offset += 4
     limit = offset + size
@@ -88,26 +113,36 @@ def decode_table(data: bytes, offset: int) -> tuple[dict[Any, Any], int]:
             value = pika.compat.long(reader.unpack_from(data, offset)[1])
             offset += 9
         else:
-            value, offset = decode_value(data, offset)
+            value, offset = decode_value(data, offset, depth, cut)
         table[key] = value
     return table, offset
 
 
-def decode_value(data: bytes, offset: int) -> tuple[Any, int]:
+def decode_value(data: bytes, offset: int, depth: int = 0,
+                 cut: list[int] | None = None) -> tuple[Any, int]:
     """The field value at ``offset`` (its kind first) and the offset after it: pika's
     ``decode_value``, except that crew reads nested tables and arrays itself (so that their
-    timestamps are read as :func:`decode_table` reads them) and keeps a timestamp past the
-    year 9999 an int."""
+    timestamps are read as :func:`decode_table` reads them, and a table or array nested
+    deeper than :data:`MAX_DEPTH` stays bytes) and keeps a timestamp past the year 9999 an
+    int. ``depth``: how deep the table or array holding the value is; ``cut``, as for
+    :func:`decode_table` (None: this value is the outermost)."""
     kind = data[offset:offset + 1]
-    if kind == b"F":
-        return decode_table(data, offset + 1)
-    if kind == b"A":
+    if kind == b"F" or kind == b"A":
+        if depth >= MAX_DEPTH:
+            end = offset + 5 + _U32.unpack_from(data, offset + 1)[0]
+            if end > len(data):
+                raise IndexError("a table or array longer than the bytes that hold it")
+            if cut is not None:
+                cut.append(end - offset)
+            return data[offset:end], end
+        if kind == b"F":
+            return decode_table(data, offset + 1, depth + 1, cut)
         length, = _U32.unpack_from(data, offset + 1)
         offset += 5
         end = offset + length
         values = []
         while offset < end:
-            value, offset = decode_value(data, offset)
+            value, offset = decode_value(data, offset, depth + 1, cut)
             values.append(value)
         return values, offset
     try:

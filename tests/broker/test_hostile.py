@@ -35,10 +35,12 @@ from crew.worker import Worker, serve_in_thread
 from tests.support.hostile import (
     JSON,
     MSGPACK,
+    RawField,
     RawPublisher,
     assert_queue_empty,
     crew_log_lines,
     decode_reply,
+    raw_fields,
 )
 from tests.support.bombs import MiB
 
@@ -303,8 +305,8 @@ def test_copy_of_a_running_call_is_dropped_not_answered(make_worker, raw, broker
 def test_header_timestamp_out_of_range_does_not_kill_the_worker(make_worker, raw, caplog, uid):
     task = f"echo.{uid}"
     make_worker({task: lambda x: {"got": x}})
-    timestamp = _RawField(b"T" + struct.pack(">Q", 2**62))  # valid AMQP, year > 9999
-    with _raw_fields():
+    timestamp = RawField(b"T" + struct.pack(">Q", 2**62))  # valid AMQP, year > 9999
+    with raw_fields():
         cid = raw.call(task, b'"x"', headers={"when": timestamp})
     try:
         reply = raw.wait(cid, timeout=5)
@@ -312,31 +314,6 @@ def test_header_timestamp_out_of_range_does_not_kill_the_worker(make_worker, raw
         raw.normal_call(task)
     finally:
         raw.channel.queue_purge(protocol.task_queue(task))
-
-
-class _RawField:
-    """An AMQP field value written as given (pika cannot write such a timestamp itself)."""
-
-    def __init__(self, encoded: bytes) -> None:
-        self.encoded = encoded
-
-
-class _raw_fields:
-    """Context manager: while active, pika writes :class:`_RawField` values verbatim."""
-
-    def __enter__(self) -> None:
-        self._original = pika.data.encode_value
-
-        def encode_value(pieces: list[bytes], value: Any) -> int:
-            if isinstance(value, _RawField):
-                pieces.append(value.encoded)
-                return len(value.encoded)
-            return self._original(pieces, value)
-
-        pika.data.encode_value = encode_value
-
-    def __exit__(self, *exc_info: Any) -> None:
-        pika.data.encode_value = self._original
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -455,10 +432,10 @@ async def test_forged_reply_with_bad_timestamp_header_does_not_cut_the_client(
     make_worker({task: lambda x: x})
     publisher = RawPublisher(broker_url)
     try:
-        with _raw_fields():
+        with raw_fields():
             publisher.send(client._reply_queue, b"\xc0", correlation_id="forged",
                            content_type=MSGPACK,
-                           headers={"when": _RawField(b"T" + struct.pack(">Q", 2**62))})
+                           headers={"when": RawField(b"T" + struct.pack(">Q", 2**62))})
     finally:
         publisher.close()
     assert await client.call(task, 1, expiration=5) == 1

@@ -139,3 +139,28 @@ def crew_log_lines(caplog: pytest.LogCaptureFixture, level: int = logging.WARNIN
                    logger: str = "crew") -> list[str]:
     return [r.getMessage() for r in caplog.records
             if r.levelno >= level and (r.name == logger or r.name.startswith(logger + "."))]
+
+
+class RawField:
+    """An AMQP field value written as given (pika cannot write such a timestamp itself)."""
+
+    def __init__(self, encoded: bytes) -> None:
+        self.encoded = encoded
+
+
+class raw_fields:
+    """Context manager: while active, pika writes :class:`RawField` values verbatim."""
+
+    def __enter__(self) -> None:
+        self._original = pika.data.encode_value
+
+        def encode_value(pieces: list[bytes], value: Any) -> int:
+            if isinstance(value, RawField):
+                pieces.append(value.encoded)
+                return len(value.encoded)
+            return self._original(pieces, value)
+
+        pika.data.encode_value = encode_value
+
+    def __exit__(self, *exc_info: Any) -> None:
+        pika.data.encode_value = self._original

@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pika.spec import Basic, BasicProperties
 
-from crew import protocol, wire
+from crew import protocol, tables, wire
+from crew.frames import decode_frame
 from crew.frames import frame_size as _frame_size
 
 MANY = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -390,6 +391,42 @@ def test_a_timestamp_past_year_9999_in_a_header_stays_an_int() -> None:
     assert headers == {"when": 2**62, "f": {"a": [2**62, {"b": 2**62}]}}
     with pytest.raises((OverflowError, OSError, ValueError)):
         pika.frame.decode_frame(data)  # pika itself is not patched
+
+
+def _nested(depth: int, kind: bytes) -> bytes:
+    """A field value: ``depth`` arrays (``A``) or tables (``F``, one key each) around a void."""
+    value = b"V"
+    for _ in range(depth):
+        value = (b"A" + struct.pack(">L", len(value)) + value if kind == b"A"
+                 else b"F" + struct.pack(">L", len(value) + 2) + b"\x01k" + value)
+    return value
+
+
+@pytest.mark.parametrize("kind, depth", [(b"A", 3000), (b"F", 1000)])
+def test_a_header_nested_thousands_deep_is_read_to_max_depth_and_kept_as_bytes_below(
+        kind: bytes, depth: int, caplog: pytest.LogCaptureFixture) -> None:
+    """The broker passes such a header through (tests/broker/test_hostile.py); pika's
+    recursive reader raises RecursionError on it, which closed the connection."""
+    deep = _nested(depth, kind)
+    frame = _header_frame(HEADERS, _table_bytes(b"\x04deep" + deep
+                                                + b"\x02okS\x00\x00\x00\x01y"))
+    with pytest.raises(RecursionError):
+        pika.frame.decode_frame(frame)  # pika itself is not patched
+    for lean in (True, False):  # crew's codec first, and after pika raised (public path)
+        caplog.clear()
+        headers = decode_frame(frame, lean=lean).properties.headers
+        assert headers["ok"] == "y"
+        value = headers["deep"]
+        for _ in range(tables.MAX_DEPTH):
+            value = value[0] if kind == b"A" else value["k"]
+        assert value == deep[5 * tables.MAX_DEPTH if kind == b"A" else 7 * tables.MAX_DEPTH:]
+        assert [r.name for r in caplog.records] == ["crew.tables"]
+
+
+def test_values_nested_to_max_depth_are_read_as_pika_reads_them() -> None:
+    frame = _header_frame(HEADERS, _table_bytes(b"\x01a" + _nested(tables.MAX_DEPTH, b"A")
+                                                + b"\x01f" + _nested(tables.MAX_DEPTH, b"F")))
+    assert same(wire_decode(frame), pika_decode(frame)[1])
 
 
 def test_decimal_and_nested_values_decode_as_pika_decodes_them() -> None:

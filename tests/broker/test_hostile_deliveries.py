@@ -1,0 +1,64 @@
+"""Hostile input to crew's other listeners: what anyone who may publish to the vhost can send
+to a worker's cancel notices and presence requests, a client's reply queue and pubsub
+channels, and a dashboard's figures, and to the frames under all of them. Each test
+publishes the forged messages with plain pika, then checks that legitimate traffic sent
+after them is still served on the same connection (pika closes the connection of a callback
+that raises). Calls to a worker's task queues: tests/broker/test_hostile.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+
+from crew import protocol
+from tests.support.hostile import (
+    MSGPACK,
+    RawField,
+    RawPublisher,
+    crew_log_lines,
+    decode_reply,
+    raw_fields,
+)
+
+
+def _nested_arrays(depth: int) -> RawField:
+    """A header value of ``depth`` arrays, one inside the other, around a void: valid AMQP,
+    which the broker passes through and pika's recursive reader cannot read."""
+    value = b"V"
+    for _ in range(depth):
+        value = b"A" + struct.pack(">L", len(value)) + value
+    return RawField(value)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_headers_nested_thousands_deep_close_no_connection(make_worker, client,
+                                                                 broker_url, caplog, uid):
+    """A call, a cancel notice (kept by the stream, read again by every worker that
+    connects) and a message on a client's reply queue, each with a header 3000 arrays deep:
+    pika's reader raised RecursionError, which closed the connection, again at each
+    redelivery or reconnection."""
+    caplog.set_level(logging.INFO, logger="crew")
+    task = f"echo.{uid}"
+    make_worker({task: lambda x: {"got": x}})
+    deep = {"deep": _nested_arrays(3000)}
+    publisher = RawPublisher(broker_url)
+    try:
+        with raw_fields():
+            publisher.send("", b"", exchange=protocol.CONTROL_EXCHANGE,
+                           type=protocol.CANCEL_TYPE, correlation_id="forged",
+                           reply_to="nobody", headers=deep)
+            publisher.send(client._reply_queue, b"\xc0", correlation_id="forged",
+                           content_type=MSGPACK, headers=deep)
+            cid = publisher.call(task, b'"deep"', headers=deep)
+        reply = publisher.wait(cid)
+        assert reply is not None, "the worker did not answer the call"
+        assert decode_reply(reply) == ("ok", {"got": "deep"})
+        publisher.normal_call(task)
+    finally:
+        publisher.close()
+    assert await client.call(task, "after", expiration=10) == {"got": "after"}
+    lost = [line for line in crew_log_lines(caplog) if "lost its broker" in line]
+    assert lost == []
