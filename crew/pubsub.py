@@ -124,8 +124,11 @@ class Subscriptions:
                 bound.discard(name)
         self._bindings.clear()
 
-    def on_message(self, channel: str, props: BasicProperties, body: bytes) -> None:
+    def on_message(self, channel: str | bytes, props: BasicProperties, body: bytes) -> None:
         """A message published on ``channel``: call every callback whose pattern matches."""
+        if not isinstance(channel, str):  # pika gives a routing key that is not UTF-8 as bytes
+            log.warning("pubsub message on %r dropped: its channel name is not UTF-8", channel)
+            return
         try:
             data = codec.decode(body, props.content_type, props.content_encoding)
         except CodecError as exc:

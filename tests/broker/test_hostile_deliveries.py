@@ -8,9 +8,12 @@ that raises). Calls to a worker's task queues: tests/broker/test_hostile.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
+from typing import Any
 
+import msgpack
 import pytest
 
 from crew import protocol
@@ -62,3 +65,32 @@ async def test_headers_nested_thousands_deep_close_no_connection(make_worker, cl
     assert await client.call(task, "after", expiration=10) == {"got": "after"}
     lost = [line for line in crew_log_lines(caplog) if "lost its broker" in line]
     assert lost == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_pubsub_channel_name_not_utf8_is_dropped_and_the_subscription_goes_on(
+        client, broker_url, caplog, uid):
+    """The broker routes a routing key that is not UTF-8 to a wildcard binding; pika gives
+    it as bytes, which crew's topic matching could not split: TypeError in pika's callback,
+    and the client's connection closed (every pending call lost with it)."""
+    caplog.set_level(logging.INFO, logger="crew")
+    got: list[Any] = []
+    done = asyncio.Event()
+
+    def on_news(data: Any) -> None:
+        got.append(data)
+        done.set()
+
+    await client.subscribe(f"news.{uid}.*", on_news)
+    publisher = RawPublisher(broker_url)
+    try:
+        for key, data in ((f"news.{uid}.".encode() + b"\xff", "forged"),
+                          (f"news.{uid}.fine", "fine")):
+            publisher.send(key, msgpack.packb(data), exchange=protocol.PUBSUB_EXCHANGE,
+                           content_type=MSGPACK)
+    finally:
+        publisher.close()
+    await asyncio.wait_for(done.wait(), 10)
+    assert got == ["fine"]
+    lines = crew_log_lines(caplog)
+    assert len(lines) == 1 and "not UTF-8" in lines[0], lines

@@ -3,11 +3,15 @@ tests/broker/test_pubsub.py)."""
 
 from __future__ import annotations
 
-import pytest
+import logging
 
-from crew import Client
+import msgpack
+import pytest
+from pika.spec import BasicProperties
+
+from crew import Client, protocol
 from crew.validation import validate_channel
-from crew.pubsub import _topic_matches
+from crew.pubsub import Subscriptions, _topic_matches
 
 
 # --- without a broker ---------------------------------------------------------------------
@@ -54,3 +58,18 @@ def test_channel_names_that_are_fine():
 def test_subscribe_refuses_what_cannot_be_called():
     with pytest.raises(TypeError):
         Client().subscribe("x", "not callable")
+
+
+def test_a_channel_name_that_is_not_utf8_is_dropped_and_logged(caplog):
+    """Anyone may publish to crew.pubsub with any routing key, which pika gives as bytes when
+    it is not UTF-8; a wildcard matches it. Matching it raised TypeError in pika's callback,
+    which closed the client's connection."""
+    subscriptions = Subscriptions(spawn=None)  # type: ignore[arg-type]  # never connected
+    got = []
+    for pattern in ("news.*", "#", "news.#"):
+        subscriptions.subscribe(pattern, got.append)
+    props = BasicProperties(content_type=protocol.MSGPACK)
+    subscriptions.on_message(b"news.\xff", props, msgpack.packb("forged"))
+    subscriptions.on_message("news.fine", props, msgpack.packb("fine"))
+    assert got == ["fine"] * 3
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
