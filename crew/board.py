@@ -17,11 +17,10 @@ and what a board keeps is bounded (:data:`MAX_WORKERS`, :data:`MAX_TASKS`).
 from __future__ import annotations
 
 import collections
-import math
 from typing import Any, Iterable, Mapping
 
 from . import protocol
-from .windows import Figures, Sum, checked, checked_buckets, growth
+from .windows import Figures, Sum, checked, checked_buckets, growth, is_number
 
 __all__ = ["MAX_CALLS", "MAX_FAILURES", "WINDOW", "Board"]
 
@@ -162,8 +161,8 @@ class Board:
         ``now_ms`` (epoch ms); ``queues``: each task queue's (messages, consumers), None
         for a queue that does not exist (tasks missing there: not known)."""
         self.forget_old(now)
-        workers = sorted(self._workers.values(),
-                         key=lambda w: (str(w.map.get("host")), _number(w.map.get("pid"), 0)))
+        workers = sorted(self._workers.values(), key=lambda w: (
+            _text(w.map.get("host"), 255), _number(w.map.get("pid"), 0)))
         return {"window": self.window,
                 "tasks": self._task_rows(now, workers, queues),
                 "workers": [_worker_row(w, now) for w in workers],
@@ -257,5 +256,4 @@ def _tasks_of(figures: dict[str, Any]) -> list[str]:
 
 
 def _number(value: object, default: float) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return value if ok else default  # type: ignore[return-value]
+    return value if is_number(value) else default  # type: ignore[return-value]

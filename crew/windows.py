@@ -12,21 +12,38 @@ what each worker counted in the window.
 from __future__ import annotations
 
 import collections
+import math
 from typing import Any
 
 from . import outcomes
 
-__all__ = ["Figures", "Sum", "checked", "checked_buckets", "growth", "quantile"]
+__all__ = ["Figures", "Sum", "checked", "checked_buckets", "growth", "is_count", "is_number",
+           "quantile"]
 
 #: Task -> (count by outcome, run histogram, wait histogram); a histogram None when absent.
 Figures = dict[str, tuple[dict[str, int], "list[int] | None", "list[int] | None"]]
+
+
+#: The integers msgpack carries, whence every count and number of a worker's map. JSON
+#: integers have any length: one of 400 digits overflowed the float arithmetic of a view.
+_INTEGERS = range(-2**63, 2**64)
+
+
+def is_count(value: object) -> bool:
+    """Whether ``value`` is an int (not a bool) that msgpack can carry."""
+    return type(value) is int and value in _INTEGERS
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a finite float or an int that msgpack can carry."""
+    return is_count(value) or (type(value) is float and math.isfinite(value))
 
 
 def checked_buckets(raw: object) -> tuple[float, ...] | None:
     """The buckets' bounds of a map, if they are a list of increasing numbers."""
     if not isinstance(raw, list) or not raw:
         return None
-    if not all(type(b) in (int, float) for b in raw) or sorted(raw) != raw:
+    if not all(map(is_number, raw)) or sorted(raw) != raw:
         return None
     return tuple(raw)
 
@@ -40,22 +57,31 @@ def checked(raw: object, size: int, last_raw: dict[str, Any] | None = None,
         return {}
     figures: Figures = {}
     for task, entry in raw.items():
-        if last_raw is not None and last is not None and task in last and (
-                last_raw.get(task) == entry):
+        if last_raw is not None and last is not None and task in last and _same(
+                last_raw.get(task), entry):
             figures[task] = last[task]
             continue
         if not isinstance(task, str) or not isinstance(entry, dict):
             continue
         counts = entry.get("outcomes")
         figures[task] = (
-            {k: v for k, v in counts.items() if isinstance(k, str) and type(v) is int}
+            {k: v for k, v in counts.items() if isinstance(k, str) and is_count(v)}
             if isinstance(counts, dict) else {},
             _histogram(entry.get("run"), size), _histogram(entry.get("wait"), size))
     return figures
 
 
+def _same(last: object, entry: object) -> bool:
+    """``last == entry``; False where comparing them exhausts the stack (msgpack nests 1000
+    lists deep, far more than the stack holds under pika's callback)."""
+    try:
+        return last == entry
+    except RecursionError:
+        return False
+
+
 def _histogram(raw: object, size: int) -> list[int] | None:
-    if isinstance(raw, list) and len(raw) == size and all(type(n) is int for n in raw):
+    if isinstance(raw, list) and len(raw) == size and all(map(is_count, raw)):
         return raw
     return None
 

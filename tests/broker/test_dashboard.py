@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
+import msgpack
 import pika
 import pytest
 
@@ -187,6 +188,45 @@ async def test_forged_dead_letters_neither_count_nor_disturb_it(make_worker, cli
             headers={"x-death": [{"reason": "expired", "queue": protocol.task_queue(task)}]}))
     view = await next_view(watcher, lambda v: (task_row(v, task) or {}).get("expired"))
     assert task_row(view, task)["expired"] == 1  # the one in the broker's shape
+    assert watcher._connection is connection and watcher.connected
+    assert "connecting again" not in caplog.text
+
+
+def _msgpack_map(**fields: bytes) -> bytes:
+    """A msgpack map of up to 15 fields, each value given encoded (msgpack's own packer
+    refuses to nest 990 lists)."""
+    return bytes([0x80 | len(fields)]) + b"".join(
+        msgpack.packb(key) + value for key, value in fields.items())
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_forged_figures_with_huge_or_deep_values_neither_cut_nor_stop_it(
+        make_worker, client, watcher, broker_url, uid, caplog):
+    # Anyone who may publish to crew.figures reaches every dashboard: a JSON integer of 400
+    # digits overflowed float arithmetic (in pika's callback: the connection closed), lists
+    # 990 deep exhausted the stack in a comparison (the callback) or in the view (which ended
+    # the watcher's loop for good).
+    task = f"figured.{uid}"
+    make_worker({task: lambda data: data})
+    await next_view(watcher, lambda v: task_row(v, task) is not None)
+    connection = watcher._connection
+    deep = b"\x91" * 990 + b"\xc0"
+    forged = [
+        (protocol.JSON, json.dumps({"worker": f"huge.{uid}", "uptime": 10**400}).encode()),
+        (protocol.MSGPACK, _msgpack_map(worker=msgpack.packb(f"deep.{uid}"), host=deep)),
+        *[(protocol.MSGPACK, _msgpack_map(
+            worker=msgpack.packb(f"run.{uid}"), tasks=msgpack.packb([task]),
+            buckets=msgpack.packb([1.0]), figures=_msgpack_map(**{task: _msgpack_map(
+                outcomes=msgpack.packb({"ok": 1}), run=deep)})))] * 2,
+    ]
+    with pika.BlockingConnection(pika.URLParameters(broker_url)) as publisher:
+        channel = publisher.channel()
+        for content_type, body in forged:
+            channel.basic_publish(protocol.FIGURES_EXCHANGE, "", body, pika.BasicProperties(
+                type=protocol.FIGURES_TYPE, content_type=content_type))
+    await client.call(task, 1)
+    view = await next_view(watcher, lambda v: (task_row(v, task) or {}).get("rate"))
+    assert {f"deep.{uid}", f"run.{uid}"} <= {w["worker"] for w in view["workers"]}
     assert watcher._connection is connection and watcher.connected
     assert "connecting again" not in caplog.text
 

@@ -4,6 +4,9 @@ with maps that are not a worker's."""
 
 from __future__ import annotations
 
+import functools
+import json
+import math
 from typing import Any
 
 import pytest
@@ -196,3 +199,50 @@ def test_a_flood_of_dead_letters_is_counted_in_slots_not_kept_one_by_one():
     flooded = rows(board.view(20.0, NOW_MS, {}), "tasks", "task")["flooded"]
     assert flooded["expired"] == 100_000
     assert rows(board.view(100.0, NOW_MS, {}), "tasks", "task").get("flooded") is None
+
+
+def _deep(levels: int) -> Any:
+    value: Any = None
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _at_stack_depth(frames: int, func: Any) -> Any:
+    """``func()`` called ``frames`` frames deep, as pika's callbacks are called."""
+    return _at_stack_depth(frames - 1, func) if frames else func()
+
+
+HUGE = 10**400  # JSON integers have any length
+
+
+#: Fields of a figures map, each made anew for each message (as each is decoded anew).
+HOSTILE = {
+    "uptime": lambda: {"uptime": HUGE}, "uptime-negative": lambda: {"uptime": -HUGE},
+    "pid": lambda: {"pid": HUGE}, "busy": lambda: {"busy": HUGE},
+    "interval": lambda: {"interval": -HUGE},
+    "bucket": lambda: {"buckets": [0.1, HUGE], "figures": {"a": task_figures(1, run=[0, 1, 0])}},
+    "bucket-nan": lambda: {"buckets": [math.nan], "figures": {"a": task_figures(1, run=[0, 1])}},
+    "bucket-inf": lambda: {"buckets": [0.1, math.inf],
+                           "figures": {"a": task_figures(1, run=[0, 1, 0])}},
+    "call": lambda: {"calls": [{"correlation_id": "c", "deadline": HUGE, "elapsed": -HUGE}]},
+    "failure": lambda: {"failures": [{"at": HUGE}]}, "host-deep": lambda: {"host": _deep(990)},
+    "count": lambda: {"figures": {"a": task_figures(HUGE)}},
+    "histogram": lambda: {"figures": {"a": task_figures(1, run=[HUGE] + [0] * 18)}},
+    "histogram-deep": lambda: {"figures": {"a": {**task_figures(1), "run": _deep(990)}}},
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_numbers_past_floats_and_lists_nested_past_the_stack_neither_raise_nor_leak(name):
+    """Each of these raised in pika's callback (closing the dashboard's connection) or in
+    the view (ending the watcher's loop): OverflowError, RecursionError; NaN in a view is
+    JSON that the page cannot parse."""
+    board = Board()
+    board.heard(figures_map("w1", figures={"a": task_figures(0)}), now=0.0)
+    for now in (2.0, 4.0):  # what grew is counted; the third is compared with the second
+        hostile = figures_map("w1", **{"figures": {"a": task_figures(1)}, **HOSTILE[name]()})
+        assert _at_stack_depth(100, functools.partial(board.heard, hostile, now=now))
+    view = _at_stack_depth(100, lambda: board.view(4.0, NOW_MS, {}))
+    json.dumps(view, allow_nan=False)
+    assert [worker["worker"] for worker in view["workers"]] == ["w1"]
