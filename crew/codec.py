@@ -23,7 +23,7 @@ import json
 import math
 import traceback as _traceback
 import zlib
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import msgpack
 
@@ -275,8 +275,18 @@ def encodable_envelope(envelope: dict[str, Any]) -> dict[str, str]:
 
 
 def parse_error_envelope(value: Any) -> tuple[str, str, str]:
-    """``(type, message, traceback)`` from a received envelope, tolerating missing fields."""
+    """``(type, message, traceback)`` from a received envelope, tolerating missing fields
+    and fields that are not text (written out; by their type when nested too deep to be)."""
     if not isinstance(value, dict):
-        return "Error", repr(value)[:1000], ""
-    return (str(value.get("type") or "Error"), str(value.get("message") or ""),
-            str(value.get("traceback") or ""))
+        return "Error", _written(repr, value)[:1000], ""
+    return (_written(str, value.get("type") or "Error"),
+            _written(str, value.get("message") or ""),
+            _written(str, value.get("traceback") or ""))
+
+
+def _written(write: Callable[[Any], str], value: Any) -> str:
+    # A body nests up to 1000 lists deep, more than the stack holds under pika's callback.
+    try:
+        return write(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deep to show>"

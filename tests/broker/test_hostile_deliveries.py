@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import threading
 from typing import Any
 
 import msgpack
 import pytest
 
-from crew import protocol
+from crew import RemoteError, protocol
 from tests.support.hostile import (
     MSGPACK,
     RawField,
@@ -94,3 +95,36 @@ async def test_pubsub_channel_name_not_utf8_is_dropped_and_the_subscription_goes
     assert got == ["fine"]
     lines = crew_log_lines(caplog)
     assert len(lines) == 1 and "not UTF-8" in lines[0], lines
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_error_reply_nested_past_the_stack_does_not_cut_the_client(
+        make_worker, client, broker_url, caplog, uid):
+    """Whoever knows a pending call's id (crew inspect and the dashboard's figures list
+    them) may answer it first; an error envelope 990 lists deep raised RecursionError in
+    the reply callback, and pika closed the client's connection."""
+    caplog.set_level(logging.INFO, logger="crew")
+    task = f"hold.{uid}"
+    started, release = threading.Event(), threading.Event()
+
+    def hold(x: Any) -> Any:
+        started.set()
+        release.wait(20)
+        return x
+
+    make_worker({task: hold})
+    call = asyncio.ensure_future(client.call(task, "real", expiration=20))
+    assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    (cid,) = client._pending
+    publisher = RawPublisher(broker_url)
+    try:
+        publisher.send(client._reply_queue, b"\x91" * 990 + b"\xc0", correlation_id=cid,
+                       content_type=MSGPACK, headers={protocol.STATUS_HEADER: "error"})
+    finally:
+        publisher.close()
+    with pytest.raises(RemoteError) as info:
+        await call
+    assert info.value.message == "<list nested too deep to show>"
+    release.set()
+    assert await client.call(task, "after", expiration=10) == "after"
+    assert not [line for line in crew_log_lines(caplog) if "lost its broker" in line]

@@ -326,6 +326,25 @@ def test_parse_error_envelope_tolerates_missing_and_odd_fields(value, expected):
     assert codec.parse_error_envelope(value) == expected
 
 
+def _at_stack_depth(frames: int, func):
+    """``func()`` called ``frames`` frames deep, as pika's callbacks are called."""
+    return _at_stack_depth(frames - 1, func) if frames else func()
+
+
+@pytest.mark.parametrize("field", [None, "type", "message", "traceback"])
+def test_parse_error_envelope_of_values_nested_past_the_stack(field):
+    """msgpack nests 990 lists: writing them out in a client's reply callback raised
+    RecursionError, and pika closed the client's connection (any caller whose correlation id
+    was known: crew inspect and the figures list them)."""
+    body = b"\x91" * 990 + b"\xc0"
+    if field is not None:
+        body = b"\x81" + msgpack.packb(field) + body
+    value = codec.decode(body, protocol.MSGPACK)
+    kind, message, traceback = _at_stack_depth(100, lambda: codec.parse_error_envelope(value))
+    shown = {None: message, "type": kind, "message": message, "traceback": traceback}[field]
+    assert shown == "<list nested too deep to show>"
+
+
 def test_parse_error_envelope_bounds_a_huge_non_envelope():
     kind, message, _ = codec.parse_error_envelope("x" * 100_000)
     assert kind == "Error" and len(message) <= 1000
