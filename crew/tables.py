@@ -78,10 +78,9 @@ def read_short(data: bytes, offset: int) -> tuple[str | bytes, int]:
 def decode_table(data: bytes, offset: int, depth: int = 0,
                  cut: list[int] | None = None) -> tuple[dict[Any, Any], int]:
     """The field table at ``offset`` (its length first) and the offset after it, as pika's
-    ``decode_table`` reads it, except for timestamps past the year 9999 (an int here) and
-    tables and arrays nested deeper than :data:`MAX_DEPTH` (bytes): see the module's
-    docstring. Raises on bytes pika would raise for. ``depth`` and ``cut`` are for the
-    reading of nested values: how deep this table is, and the sizes of those kept bytes."""
+    ``decode_table`` reads it, except for timestamps past the year 9999 (ints) and values
+    nested deeper than :data:`MAX_DEPTH` (bytes; see the module's docstring). Raises on
+    bytes pika would raise for. For nested tables, ``depth`` and ``cut`` (sizes kept)."""
     if cut is None:  # the outermost table: what it cut is logged once, here
         cut = []
         outer, end = decode_table(data, offset, depth, cut)
