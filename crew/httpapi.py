@@ -174,12 +174,16 @@ def bad_request() -> Iterator[None]:
 
 
 def dumps(value: Any) -> str:
-    """JSON on one line; bytes (msgpack's bin type) become text."""
+    """JSON on one line; bytes (msgpack's bin type) become text. ValueError (or TypeError)
+    for what JSON cannot carry, nesting deeper than the stack allows included."""
     def text(obj: Any) -> str:
         if isinstance(obj, (bytes, bytearray)):
             return obj.decode("utf-8", errors="replace")
         raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, default=text)
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, default=text)
+    except RecursionError:  # msgpack bodies nest up to 1000 deep
+        raise ValueError("nested too deep to write as JSON") from None
 
 
 def log_request(log: logging.Logger, handler: RequestHandler) -> None:

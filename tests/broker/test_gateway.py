@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any, Callable
 
+import pika
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httpserver import HTTPServer
@@ -224,6 +225,31 @@ async def test_server_sent_events_to_two_subscribers(app, http_client, base_url,
     for stream in streams:
         stream.close()
     await listeners(app, f"{channel}.*", 0)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_message_json_cannot_nest_so_deep_is_skipped_not_fatal(
+        app, http_client, base_url, http_port, broker_url, uid):
+    # msgpack nests 990 lists deep, deeper than json.dumps can write within the stack.
+    channel = f"deep.{uid}"
+    stream = await open_raw(http_port, f"GET /events/{channel} HTTP/1.0\r\n\r\n")
+    await stream.read_until(b": subscribed\n\n")
+    poll = http_client.fetch(f"{base_url}/subscribe/{channel}", raise_error=False)
+    await listeners(app, channel, 2)
+    with pika.BlockingConnection(pika.URLParameters(broker_url)) as publisher:
+        publisher.channel().basic_publish(
+            "crew.pubsub", channel, b"\x91" * 990 + b"\xc0",
+            pika.BasicProperties(content_type="application/msgpack"))
+    response = await poll
+    assert (response.code, json_of(response)["error"]) == (502, "EncodeError")
+    await post(http_client, f"{base_url}/publish/{channel}", "after")
+    events = []
+    while len(events) < 2:
+        event = await stream.read_until(b"\n\n")
+        if event != b": keep-alive\n\n":
+            events.append(event)
+    assert events == [b": a message JSON cannot carry was skipped\n\n", b'data: "after"\n\n']
+    stream.close()
 
 
 @pytest.mark.gen_test(timeout=30)
