@@ -75,7 +75,7 @@ async def gather(connection: Connection, window: float = DEFAULT_WINDOW) -> list
     await asyncio.sleep(window)  # a window, not a poll: every worker answers at most once
     await channel.close()
     answers.log()
-    return sorted(answers.workers.values(), key=_host_and_pid)
+    return sorted(answers.workers, key=_host_and_pid)
 
 
 def _host_and_pid(answer: dict[str, Any]) -> tuple[str, int]:
@@ -109,14 +109,16 @@ _CALL_FIELDS: dict[str, Callable[[object], bool]] = {
 
 class _Answers:
     """The answers to one presence request, checked as they come: a field of the wrong
-    kind becomes None (shown as unknown), a call that is not a map or an answer that is not
-    a worker's map is left out, and so is a second answer of the same worker. What was not
-    read is logged once, at the end."""
+    kind becomes None (shown as unknown); a call that is not a map, and an answer that is
+    not a worker's map, are left out. A worker answers once: a second answer with its id is
+    forged (the ids are on crew.figures), or the first is; both are kept, since neither can
+    be told from the other. What was not read is logged once, at the end."""
 
     def __init__(self) -> None:
-        self.workers: dict[str, dict[str, Any]] = {}
+        self.workers: list[dict[str, Any]] = []
+        self._names: set[str] = set()
         self._left_out: list[str] = []
-        self._unreadable: dict[str, set[str]] = {}
+        self._unreadable: list[str] = []
 
     def leave_out(self, why: str) -> None:
         self._left_out.append(why)
@@ -124,8 +126,6 @@ class _Answers:
     def take(self, answer: object) -> None:
         if not isinstance(answer, dict) or not isinstance(answer.get("worker"), str):
             return self.leave_out("not a worker's presence map")
-        if answer["worker"] in self.workers:
-            return self.leave_out(f"a second answer of worker {answer['worker'][:40]!r}")
         bad: set[str] = set()
         worker = _fields(answer, _FIELDS, bad)
         if isinstance(answer.get("calls"), list):
@@ -133,38 +133,39 @@ class _Answers:
                                for call in answer["calls"] if isinstance(call, dict)]
             if len(worker["calls"]) < len(answer["calls"]):
                 bad.add("calls")
-        elif "calls" in answer:
+        else:
             worker["calls"] = None
-            bad.update(() if answer["calls"] is None else ("calls",))
+            bad.update(() if answer.get("calls") is None else ("calls",))
+        if worker["worker"] in self._names:
+            bad.add("answered twice")
         if bad:
-            self._unreadable[worker["worker"]] = bad
-        self.workers[worker["worker"]] = worker
+            self._unreadable.append(f"{worker['worker'][:40]!r} ({', '.join(sorted(bad))})")
+        self._names.add(worker["worker"])
+        self.workers.append(worker)
         return None
 
     def log(self) -> None:
         if not self._left_out and not self._unreadable:
             return
-        shown = "; ".join(f"{name[:40]!r} ({', '.join(sorted(fields))})"
-                          for name, fields in list(self._unreadable.items())[:5])
         more = len(self._unreadable) - 5
         log.warning("presence answers not as docs/PROTOCOL.md (section 12) says, forged or "
                     "of another program: %d left out%s; fields shown as unknown: %s%s",
                     len(self._left_out),
-                    f" ({self._left_out[0]}, ...)" if self._left_out else "", shown or "none",
+                    f" ({self._left_out[0]}, ...)" if self._left_out else "",
+                    "; ".join(self._unreadable[:5]) or "none",
                     f" and {more} more worker(s)" if more > 0 else "")
 
 
 def _fields(raw: dict[Any, Any], kinds: dict[str, Callable[[object], bool]], bad: set[str],
             prefix: str = "") -> dict[str, Any]:
-    """The fields of ``raw`` named in ``kinds``, each None unless it is of its kind (its
-    name, after ``prefix``, then added to ``bad``)."""
+    """The fields of ``raw`` named in ``kinds``, each None unless it is there and of its
+    kind (its name, after ``prefix``, then added to ``bad`` if it is there)."""
     kept: dict[str, Any] = {}
     for key, is_kind in kinds.items():
-        if key in raw:
-            value = raw[key]
-            kept[key] = value if value is None or is_kind(value) else None
-            if kept[key] is not value:
-                bad.add(prefix + key)
+        value = raw.get(key)
+        kept[key] = value if value is None or is_kind(value) else None
+        if kept[key] is not value:
+            bad.add(prefix + key)
     return kept
 
 

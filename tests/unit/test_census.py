@@ -219,11 +219,15 @@ def test_a_text_field_cannot_write_lines_or_escapes_into_a_table():
     assert "\\n" in cells[1] and "\\x1b" in cells[2] and cells[4] == "\\r"
 
 
-def test_a_second_answer_of_a_worker_is_left_out_and_logged(caplog):
-    """A worker answers each request once: a second answer with its id (forged, since the
-    ids are published on crew.figures) does not replace the first."""
+def test_a_second_answer_of_a_worker_is_shown_beside_the_first_and_logged(caplog):
+    """A worker answers each request once: a second answer with its id is forged (the ids
+    are published on crew.figures), or the first is. Neither hides the other."""
     caplog.set_level(logging.WARNING, logger="crew.census")
-    found = commands(real(), {**real(), "host": "forged-host", "calls": []})
-    assert rows(found["status"], REAL) == rows(BASELINE["status"], REAL)
-    assert found["cancel"] == BASELINE["cancel"]
-    assert "1 left out (a second answer of worker" in caplog.records[0].getMessage()
+    for answers in ([real(), {**real(), "host": "forged-host", "calls": []}],
+                    [{**real(), "host": "forged-host", "calls": []}, real()]):
+        found = commands(*answers)
+        assert rows(BASELINE["status"], REAL)[0] in rows(found["status"], REAL)
+        assert len(rows(found["status"], REAL)) == 2
+        assert found["cancel"] == BASELINE["cancel"]
+        assert "(answered twice, calls)" not in caplog.records[-1].getMessage()
+        assert f"{REAL!r} (answered twice)" in caplog.records[-1].getMessage()
