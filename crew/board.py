@@ -20,7 +20,7 @@ import collections
 from typing import Any, Iterable, Mapping
 
 from . import protocol
-from .windows import Figures, Sum, checked, checked_buckets, growth, is_number
+from .windows import Figures, Sum, checked, checked_buckets, growth
 
 __all__ = ["MAX_CALLS", "MAX_FAILURES", "WINDOW", "Board"]
 
@@ -256,4 +256,4 @@ def _tasks_of(figures: dict[str, Any]) -> list[str]:
 
 
 def _number(value: object, default: float) -> float:
-    return value if is_number(value) else default  # type: ignore[return-value]
+    return value if protocol.is_number(value) else default  # type: ignore[return-value]

@@ -61,7 +61,10 @@ def send_notice(channel: Channel, correlation_id: str, reply_to: str,
                 deadline_ms: int | None) -> None:
     """Publish a caller's cancel notice of the call ``(reply_to, correlation_id)`` to
     ``crew.control`` (docs/PROTOCOL.md, section 7); without ``deadline_ms`` workers
-    remember it for :data:`~crew.protocol.MAX_EXPIRATION`."""
+    remember it for :data:`~crew.protocol.MAX_EXPIRATION`, the most they do with one."""
+    if deadline_ms is not None:  # a forged presence answer's, maybe: keep it a signed 64-bit
+        deadline_ms = max(0, min(deadline_ms, protocol.now_ms() + protocol.seconds_to_ms(
+            protocol.MAX_EXPIRATION)))
     headers = {} if deadline_ms is None else {protocol.DEADLINE_HEADER: deadline_ms}
     channel.publish(protocol.CONTROL_EXCHANGE, "", b"", BasicProperties(
         type=protocol.CANCEL_TYPE, correlation_id=correlation_id, reply_to=reply_to,
@@ -123,10 +126,14 @@ class Remembered:
         return key in self._notices
 
     def add(self, key: Key, deadline_ms: int | None) -> None:
-        """Remember ``key`` until ``deadline_ms`` (or :data:`~crew.protocol.MAX_EXPIRATION`
-        from now without one); a notice whose deadline has passed is not kept."""
-        delay = ((deadline_ms - protocol.now_ms()) / 1000 if deadline_ms is not None
-                 else protocol.MAX_EXPIRATION)
+        """Remember ``key`` until ``deadline_ms``, at most :data:`~crew.protocol.MAX_EXPIRATION`
+        from now (also without one); a notice whose deadline has passed is not kept.
+
+        A notice follows its call, which crew's client gives an expiration of at most that,
+        and a worker that connects reads the notices of that long ago only (a forged
+        deadline of 2**63 ms lasted until the limit pushed it out)."""
+        delay = min((deadline_ms - protocol.now_ms()) / 1000 if deadline_ms is not None
+                    else protocol.MAX_EXPIRATION, protocol.MAX_EXPIRATION)
         if delay <= 0 or key in self._notices:
             return
         if len(self._notices) >= self._limit:

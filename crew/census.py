@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pika.spec import Basic, BasicProperties
 
@@ -49,12 +49,12 @@ async def connect(broker: BrokerSettings, timeout: float) -> Connection:
 
 async def gather(connection: Connection, window: float = DEFAULT_WINDOW) -> list[dict[str, Any]]:
     """The presence maps of the workers that answer within ``window`` seconds, one per
-    worker, by host and pid."""
+    worker, by host and pid; each checked (:class:`_Answers`)."""
     channel = await connection.channel()
     await channel.declare_exchange(protocol.PRESENCE_EXCHANGE, "fanout")
     queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
     request = uuid.uuid4().hex
-    answers: dict[str, dict[str, Any]] = {}
+    answers = _Answers()
 
     def on_answer(_ch: Any, _method: Basic.Deliver, props: BasicProperties,
                   body: bytes) -> None:
@@ -63,10 +63,9 @@ async def gather(connection: Connection, window: float = DEFAULT_WINDOW) -> list
         try:
             answer = codec.decode(body, props.content_type, props.content_encoding)
         except CodecError as exc:
-            log.warning("a presence answer could not be read: %s", exc)
+            answers.leave_out(str(exc))
             return
-        if isinstance(answer, dict) and isinstance(answer.get("worker"), str):
-            answers[answer["worker"]] = answer
+        answers.take(answer)
 
     await channel.consume(queue, on_answer, auto_ack=True, exclusive=True)
     channel.publish(protocol.PRESENCE_EXCHANGE, "", b"", BasicProperties(
@@ -75,12 +74,99 @@ async def gather(connection: Connection, window: float = DEFAULT_WINDOW) -> list
     channel.flush()
     await asyncio.sleep(window)  # a window, not a poll: every worker answers at most once
     await channel.close()
-    return sorted(answers.values(), key=_host_and_pid)
+    answers.log()
+    return sorted(answers.workers, key=_host_and_pid)
 
 
 def _host_and_pid(answer: dict[str, Any]) -> tuple[str, int]:
-    pid = answer.get("pid")
-    return str(answer.get("host")), pid if isinstance(pid, int) else 0
+    return answer.get("host") or "", answer.get("pid") or 0
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _are_texts(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+#: The presence map's fields (docs/PROTOCOL.md, section 12) and what each must be, None
+#: (unknown) always allowed. The answers come from anyone who may bind a queue to
+#: crew.presence: other keys are left out (readers ignore keys they do not know).
+_FIELDS: dict[str, Callable[[object], bool]] = {
+    "v": protocol.is_count, "worker": _is_text, "host": _is_text, "pid": protocol.is_count,
+    "version": _is_text, "tasks": _are_texts, "queue_type": _is_text,
+    "max_priority": protocol.is_count, "concurrency": protocol.is_count,
+    "busy": protocol.is_count, "waiting": protocol.is_count, "stuck": protocol.is_count,
+    "max_stuck": protocol.is_count, "started": protocol.is_count,
+    "uptime": protocol.is_number, "at": protocol.is_count}
+#: The fields of each of its ``calls``.
+_CALL_FIELDS: dict[str, Callable[[object], bool]] = {
+    "task": _is_text, "correlation_id": _is_text, "caller": _is_text, "state": _is_text,
+    "received": protocol.is_count, "elapsed": protocol.is_number,
+    "deadline": protocol.is_count}
+
+
+class _Answers:
+    """The answers to one presence request, checked as they come: a field of the wrong
+    kind becomes None (shown as unknown); a call that is not a map, and an answer that is
+    not a worker's map, are left out. A worker answers once: a second answer with its id is
+    forged (the ids are on crew.figures), or the first is; both are kept, since neither can
+    be told from the other. What was not read is logged once, at the end."""
+
+    def __init__(self) -> None:
+        self.workers: list[dict[str, Any]] = []
+        self._names: set[str] = set()
+        self._left_out: list[str] = []
+        self._unreadable: list[str] = []
+
+    def leave_out(self, why: str) -> None:
+        self._left_out.append(why)
+
+    def take(self, answer: object) -> None:
+        if not isinstance(answer, dict) or not isinstance(answer.get("worker"), str):
+            return self.leave_out("not a worker's presence map")
+        bad: set[str] = set()
+        worker = _fields(answer, _FIELDS, bad)
+        if isinstance(answer.get("calls"), list):
+            worker["calls"] = [_fields(call, _CALL_FIELDS, bad, "calls.")
+                               for call in answer["calls"] if isinstance(call, dict)]
+            if len(worker["calls"]) < len(answer["calls"]):
+                bad.add("calls")
+        else:
+            worker["calls"] = None
+            bad.update(() if answer.get("calls") is None else ("calls",))
+        if worker["worker"] in self._names:
+            bad.add("answered twice")
+        if bad:
+            self._unreadable.append(f"{worker['worker'][:40]!r} ({', '.join(sorted(bad))})")
+        self._names.add(worker["worker"])
+        self.workers.append(worker)
+        return None
+
+    def log(self) -> None:
+        if not self._left_out and not self._unreadable:
+            return
+        more = len(self._unreadable) - 5
+        log.warning("presence answers not as docs/PROTOCOL.md (section 12) says, forged or "
+                    "of another program: %d left out%s; fields shown as unknown: %s%s",
+                    len(self._left_out),
+                    f" ({self._left_out[0]}, ...)" if self._left_out else "",
+                    "; ".join(self._unreadable[:5]) or "none",
+                    f" and {more} more worker(s)" if more > 0 else "")
+
+
+def _fields(raw: dict[Any, Any], kinds: dict[str, Callable[[object], bool]], bad: set[str],
+            prefix: str = "") -> dict[str, Any]:
+    """The fields of ``raw`` named in ``kinds``, each None unless it is there and of its
+    kind (its name, after ``prefix``, then added to ``bad`` if it is there)."""
+    kept: dict[str, Any] = {}
+    for key, is_kind in kinds.items():
+        value = raw.get(key)
+        kept[key] = value if value is None or is_kind(value) else None
+        if kept[key] is not value:
+            bad.add(prefix + key)
+    return kept
 
 
 async def queue_figures(connection: Connection,
@@ -112,17 +198,18 @@ async def status(connection: Connection, window: float,
     serving: dict[str, list[dict[str, Any]]] = {}
     for worker in workers:
         for task in worker.get("tasks") or ():
-            serving.setdefault(str(task), []).append(worker)
+            serving.setdefault(task, []).append(worker)
     for task in named:
         serving.setdefault(task, [])
     figures = await queue_figures(connection, sorted(serving))
     tasks = []
     for task, its_workers in sorted(serving.items()):
-        counts, first = figures[task], (its_workers[0] if its_workers else {})
+        counts = figures[task]
+        told = next((w for w in its_workers if w.get("queue_type") is not None), {})
         tasks.append({
             "task": task, "queue": protocol.task_queue(task), "exists": counts is not None,
             "messages": counts[0] if counts else None, "consumers": counts[1] if counts else None,
-            "queue_type": first.get("queue_type"), "max_priority": first.get("max_priority"),
+            "queue_type": told.get("queue_type"), "max_priority": told.get("max_priority"),
             "workers": len(its_workers)})
     return {"tasks": tasks, "workers": [{k: v for k, v in worker.items() if k != "calls"}
                                         for worker in workers]}
@@ -150,8 +237,10 @@ async def purge(connection: Connection, task: str) -> int:
 # --- readable output -------------------------------------------------------------------
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
-    """Columns padded to their widest cell; None shows as ``-``."""
-    cells = [headers] + [["-" if cell is None else str(cell) for cell in row] for row in rows]
+    """Columns padded to their widest cell; None shows as ``-``; a character that is not
+    printable (a line break, a terminal's escape: a worker's answer may be forged) as its
+    Python escape."""
+    cells = [headers] + [[_cell(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
              for row in cells)
@@ -165,8 +254,8 @@ def status_tables(report: dict[str, Any]) -> str:
          t["queue_type"], t["max_priority"], t["workers"]] for t in report["tasks"]])
     workers = table(["WORKER", "HOST", "PID", "VERSION", "BUSY", "STUCK", "UPTIME", "TASKS"], [
         [w.get("worker"), w.get("host"), w.get("pid"), w.get("version"),
-         f"{w.get('busy')}/{w.get('concurrency')}", w.get("stuck"),
-         _duration(w.get("uptime")), ", ".join(map(str, w.get("tasks") or ()))]
+         f"{_cell(w.get('busy'))}/{_cell(w.get('concurrency'))}", w.get("stuck"),
+         _duration(w.get("uptime")), _joined(w.get("tasks"))]
         for w in report["workers"]])
     return (f"{tasks}\n\n{workers}\n{len(report['workers'])} worker(s) answered")
 
@@ -176,15 +265,25 @@ def inspect_table(workers: list[dict[str, Any]]) -> str:
     now_ms = protocol.now_ms()
     rows = [[w.get("worker"), c.get("task"), c.get("correlation_id"), c.get("caller"),
              c.get("state"), _duration(c.get("elapsed")),
-             _duration((c["deadline"] - now_ms) / 1000) if "deadline" in c else None]
+             _duration((c["deadline"] - now_ms) / 1000) if c.get("deadline") is not None
+             else None]
             for w in workers for c in w.get("calls") or ()]
     calls = table(["WORKER", "TASK", "CORRELATION ID", "CALLER", "STATE", "ELAPSED",
                    "DEADLINE IN"], rows)
     return f"{calls}\n{len(rows)} call(s) on {len(workers)} worker(s)"
 
 
+def _cell(value: object) -> str:
+    text = "-" if value is None else str(value)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _joined(tasks: list[str] | None) -> str | None:
+    return None if tasks is None else ", ".join(tasks)
+
+
 def _duration(seconds: Any) -> str | None:
-    if not isinstance(seconds, (int, float)):
+    if not protocol.is_number(seconds):
         return None
     if abs(seconds) < 120:
         return f"{seconds:.1f}s"

@@ -12,31 +12,15 @@ what each worker counted in the window.
 from __future__ import annotations
 
 import collections
-import math
 from typing import Any
 
 from . import outcomes
+from .protocol import is_count, is_number
 
-__all__ = ["Figures", "Sum", "checked", "checked_buckets", "growth", "is_count", "is_number",
-           "quantile"]
+__all__ = ["Figures", "Sum", "checked", "checked_buckets", "growth", "quantile"]
 
 #: Task -> (count by outcome, run histogram, wait histogram); a histogram None when absent.
 Figures = dict[str, tuple[dict[str, int], "list[int] | None", "list[int] | None"]]
-
-
-#: The integers msgpack carries, whence every count and number of a worker's map. JSON
-#: integers have any length: one of 400 digits overflowed the float arithmetic of a view.
-_INTEGERS = range(-2**63, 2**64)
-
-
-def is_count(value: object) -> bool:
-    """Whether ``value`` is an int (not a bool) that msgpack can carry."""
-    return type(value) is int and value in _INTEGERS
-
-
-def is_number(value: object) -> bool:
-    """Whether ``value`` is a finite float or an int that msgpack can carry."""
-    return is_count(value) or (type(value) is float and math.isfinite(value))
 
 
 def checked_buckets(raw: object) -> tuple[float, ...] | None:

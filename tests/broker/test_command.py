@@ -5,8 +5,10 @@ the real broker and real worker processes (``crew worker`` of a file path and of
 from __future__ import annotations
 
 import json
+import math
 import os
 import pty
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,11 +17,13 @@ import uuid
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import msgpack
 import pika
 import pytest
 
 from crew import protocol
 from tests.support.broker import delete_bound_queues, rabbitmqctl_command
+from tests.support.hostile import PresenceForger
 from tests.support.processes import ROOT, Process, kill_alive, python_env
 
 #: The worker module served by file path (relative to the checkout, as an operator types it).
@@ -352,3 +356,61 @@ def test_crew_worker_refuses_what_it_cannot_serve(run, tmp_path):
     for module in ("no_such_module_here", str(tmp_path / "missing.py"), str(empty)):
         result = run("worker", module)
         assert result.returncode == 2 and module in result.stderr, result.stderr
+
+
+def _forged_answers(real_worker: str) -> list[tuple[bytes, str]]:
+    """Answers no worker sends: each field of the wrong kind, a map nested 990 deep, a
+    second answer with the real worker's id (the ids are on crew.figures for all to read)."""
+    deep: Any = None
+    for _ in range(990):
+        deep = [deep]
+    huge = 10**400
+    fields = {"v": huge, "host": "forged\n\x1b[2J", "pid": huge, "version": 5,
+              "tasks": 5, "queue_type": 5, "max_priority": -huge, "concurrency": "2",
+              "busy": [], "waiting": [], "stuck": {}, "max_stuck": -1.5,
+              "started": huge, "uptime": huge, "at": "now",
+              "calls": [5, {"task": 5, "deadline": huge, "elapsed": huge, "caller": []}]}
+    packed = [{"worker": "f" * 32, "host": deep, "calls": ["x"], "tasks": deep,
+               "version": math.nan, "busy": math.inf, "uptime": -math.inf, "pid": b"\xff"},
+              {"worker": "g" * 32, "calls": 5, "tasks": [5, deep]}, deep, [1, 2], b"\xff",
+              {"worker": real_worker, "host": "forged", "calls": 5}]
+    return ([(json.dumps({"worker": "e" * 32, **fields}).encode(), protocol.JSON),
+             (b"{not json", protocol.JSON), (b'{"worker": "n", "uptime": NaN}', protocol.JSON)]
+            + [(msgpack.packb(answer), protocol.MSGPACK) for answer in packed])
+
+
+def test_status_and_inspect_list_the_real_worker_among_forged_answers(run, file_worker,
+                                                                      broker_url):
+    """Each of these answers crashed crew status or crew inspect (TypeError,
+    AttributeError, OverflowError, RecursionError), or printed NaN in --json."""
+    real = worker_of(status(run), file_worker)
+    assert real is not None
+    forger = PresenceForger(broker_url, _forged_answers(real["worker"]))
+    try:
+        readable = run("status", "--timeout", "0.5")
+        report = run("status", "--timeout", "0.5", "--json")
+        inspect = run("inspect", "--timeout", "0.5")
+        inspect_json = run("inspect", "--timeout", "0.5", "--json")
+    finally:
+        forger.stop()
+    assert forger.requests == 4
+    for result in (readable, report, inspect, inspect_json):
+        assert result.returncode == 0, result.stderr
+        assert "left out" in result.stderr and "shown as unknown" in result.stderr
+    workers = json.loads(report.stdout)["workers"]  # json.loads takes NaN: check it
+    assert "NaN" not in report.stdout and "Infinity" not in report.stdout
+    assert worker_of({"workers": workers}, file_worker) == {
+        **real, "uptime": pytest.approx(real["uptime"], abs=60),
+        "at": pytest.approx(real["at"], abs=60_000), "busy": 0, "waiting": 0}
+    names = [w["worker"] for w in workers]
+    assert names.count(real["worker"]) == 2  # the forger answers with its id too
+    assert {"e" * 32, "f" * 32, "g" * 32} <= set(names)
+    forged = next(w for w in workers if w["worker"] == "e" * 32)
+    assert forged["pid"] is None and forged["tasks"] is None and forged["busy"] is None
+    real_row = next(line for line in readable.stdout.splitlines()
+                    if line.startswith(real["worker"]) and f" {real['pid']} " in line)
+    assert "cmd.echo" in real_row and "forged\\n\\x1b[2J" in readable.stdout
+    assert "cmd.echo" in readable.stdout.split("\n\n")[0]  # the tasks' table
+    assert real["pid"] in [w["pid"] for w in json.loads(inspect_json.stdout)]
+    shown = re.search(r"call\(s\) on (\d+) worker\(s\)", inspect.stdout)
+    assert shown and int(shown.group(1)) >= 5, inspect.stdout

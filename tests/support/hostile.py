@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import threading
 import time
 import uuid
 from typing import Any
@@ -164,3 +165,42 @@ class raw_fields:
 
     def __exit__(self, *exc_info: Any) -> None:
         pika.data.encode_value = self._original
+
+
+class PresenceForger:
+    """A program that answers every presence request on the vhost with ``answers`` (each a
+    body and its content type), from a queue of its own bound to ``crew.presence``, as
+    anyone who may bind there can (docs/PROTOCOL.md, section 12). Its pika connection runs
+    in a thread of its own until :meth:`stop`; ``requests`` counts what it answered."""
+
+    def __init__(self, url: str, answers: list[tuple[bytes, str]]) -> None:
+        self.answers = answers
+        self.requests = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "the forger did not bind to crew.presence"
+
+    def _run(self, url: str) -> None:
+        with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+            channel = connection.channel()
+            channel.exchange_declare(protocol.PRESENCE_EXCHANGE, "fanout", durable=True)
+            queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            channel.queue_bind(queue, protocol.PRESENCE_EXCHANGE)
+            channel.basic_consume(queue, self._on_request, auto_ack=True, exclusive=True)
+            self._ready.set()
+            while not self._stop.is_set():
+                connection.process_data_events(time_limit=0.1)
+
+    def _on_request(self, channel: Any, _method: Any, props: pika.BasicProperties,
+                    _body: bytes) -> None:
+        self.requests += 1
+        for body, content_type in self.answers:
+            channel.basic_publish("", props.reply_to, body, pika.BasicProperties(
+                type=protocol.PRESENCE_TYPE, correlation_id=props.correlation_id,
+                content_type=content_type, delivery_mode=1))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
