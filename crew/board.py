@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Iterable, Mapping
 
-from . import protocol
+from . import protocol, validation
 from .windows import Figures, Sum, checked, checked_buckets, growth
 
 __all__ = ["MAX_CALLS", "MAX_FAILURES", "WINDOW", "Board"]
@@ -256,4 +256,4 @@ def _tasks_of(figures: dict[str, Any]) -> list[str]:
 
 
 def _number(value: object, default: float) -> float:
-    return value if protocol.is_number(value) else default  # type: ignore[return-value]
+    return value if validation.is_number(value) else default  # type: ignore[return-value]

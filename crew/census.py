@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 from pika.spec import Basic, BasicProperties
 
-from . import codec, protocol
+from . import codec, protocol, validation
 from .amqp import Channel, Connection
 from .connecting import NOT_FOUND, Nodes, connect_retrying
 from .exceptions import BrokerError, CodecError
@@ -94,17 +94,17 @@ def _are_texts(value: object) -> bool:
 #: (unknown) always allowed. The answers come from anyone who may bind a queue to
 #: crew.presence: other keys are left out (readers ignore keys they do not know).
 _FIELDS: dict[str, Callable[[object], bool]] = {
-    "v": protocol.is_count, "worker": _is_text, "host": _is_text, "pid": protocol.is_count,
+    "v": validation.is_count, "worker": _is_text, "host": _is_text, "pid": validation.is_count,
     "version": _is_text, "tasks": _are_texts, "queue_type": _is_text,
-    "max_priority": protocol.is_count, "concurrency": protocol.is_count,
-    "busy": protocol.is_count, "waiting": protocol.is_count, "stuck": protocol.is_count,
-    "max_stuck": protocol.is_count, "started": protocol.is_count,
-    "uptime": protocol.is_number, "at": protocol.is_count}
+    "max_priority": validation.is_count, "concurrency": validation.is_count,
+    "busy": validation.is_count, "waiting": validation.is_count, "stuck": validation.is_count,
+    "max_stuck": validation.is_count, "started": validation.is_count,
+    "uptime": validation.is_number, "at": validation.is_count}
 #: The fields of each of its ``calls``.
 _CALL_FIELDS: dict[str, Callable[[object], bool]] = {
     "task": _is_text, "correlation_id": _is_text, "caller": _is_text, "state": _is_text,
-    "received": protocol.is_count, "elapsed": protocol.is_number,
-    "deadline": protocol.is_count}
+    "received": validation.is_count, "elapsed": validation.is_number,
+    "deadline": validation.is_count}
 
 
 class _Answers:
@@ -283,7 +283,7 @@ def _joined(tasks: list[str] | None) -> str | None:
 
 
 def _duration(seconds: Any) -> str | None:
-    if not protocol.is_number(seconds):
+    if not validation.is_number(seconds):
         return None
     if abs(seconds) < 120:
         return f"{seconds:.1f}s"

@@ -6,7 +6,6 @@ header name."""
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Final
@@ -210,21 +209,6 @@ def expired_binding(reply_queue: str | None = None) -> dict[str, Any]:
     ``reply_queue``, every dead letter (a dashboard counts them: no header to match)."""
     return {"x-match": "all"} if reply_queue is None else {
         "x-match": "all", CLIENT_HEADER: reply_queue}
-
-
-#: The integers msgpack carries, whence every count and number of a worker's presence and
-#: figures maps. JSON integers have any length: one of 400 digits overflows float arithmetic.
-_INTEGERS = range(-2**63, 2**64)
-
-
-def is_count(value: object) -> bool:
-    """Whether ``value`` is an int (not a bool) that msgpack can carry."""
-    return type(value) is int and value in _INTEGERS
-
-
-def is_number(value: object) -> bool:
-    """Whether ``value`` is a finite float or an int that msgpack can carry."""
-    return is_count(value) or (type(value) is float and math.isfinite(value))
 
 
 def now_ms() -> int:

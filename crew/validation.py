@@ -1,5 +1,6 @@
 """Checks of what callers and task authors give crew: task and channel names, priorities,
-expirations, queue maximums and user headers.
+expirations, queue maximums and user headers; and of the numbers in the maps workers send
+(presence answers, figures), which anyone who may publish can forge.
 
 Each ``validate_*`` returns its value when it is acceptable and raises ``TypeError`` or
 ``ValueError`` saying what is wrong otherwise; the limits are the wire's
@@ -7,12 +8,14 @@ Each ``validate_*`` returns its value when it is acceptable and raises ``TypeErr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import protocol
 
-__all__ = ["validate_channel", "validate_expiration", "validate_max_priority",
-           "validate_priority", "validate_task_name", "validate_user_headers"]
+__all__ = ["is_count", "is_number", "validate_channel", "validate_expiration",
+           "validate_max_priority", "validate_priority", "validate_task_name",
+           "validate_user_headers"]
 
 
 def validate_task_name(name: object) -> str:
@@ -84,3 +87,18 @@ def validate_user_headers(headers: object) -> dict[str, Any]:
                              "x-delivery-count, CC, BCC and the other names the broker "
                              "writes or acts on are the broker's)")
     return dict(headers)
+
+
+#: The integers msgpack carries, whence every count and number of a worker's presence and
+#: figures maps. JSON integers have any length: one of 400 digits overflows float arithmetic.
+_INTEGERS = range(-2**63, 2**64)
+
+
+def is_count(value: object) -> bool:
+    """Whether ``value`` is an int (not a bool) that msgpack can carry."""
+    return type(value) is int and value in _INTEGERS
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a finite float or an int that msgpack can carry."""
+    return is_count(value) or (type(value) is float and math.isfinite(value))

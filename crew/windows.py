@@ -15,7 +15,7 @@ import collections
 from typing import Any
 
 from . import outcomes
-from .protocol import is_count, is_number
+from .validation import is_count, is_number
 
 __all__ = ["Figures", "Sum", "checked", "checked_buckets", "growth", "quantile"]
 
