@@ -170,6 +170,16 @@ async def test_a_client_that_disconnects_cancels_its_call(make_worker, client, h
 
 # --- pubsub ---------------------------------------------------------------------------
 
+async def events(stream: IOStream, count: int) -> list[bytes]:
+    """The next ``count`` events of an SSE stream, keep-alive comments left out."""
+    found: list[bytes] = []
+    while len(found) < count:
+        event = await stream.read_until(b"\n\n")
+        if event != b": keep-alive\n\n":
+            found.append(event)
+    return found
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_long_poll_with_two_subscribers(app, http_client, base_url, uid):
     channel = f"news.{uid}"
@@ -214,12 +224,7 @@ async def test_server_sent_events_to_two_subscribers(app, http_client, base_url,
     await post(http_client, f"{base_url}/publish/{channel}.paid", "two\nlines")
     await post(http_client, f"{base_url}/publish/elsewhere.{uid}", "not for them")
     for stream in streams:
-        events = []
-        while len(events) < 2:
-            event = await stream.read_until(b"\n\n")
-            if event != b": keep-alive\n\n":
-                events.append(event)
-        assert events == [b'data: {"id": 1}\n\n', b'data: "two\\nlines"\n\n']
+        assert await events(stream, 2) == [b'data: {"id": 1}\n\n', b'data: "two\\nlines"\n\n']
     # Quiet now: keep-alive comments every 0.2 s (the app fixture's setting).
     assert await streams[0].read_until(b"\n\n") == b": keep-alive\n\n"
     for stream in streams:
@@ -243,12 +248,8 @@ async def test_a_message_json_cannot_nest_so_deep_is_skipped_not_fatal(
     response = await poll
     assert (response.code, json_of(response)["error"]) == (502, "EncodeError")
     await post(http_client, f"{base_url}/publish/{channel}", "after")
-    events = []
-    while len(events) < 2:
-        event = await stream.read_until(b"\n\n")
-        if event != b": keep-alive\n\n":
-            events.append(event)
-    assert events == [b": a message JSON cannot carry was skipped\n\n", b'data: "after"\n\n']
+    assert await events(stream, 2) == [b": a message JSON cannot carry was skipped\n\n",
+                                       b'data: "after"\n\n']
     stream.close()
 
 

@@ -204,3 +204,22 @@ class PresenceForger:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+# --- values that cost the stack --------------------------------------------------------------
+
+#: A JSON integer (they have any length) that no float and no msgpack integer holds.
+HUGE = 10**400
+
+
+def deep(levels: int) -> Any:
+    """``levels`` lists, one inside the other, around None (msgpack carries 1000)."""
+    value: Any = None
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def at_stack_depth(frames: int, func: Any) -> Any:
+    """``func()`` called ``frames`` frames deep, as pika's callbacks are called."""
+    return at_stack_depth(frames - 1, func) if frames else func()

@@ -15,6 +15,7 @@ from crew import board as boards
 from crew.board import Board
 from crew.windows import quantile
 from crew.metrics import BUCKETS
+from tests.support.hostile import HUGE, at_stack_depth, deep
 
 NOW_MS = 1_800_000_000_000
 
@@ -201,21 +202,6 @@ def test_a_flood_of_dead_letters_is_counted_in_slots_not_kept_one_by_one():
     assert rows(board.view(100.0, NOW_MS, {}), "tasks", "task").get("flooded") is None
 
 
-def _deep(levels: int) -> Any:
-    value: Any = None
-    for _ in range(levels):
-        value = [value]
-    return value
-
-
-def _at_stack_depth(frames: int, func: Any) -> Any:
-    """``func()`` called ``frames`` frames deep, as pika's callbacks are called."""
-    return _at_stack_depth(frames - 1, func) if frames else func()
-
-
-HUGE = 10**400  # JSON integers have any length
-
-
 #: Fields of a figures map, each made anew for each message (as each is decoded anew).
 HOSTILE = {
     "uptime": lambda: {"uptime": HUGE}, "uptime-negative": lambda: {"uptime": -HUGE},
@@ -226,10 +212,10 @@ HOSTILE = {
     "bucket-inf": lambda: {"buckets": [0.1, math.inf],
                            "figures": {"a": task_figures(1, run=[0, 1, 0])}},
     "call": lambda: {"calls": [{"correlation_id": "c", "deadline": HUGE, "elapsed": -HUGE}]},
-    "failure": lambda: {"failures": [{"at": HUGE}]}, "host-deep": lambda: {"host": _deep(990)},
+    "failure": lambda: {"failures": [{"at": HUGE}]}, "host-deep": lambda: {"host": deep(990)},
     "count": lambda: {"figures": {"a": task_figures(HUGE)}},
     "histogram": lambda: {"figures": {"a": task_figures(1, run=[HUGE] + [0] * 18)}},
-    "histogram-deep": lambda: {"figures": {"a": {**task_figures(1), "run": _deep(990)}}},
+    "histogram-deep": lambda: {"figures": {"a": {**task_figures(1), "run": deep(990)}}},
 }
 
 
@@ -242,7 +228,7 @@ def test_numbers_past_floats_and_lists_nested_past_the_stack_neither_raise_nor_l
     board.heard(figures_map("w1", figures={"a": task_figures(0)}), now=0.0)
     for now in (2.0, 4.0):  # what grew is counted; the third is compared with the second
         hostile = figures_map("w1", **{"figures": {"a": task_figures(1)}, **HOSTILE[name]()})
-        assert _at_stack_depth(100, functools.partial(board.heard, hostile, now=now))
-    view = _at_stack_depth(100, lambda: board.view(4.0, NOW_MS, {}))
+        assert at_stack_depth(100, functools.partial(board.heard, hostile, now=now))
+    view = at_stack_depth(100, lambda: board.view(4.0, NOW_MS, {}))
     json.dumps(view, allow_nan=False)
     assert [worker["worker"] for worker in view["workers"]] == ["w1"]

@@ -19,21 +19,9 @@ from pika.spec import Basic, BasicProperties
 
 from crew import protocol
 from crew.census import find_call, gather, inspect_table, status, status_tables
+from tests.support.hostile import HUGE, at_stack_depth, deep
 
-HUGE = 10**400  # JSON integers have any length
 NOW_MS = protocol.now_ms()
-
-
-def _deep(levels: int) -> Any:
-    value: Any = None
-    for _ in range(levels):
-        value = [value]
-    return value
-
-
-def _at_stack_depth(frames: int, func: Any) -> Any:
-    """``func()`` called ``frames`` frames deep, as pika's callbacks are called."""
-    return _at_stack_depth(frames - 1, func) if frames else func()
 
 
 def worker_map(worker: str, host: str, task: str, call: str) -> dict[str, Any]:
@@ -97,7 +85,7 @@ class FakeChannel:
             body, content_type = encoded(answer)
             answer_props = BasicProperties(type=protocol.PRESENCE_TYPE, content_type=content_type,
                                            correlation_id=props.correlation_id)
-            _at_stack_depth(100, functools.partial(
+            at_stack_depth(100, functools.partial(
                 self.on_answer, None, Basic.Deliver(), answer_props, body))
 
     def flush(self) -> None:
@@ -144,9 +132,9 @@ BASELINE = commands(real())
 
 #: Values no field of the map may have, each made anew (as each answer is decoded anew).
 VALUES = {"huge": lambda: HUGE, "-huge": lambda: -HUGE, "nan": lambda: math.nan,
-          "inf": lambda: math.inf, "deep": lambda: _deep(990), "bytes": lambda: b"\xff\x00",
+          "inf": lambda: math.inf, "deep": lambda: deep(990), "bytes": lambda: b"\xff\x00",
           "map": lambda: {b"k": [1]}, "text": lambda: "x", "int": lambda: 5, "bool": lambda: True,
-          "texts": lambda: ["x"], "ints": lambda: [5, _deep(990)]}
+          "texts": lambda: ["x"], "ints": lambda: [5, deep(990)]}
 FIELDS = list(worker_map("w", "h", "t", "c"))
 CALL_FIELDS = list(worker_map("w", "h", "t", "c")["calls"][0])
 #: What a forged worker's row must not show: the forged values, written out.
@@ -193,7 +181,7 @@ def test_a_forged_answer_neither_raises_nor_changes_the_real_workers_rows(case, 
 def test_unreadable_fields_show_as_unknown_and_are_logged_once(caplog):
     caplog.set_level(logging.WARNING, logger="crew.census")
     found = commands(forged(busy=math.nan, concurrency=True, uptime=math.inf, pid="7",
-                            host=_deep(990)), real())
+                            host=deep(990)), real())
     (cells,) = rows(found["status"], FORGED)
     assert cells == [FORGED, "-", "-", "0.1.0", "-/-", "0", "-", "f"]
     status_warning, inspect_warning = (record.getMessage() for record in caplog.records)

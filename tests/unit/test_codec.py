@@ -12,6 +12,7 @@ import pytest
 
 from crew import codec, protocol
 from crew.exceptions import CodecError, DecodeError, EncodeError, MessageTooLargeError
+from tests.support.hostile import at_stack_depth
 
 MSGPACK, JSON = protocol.MSGPACK, protocol.JSON
 
@@ -326,11 +327,6 @@ def test_parse_error_envelope_tolerates_missing_and_odd_fields(value, expected):
     assert codec.parse_error_envelope(value) == expected
 
 
-def _at_stack_depth(frames: int, func):
-    """``func()`` called ``frames`` frames deep, as pika's callbacks are called."""
-    return _at_stack_depth(frames - 1, func) if frames else func()
-
-
 @pytest.mark.parametrize("field", [None, "type", "message", "traceback"])
 def test_parse_error_envelope_of_values_nested_past_the_stack(field):
     """msgpack nests 990 lists: writing them out in a client's reply callback raised
@@ -340,7 +336,7 @@ def test_parse_error_envelope_of_values_nested_past_the_stack(field):
     if field is not None:
         body = b"\x81" + msgpack.packb(field) + body
     value = codec.decode(body, protocol.MSGPACK)
-    kind, message, traceback = _at_stack_depth(100, lambda: codec.parse_error_envelope(value))
+    kind, message, traceback = at_stack_depth(100, lambda: codec.parse_error_envelope(value))
     shown = {None: message, "type": kind, "message": message, "traceback": traceback}[field]
     assert shown == "<list nested too deep to show>"
 
