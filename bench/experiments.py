@@ -39,6 +39,9 @@ gateway's calls).
   worker that reserves nothing for its calls (no memory ceiling), as before.
 - ``nofigures``: the reverse of issue 19's dashboard: the worker does not count its calls'
   outcomes, durations and queue waits (``crew.figures``), as before.
+- ``noguard``: the reverse of the guard on no-ack consumers (``crew.amqp``): the client's
+  replies reach its callback straight from pika, as before, where a callback that raised
+  closed the connection.
 """
 
 from __future__ import annotations
@@ -157,10 +160,18 @@ def _nofigures() -> None:
     replies.Replies.figures = property(lambda self: None, lambda self, value: None)
 
 
+def _noguard() -> None:
+    """The reverse of the guard on no-ack consumers: pika calls the callbacks directly."""
+    from crew import amqp
+
+    amqp._dropping_failures = lambda queue, on_message: on_message
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "arena": _arena, "mmap": _mmap, "switch": _switch, "asyncecho": _asyncecho,
     "nogzip": _nogzip, "huffman": _huffman, "isal": _isal, "directall": _directall,
     "pikacodec": _pikacodec, "nobudget": _nobudget, "nofigures": _nofigures,
+    "noguard": _noguard,
 }
 
 

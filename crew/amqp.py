@@ -28,6 +28,18 @@ MessageCallback = Callable[[PikaChannel, Basic.Deliver, BasicProperties, bytes],
 ReturnCallback = Callable[[PikaChannel, Basic.Return, BasicProperties, bytes], None]
 
 
+def _dropping_failures(queue: str, on_message: MessageCallback) -> MessageCallback:
+    """``on_message``, but what it raises is logged, not left to pika: one forged message,
+    or one bug, costs that message rather than the connection and every call on it."""
+    def guarded(channel: PikaChannel, method: Basic.Deliver, properties: BasicProperties,
+                body: bytes) -> None:
+        try:
+            on_message(channel, method, properties, body)
+        except Exception:
+            log.exception("a message from queue %r could not be handled; dropped", queue)
+    return guarded
+
+
 class Channel:
     """A pika channel whose RPCs are awaitable."""
 
@@ -122,7 +134,11 @@ class Channel:
     async def consume(self, queue: str, on_message: MessageCallback, *,
                       auto_ack: bool = False, exclusive: bool = False,
                       arguments: dict[str, Any] | None = None) -> str:
-        """Start consuming ``queue``; return the consumer tag once the broker confirmed it."""
+        """Start consuming ``queue``; return the consumer tag once the broker confirmed it.
+        With ``auto_ack``, a message ``on_message`` raises on is logged and dropped (there is
+        nothing to give back), where pika would close the whole connection for it."""
+        if auto_ack:
+            on_message = _dropping_failures(queue, on_message)
         tag, fut = self._start(self._channel.basic_consume, queue, on_message,
                                auto_ack=auto_ack, exclusive=exclusive, arguments=arguments)
         await self._wait(fut)

@@ -15,9 +15,12 @@ import threading
 from typing import Any
 
 import msgpack
+import pika
 import pytest
 
 from crew import RemoteError, protocol
+from crew.amqp import Connection
+from crew.settings import BrokerSettings
 from tests.support.hostile import (
     MSGPACK,
     RawField,
@@ -128,3 +131,33 @@ async def test_error_reply_nested_past_the_stack_does_not_cut_the_client(
     release.set()
     assert await client.call(task, "after", expiration=10) == "after"
     assert not [line for line in crew_log_lines(caplog) if "lost its broker" in line]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_listener_that_raises_costs_its_message_not_the_connection(broker_url, caplog):
+    """Every no-ack consumer of crew's (replies, presence, figures, dead letters, live cancel
+    notices) is guarded: what a callback raises on a message, forged or met by a bug, is
+    logged and the message dropped; pika would close the connection, failing every pending
+    call on it."""
+    connection = await Connection.open(BrokerSettings.from_url(broker_url))
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        def on_message(_channel: Any, _method: Any, _props: Any, body: bytes) -> None:
+            if body == b"bad":
+                raise RuntimeError("a bug, or a message nobody foresaw")
+            got.append(body)
+            done.set()
+
+        await channel.consume(queue, on_message, auto_ack=True)
+        for body in (b"bad", b"good"):
+            channel.publish("", queue, body, pika.BasicProperties())
+        channel.flush()
+        await asyncio.wait_for(done.wait(), 10)
+        assert got == [b"good"] and connection.is_open and channel.is_open
+        assert f"a message from queue {queue!r} could not be handled; dropped" in caplog.text
+    finally:
+        await connection.close()
