@@ -13,7 +13,7 @@ from typing import Any
 
 from . import protocol
 
-__all__ = ["is_count", "is_number", "validate_channel", "validate_expiration",
+__all__ = ["are_counts", "is_count", "is_number", "validate_channel", "validate_expiration",
            "validate_max_priority", "validate_priority", "validate_task_name",
            "validate_user_headers"]
 
@@ -92,11 +92,19 @@ def validate_user_headers(headers: object) -> dict[str, Any]:
 #: The integers msgpack carries, whence every count and number of a worker's presence and
 #: figures maps. JSON integers have any length: one of 400 digits overflows float arithmetic.
 _INTEGERS = range(-2**63, 2**64)
+_INT = {int}
 
 
 def is_count(value: object) -> bool:
     """Whether ``value`` is an int (not a bool) that msgpack can carry."""
     return type(value) is int and value in _INTEGERS
+
+
+def are_counts(values: list[Any]) -> bool:
+    """Whether every one of ``values`` is a count (:func:`is_count`); as fast as a
+    histogram's buckets need, taken in by the thousand per message."""
+    return not values or ({*map(type, values)} == _INT and min(values) >= _INTEGERS.start
+                          and max(values) < _INTEGERS.stop)
 
 
 def is_number(value: object) -> bool:

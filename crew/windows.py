@@ -15,7 +15,7 @@ import collections
 from typing import Any
 
 from . import outcomes
-from .validation import is_count, is_number
+from .validation import are_counts, is_count, is_number
 
 __all__ = ["Figures", "Sum", "checked", "checked_buckets", "growth", "quantile"]
 
@@ -65,7 +65,7 @@ def _same(last: object, entry: object) -> bool:
 
 
 def _histogram(raw: object, size: int) -> list[int] | None:
-    if isinstance(raw, list) and len(raw) == size and all(map(is_count, raw)):
+    if isinstance(raw, list) and len(raw) == size and are_counts(raw):
         return raw
     return None
 
