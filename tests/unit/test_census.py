@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from typing import Any
 
 import msgpack
@@ -21,11 +22,18 @@ from crew import protocol
 from crew.census import find_call, gather, inspect_table, status, status_tables
 from tests.support.hostile import HUGE, at_stack_depth, deep
 
+#: When the maps are made: set anew for each test (below), since inspect shows a deadline's
+#: distance from the moment it runs (maps made at import were minutes old in a long run).
 NOW_MS = protocol.now_ms()
 
 
+@pytest.fixture(autouse=True)
+def _now(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "NOW_MS", protocol.now_ms())
+
+
 def worker_map(worker: str, host: str, task: str, call: str) -> dict[str, Any]:
-    """A presence map as crew.presence makes it."""
+    """A presence map as crew.presence makes it, at NOW_MS."""
     return {"v": 1, "worker": worker, "host": host, "pid": 4242, "version": "0.1.0",
             "tasks": [task], "queue_type": "classic", "max_priority": 10, "concurrency": 2,
             "busy": 1, "waiting": 0, "stuck": 0, "max_stuck": 3, "started": NOW_MS - 300_000,
@@ -128,7 +136,10 @@ def rows(lines: list[str], worker: str) -> list[list[str]]:
     return [line.split() for line in lines if line.startswith(worker)]
 
 
-BASELINE = commands(real())
+@pytest.fixture
+def baseline() -> dict[str, Any]:
+    """What the commands make of the real worker's answer alone, made in the test."""
+    return commands(real())
 
 #: Values no field of the map may have, each made anew (as each answer is decoded anew).
 VALUES = {"huge": lambda: HUGE, "-huge": lambda: -HUGE, "nan": lambda: math.nan,
@@ -156,18 +167,19 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_forged_answer_neither_raises_nor_changes_the_real_workers_rows(case, caplog):
+def test_a_forged_answer_neither_raises_nor_changes_the_real_workers_rows(case, caplog,
+                                                                         baseline):
     caplog.set_level(logging.WARNING, logger="crew.census")
     answer = CASES[case]()
     name = answer.get("worker") if isinstance(answer, dict) else None
     found = commands(answer, real())
     for command in ("status", "inspect"):
-        assert rows(found[command], REAL) == rows(BASELINE[command], REAL), command
-    assert found["cancel"] == BASELINE["cancel"]
+        assert rows(found[command], REAL) == rows(baseline[command], REAL), command
+    assert found["cancel"] == baseline["cancel"]
     real_report = [w for w in found["report"]["workers"] if w.get("worker") == REAL]
-    assert real_report == BASELINE["report"]["workers"]
+    assert real_report == baseline["report"]["workers"]
     task_a = [t for t in found["report"]["tasks"] if t["task"] == "a"]
-    assert task_a == BASELINE["report"]["tasks"]
+    assert task_a == baseline["report"]["tasks"]
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) <= 2  # one per command run: status, then gather for inspect
     name = name if isinstance(name, str) else FORGED
@@ -200,22 +212,22 @@ def test_queue_type_and_priority_come_from_a_worker_that_tells_them():
         "classic", 10, 2)
 
 
-def test_a_text_field_cannot_write_lines_or_escapes_into_a_table():
+def test_a_text_field_cannot_write_lines_or_escapes_into_a_table(baseline):
     found = commands(forged(host="h\n" + REAL + "  fake\x1b[2J", version="\r"), real())
-    assert rows(found["status"], REAL) == rows(BASELINE["status"], REAL)
+    assert rows(found["status"], REAL) == rows(baseline["status"], REAL)
     (cells,) = rows(found["status"], FORGED)
     assert "\\n" in cells[1] and "\\x1b" in cells[2] and cells[4] == "\\r"
 
 
-def test_a_second_answer_of_a_worker_is_shown_beside_the_first_and_logged(caplog):
+def test_a_second_answer_of_a_worker_is_shown_beside_the_first_and_logged(caplog, baseline):
     """A worker answers each request once: a second answer with its id is forged (the ids
     are published on crew.figures), or the first is. Neither hides the other."""
     caplog.set_level(logging.WARNING, logger="crew.census")
     for answers in ([real(), {**real(), "host": "forged-host", "calls": []}],
                     [{**real(), "host": "forged-host", "calls": []}, real()]):
         found = commands(*answers)
-        assert rows(BASELINE["status"], REAL)[0] in rows(found["status"], REAL)
+        assert rows(baseline["status"], REAL)[0] in rows(found["status"], REAL)
         assert len(rows(found["status"], REAL)) == 2
-        assert found["cancel"] == BASELINE["cancel"]
+        assert found["cancel"] == baseline["cancel"]
         assert "(answered twice, calls)" not in caplog.records[-1].getMessage()
         assert f"{REAL!r} (answered twice)" in caplog.records[-1].getMessage()
