@@ -43,6 +43,7 @@ from tests.support.hostile import (
     raw_fields,
 )
 from tests.support.bombs import MiB
+from tests.support.tasks import holding
 
 
 class MakesAFile:
@@ -346,13 +347,8 @@ async def test_forged_replies_are_dropped_and_logged_and_the_real_one_wins(
     caplog.set_level(logging.DEBUG, logger="crew")
     task = f"hold.{uid}"
     started, release = threading.Event(), threading.Event()
-
-    def hold(x: Any) -> Any:
-        started.set()
-        release.wait(20)
-        return {"true": x}
-
-    make_worker({task: hold})
+    hold = holding(started, release)
+    make_worker({task: lambda x: {"true": hold(x)}})
     loop = asyncio.get_running_loop()
     call = asyncio.ensure_future(client.call(task, "real"))
     assert await loop.run_in_executor(None, started.wait, 10)

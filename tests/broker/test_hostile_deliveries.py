@@ -21,6 +21,7 @@ import pytest
 from crew import RemoteError, protocol
 from crew.amqp import Connection
 from crew.settings import BrokerSettings
+from tests.support.tasks import holding
 from tests.support.hostile import (
     MSGPACK,
     RawField,
@@ -109,13 +110,7 @@ async def test_error_reply_nested_past_the_stack_does_not_cut_the_client(
     caplog.set_level(logging.INFO, logger="crew")
     task = f"hold.{uid}"
     started, release = threading.Event(), threading.Event()
-
-    def hold(x: Any) -> Any:
-        started.set()
-        release.wait(20)
-        return x
-
-    make_worker({task: hold})
+    make_worker({task: holding(started, release)})
     call = asyncio.ensure_future(client.call(task, "real", expiration=20))
     assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
     (cid,) = client._pending

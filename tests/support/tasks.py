@@ -21,3 +21,13 @@ def napping(stopped: threading.Event) -> Callable[[Any], None]:
         finally:
             stopped.set()
     return nap
+
+
+def holding(started: threading.Event, release: threading.Event) -> Callable[[Any], Any]:
+    """A task that sets ``started``, waits up to 20 s for ``release``, and returns its
+    argument: a call kept pending for as long as a test needs."""
+    def hold(data: Any) -> Any:
+        started.set()
+        release.wait(20)
+        return data
+    return hold
