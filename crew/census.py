@@ -125,7 +125,8 @@ class _Answers:
 
     def take(self, answer: object) -> None:
         if not isinstance(answer, dict) or not isinstance(answer.get("worker"), str):
-            return self.leave_out("not a worker's presence map")
+            self.leave_out("not a worker's presence map")
+            return
         bad: set[str] = set()
         worker = _fields(answer, _FIELDS, bad)
         if isinstance(answer.get("calls"), list):
@@ -142,7 +143,6 @@ class _Answers:
             self._unreadable.append(f"{worker['worker'][:40]!r} ({', '.join(sorted(bad))})")
         self._names.add(worker["worker"])
         self.workers.append(worker)
-        return None
 
     def log(self) -> None:
         if not self._left_out and not self._unreadable:
